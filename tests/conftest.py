@@ -38,15 +38,40 @@ def unique_namespace(prefix: str = "t") -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture(params=["embedded", "configured"])
-def postgres_mode(request, monkeypatch):
-    """Point DATABASE_URL at nothing (embedded server) or at the configured server."""
-    if request.param == "embedded":
+def use_postgres(mode: str, monkeypatch) -> None:
+    """Point DATABASE_URL at nothing (``embedded`` server) or at the ``configured`` server."""
+    if mode == "embedded":
         monkeypatch.delenv("DATABASE_URL", raising=False)
     else:
         if not _listening(CONFIGURED_DATABASE_URL):
             pytest.skip(f"no configured PostgreSQL listens at {CONFIGURED_DATABASE_URL}")
         monkeypatch.setenv("DATABASE_URL", CONFIGURED_DATABASE_URL)
+
+
+#: Every database a backend test runs on: SQLite, and PostgreSQL embedded and configured.
+DATABASES = ["sqlite", "postgres-embedded", "postgres-configured"]
+
+
+def database_engine(database: str, namespace: str, monkeypatch):
+    """Engine for one of :data:`DATABASES` in ``namespace`` (a fresh PostgreSQL schema)."""
+    import sqlalchemy as sa
+
+    from perfcourse import db
+
+    backend, _, mode = database.partition("-")
+    if backend == "postgres":
+        use_postgres(mode, monkeypatch)
+    eng = db.engine(backend, namespace=namespace)
+    if backend == "postgres":
+        with eng.begin() as conn:
+            conn.execute(sa.text(f'create schema "{namespace}"'))
+    return eng
+
+
+@pytest.fixture(params=["embedded", "configured"])
+def postgres_mode(request, monkeypatch):
+    """Run a test against the embedded PostgreSQL and against the configured one."""
+    use_postgres(request.param, monkeypatch)
     return request.param
 
 
@@ -79,25 +104,26 @@ def sqlite_engine(namespace):
     db.drop_namespace("sqlite", namespace)
 
 
-@pytest.fixture
-def postgres_engine(postgres_mode, namespace):
+@pytest.fixture(params=["embedded", "configured"])
+def postgres_engine(request, namespace, monkeypatch):
     """An empty PostgreSQL schema of its own (embedded and configured); dropped afterwards."""
-    import sqlalchemy as sa
-
     from perfcourse import db
 
-    eng = db.engine("postgres", namespace=namespace)
-    with eng.begin() as conn:
-        conn.execute(sa.text(f'create schema "{namespace}"'))
+    eng = database_engine(f"postgres-{request.param}", namespace, monkeypatch)
     yield eng
     eng.dispose()
     db.drop_namespace("postgres", namespace)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def any_engine(request):
-    """An empty database of its own on each backend (PostgreSQL embedded and configured)."""
-    return request.getfixturevalue(f"{request.param}_engine")
+@pytest.fixture(params=DATABASES)
+def any_engine(request, namespace, monkeypatch):
+    """An empty database of its own on SQLite and PostgreSQL (embedded and configured)."""
+    from perfcourse import db
+
+    eng = database_engine(request.param, namespace, monkeypatch)
+    yield eng
+    eng.dispose()
+    db.drop_namespace(db.backend_of(eng), namespace)
 
 
 @pytest.fixture

@@ -74,9 +74,11 @@ def default_scale() -> str:
 
 def get_scale(name: str) -> Scale:
     """Look a scale up by name, with an error that lists the valid ones."""
+    from .errors import InvalidChoice  # noqa: PLC0415
+
     try:
         return SCALES[name]
     except KeyError:
-        raise ValueError(
+        raise InvalidChoice(
             f"Unknown dataset scale {name!r}: use one of {', '.join(SCALES)}."
         ) from None

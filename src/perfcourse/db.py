@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from .config import data_dir, default_scale, get_scale
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, InvalidChoice
 
 BACKENDS = ("sqlite", "postgres")
 _NAMESPACE = re.compile(r"^[a-z_][a-z0-9_]{0,50}$")
@@ -31,7 +31,7 @@ def namespace_for(scale: str | None = None) -> str:
 
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"Unknown backend {backend!r}: use 'sqlite' or 'postgres'.")
+        raise InvalidChoice(f"Unknown backend {backend!r}: use 'sqlite' or 'postgres'.")
     return backend
 
 
@@ -65,7 +65,7 @@ def engine(
     check_backend(backend)
     namespace = namespace or namespace_for(scale)
     if not _NAMESPACE.match(namespace):
-        raise ValueError(
+        raise InvalidChoice(
             f"Namespace {namespace!r} must be lower-case letters, digits and underscores."
         )
     if backend == "sqlite":

@@ -7,6 +7,10 @@ class CourseError(RuntimeError):
     """Base of the course's own errors. Its message is meant to be read by a learner as is."""
 
 
+class InvalidChoice(CourseError, ValueError):
+    """An argument outside the values the course knows (a scale, a backend)."""
+
+
 class BackendUnavailable(CourseError):
     """A database or cache the course needs could not be reached or started."""
 

@@ -24,6 +24,10 @@ from pathlib import Path
 from .config import data_dir
 from .errors import BackendUnavailable
 
+# pgserver asks platformdirs for a runtime folder, which warns on machines without a login
+# session (containers, Binder, CI); the fallback it takes is fine, so the warning is noise.
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+
 POSTGRES_DIR = "postgres"
 REDIS_DIR = "redis"
 
@@ -42,12 +46,9 @@ def normalise_postgres_url(url: str) -> str:
 
 
 def _pgserver():
-    # pgserver warns about XDG_RUNTIME_DIR on servers without a login session; harmless.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver  # noqa: PLC0415 - imported lazily: SQLite users never need it
+    import pgserver  # noqa: PLC0415 - imported lazily: SQLite users never need it
 
-        return pgserver
+    return pgserver
 
 
 def embedded_postgres_dir() -> Path:

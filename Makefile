@@ -1,0 +1,86 @@
+# perfcourse: `make lab` sets everything up and opens the course; `make test` runs every test.
+# `make` alone lists the targets.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SCALE  ?= small
+# Jupyter listens on loopback only, with its token. For a workshop server: make lab LAB_IP=0.0.0.0
+LAB_IP   ?= 127.0.0.1
+LAB_PORT ?= 8888
+START    := notebooks/00-setup-and-dataset.ipynb
+NBVAL    := --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with src/perfcourse/grading/sanitize.cfg -p no:cacheprovider
+# The servers this machine and CI run, for the "configured backends" pass.
+CONFIGURED_DATABASE_URL ?= postgresql://127.0.0.1:5432/test
+CONFIGURED_REDIS_URL    ?= redis://127.0.0.1:6379/0
+
+.DEFAULT_GOAL := help
+.PHONY: help setup lab test test-package test-notebooks test-grading test-configured bench \
+        assign outputs grade doctor services-down clean lock
+
+help: ## list the targets
+	@echo "perfcourse - make targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 24
+
+$(STAMP): pyproject.toml requirements.lock
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || \
+		{ echo "perfcourse needs Python 3.11 or newer as '$(PYTHON)' (try: make lab PYTHON=python3.11)"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@touch $@
+
+setup: $(STAMP) ## create .venv (when missing or stale), install pinned packages, seed the dataset
+	$(BIN)/perfcourse seed --scale $(SCALE)
+
+lab: setup ## set up, then open the course in JupyterLab (token auth, 127.0.0.1)
+	$(BIN)/jupyter lab --ServerApp.ip=$(LAB_IP) --ServerApp.port=$(LAB_PORT) \
+		--ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/$(START)
+
+test: setup test-package test-notebooks test-grading ## set up, then the whole suite
+	@echo "make test: all suites passed"
+
+test-package: $(STAMP) ## package tests (both backends, embedded and configured servers)
+	$(BIN)/python -m pytest tests -q
+
+test-notebooks: $(STAMP) ## strict nbval on every master notebook; learner notebooks up to date
+	$(BIN)/perfcourse assign --check
+	$(BIN)/python -m pytest --nbval $(NBVAL) solutions -q
+
+test-grading: $(STAMP) ## masters score N/N; untouched learner notebooks score 0/N, other cells pass
+	$(BIN)/perfcourse grade --expect-full solutions
+	$(BIN)/perfcourse grade --expect-untouched notebooks labs
+
+test-configured: $(STAMP) ## notebooks again against the configured PostgreSQL and Redis servers
+	DATABASE_URL=$(CONFIGURED_DATABASE_URL) REDIS_URL=$(CONFIGURED_REDIS_URL) \
+		$(BIN)/python -m pytest --nbval-lax $(NBVAL) solutions -q
+
+bench: setup ## seeding rate against the raw driver bulk path, both backends
+	$(BIN)/perfcourse bench --scale $(SCALE)
+
+assign: $(STAMP) ## regenerate learner notebooks and labs from the masters in solutions/
+	$(BIN)/perfcourse assign
+
+outputs: setup ## re-execute the masters to refresh their committed outputs
+	$(BIN)/perfcourse outputs
+
+grade: $(STAMP) ## grade your notebooks (save them first): make grade [NB=labs/01-...ipynb]
+	$(BIN)/perfcourse grade $(NB)
+
+doctor: $(STAMP) ## check this machine: packages, backends, memory, disk
+	$(BIN)/perfcourse doctor
+
+services-down: $(STAMP) ## stop the embedded PostgreSQL and Redis
+	$(BIN)/perfcourse services down
+
+clean: ## stop embedded servers, delete generated data and the virtualenv
+	-@test -x $(BIN)/perfcourse && $(BIN)/perfcourse services down
+	find data -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+	rm -rf $(VENV)
+
+lock: ## re-pin requirements.lock from pyproject.toml (maintainers)
+	rm -rf /tmp/perfcourse-lock && $(PYTHON) -m venv /tmp/perfcourse-lock
+	/tmp/perfcourse-lock/bin/pip install --quiet ".[lab,test]"
+	/tmp/perfcourse-lock/bin/pip freeze --exclude perfcourse > requirements.lock

@@ -1,0 +1,37 @@
+"""The one call at the top of every notebook: backend, dataset, plot style, readable errors."""
+
+from __future__ import annotations
+
+from sqlalchemy.engine import Engine
+
+from .config import default_scale
+from .db import backend_of, check_connection, engine
+from .errors import install_notebook_handler
+from .seed import seed_dataset
+
+
+def setup(backend: str = "sqlite", scale: str | None = None, *, quiet: bool = False) -> Engine:
+    """Prepare a notebook: course plot style, short error messages, a seeded dataset.
+
+    Returns the engine of the dataset (seeding it first when missing or stale, with a progress
+    bar). ``backend`` is ``"sqlite"`` (default, always available) or ``"postgres"``.
+    """
+    from . import plots  # noqa: PLC0415 - matplotlib import is slow; only notebooks need it
+
+    install_notebook_handler()
+    plots.use_course_style()
+    return dataset(backend, scale, quiet=quiet)
+
+
+def dataset(backend: str = "sqlite", scale: str | None = None, *, quiet: bool = False) -> Engine:
+    """An engine on the shop dataset of ``backend``, seeded first when missing or stale."""
+    scale = scale or default_scale()
+    eng = engine(backend, scale=scale)
+    check_connection(eng)
+    counts = seed_dataset(eng, scale)
+    if not quiet:
+        print(
+            f"{backend_of(eng)} dataset '{scale}' ready: {counts['users']:,} users, "
+            f"{counts['orders']:,} orders, {counts['order_items']:,} order items"
+        )
+    return eng
