@@ -11,7 +11,7 @@ EXPLAIN, memory), ``latency`` (delay-injecting proxy), ``plots``, ``grading``, `
 """
 
 from .errors import BackendUnavailable, CourseError
-from .notebook import dataset, setup
+from .notebook import dataset, say, setup
 
-__all__ = ["BackendUnavailable", "CourseError", "dataset", "setup"]
+__all__ = ["BackendUnavailable", "CourseError", "dataset", "say", "setup"]
 __version__ = "0.1.0"

@@ -35,3 +35,15 @@ def dataset(backend: str = "sqlite", scale: str | None = None, *, quiet: bool = 
             f"{counts['orders']:,} orders, {counts['order_items']:,} order items"
         )
     return eng
+
+
+def say(text: str) -> None:
+    """Show a sentence of measured prose as Markdown under a plot.
+
+    Numbers in the course's prose come from the run: build ``text`` with an f-string of measured
+    values, formatted with units (``measure.format_duration``, ``format_ratio``,
+    ``format_bytes``) so nbval's sanitizer masks what varies between runs.
+    """
+    from IPython.display import Markdown, display  # noqa: PLC0415
+
+    display(Markdown(text))
