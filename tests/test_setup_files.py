@@ -1,0 +1,90 @@
+"""The set-up files stay true: Makefile targets, environment.yml pins, Binder's postBuild."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+CONDA_TO_PIP = {"redis-py": "redis", "matplotlib-base": "matplotlib", "memory_profiler": "memory-profiler"}
+
+
+def test_environment_yml_pins_the_same_minor_versions_as_the_lock():
+    lock = _lock()
+    pinned = re.findall(r"^  - ([A-Za-z0-9_.-]+)=([0-9.]+)\s", (ROOT / "environment.yml").read_text(), re.M)
+    assert len(pinned) > 15
+    for conda_name, version in pinned:
+        pip_name = CONDA_TO_PIP.get(conda_name, conda_name)
+        if pip_name == "python":
+            continue
+        assert pip_name in lock, f"{conda_name} is in environment.yml but not in requirements.lock"
+        assert lock[pip_name].startswith(version + "."), (
+            f"{conda_name}: environment.yml pins {version}, requirements.lock has {lock[pip_name]}"
+        )
+
+
+def test_every_dependency_is_pinned_in_the_lock():
+    lock = _lock()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    deps = re.findall(r'^\s+"([A-Za-z0-9_.-]+)(?:\[[a-z]+\])?[<>=]', pyproject, re.M)
+    missing = [d for d in deps if d.lower().replace("_", "-") not in lock]
+    assert not missing, f"not pinned in requirements.lock: {missing} (run `make lock`)"
+
+
+def test_make_alone_lists_the_targets():
+    result = subprocess.run(["make", "-s", "-C", str(ROOT)], capture_output=True, text=True, check=True)
+    for target in ("lab", "test", "setup", "bench", "grade", "assign", "outputs", "clean", "doctor"):
+        assert f"make {target} " in result.stdout
+
+
+def test_lab_listens_on_loopback_with_token_by_default():
+    result = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), "lab", f"STAMP={ROOT / 'pyproject.toml'}"],
+        capture_output=True, text=True, check=True,
+    )
+    command = next(line for line in result.stdout.splitlines() if "jupyter lab" in line)
+    assert "--ServerApp.ip=127.0.0.1" in command
+    assert "token" not in command.lower()  # Jupyter's token auth stays at its default: on
+
+
+@pytest.mark.slow
+def test_binder_post_build_in_a_fresh_venv(tmp_path):
+    """What repo2docker does: install binder/requirements.txt, then run binder/postBuild."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "-r", ROOT / "binder" / "requirements.txt"],
+        check=True, cwd=ROOT,
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "VIRTUAL_ENV")},
+        "PATH": f"{env_dir / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "PERFCOURSE_DATA": str(tmp_path / "data"),
+        "PERFCOURSE_SCALE": "tiny",
+    }
+    subprocess.run(["bash", ROOT / "binder" / "postBuild"], check=True, env=env, cwd=tmp_path)
+    assert (tmp_path / "data" / "shop_tiny.sqlite").is_file()
+    check = subprocess.run(
+        [env_dir / "bin" / "perfcourse", "seed", "--scale", "tiny"],
+        capture_output=True, text=True, env=env, check=True,
+    )
+    assert "already up to date" in check.stdout
+    assert sys.prefix != str(env_dir)
