@@ -1,0 +1,348 @@
+"""``perfcourse grade``: run saved notebooks, print a per-question table and a score.
+
+Each notebook runs in its own ``pytest`` subprocess with nbval in lax mode (every cell must run;
+only cells marked ``# NBVAL_CHECK_OUTPUT`` have their output compared, after the course's
+sanitize file), in the current environment's kernel, colours off, each cell under a time limit.
+The :mod:`perfcourse.grading.nbplugin` plugin records each cell; a cell that calls
+``check("NN.qK", ...)`` is a graded cell. When the notebook's master is present
+(``solutions/<same name>``), a question of the master with no check cell in the notebook counts as
+failed, so deleting a check cell does not raise a score.
+
+Modes:
+
+* default: print the table and ``score: k/N`` per notebook; exit 0 when grading ran.
+* ``--expect-full`` (masters in CI): exit 0 only if every check passed and every cell ran.
+* ``--expect-untouched`` (untouched learner versions in CI): exit 0 only if every graded check
+  failed with ``AssertionError`` and every other cell ran.
+
+Run serially: the plugin is not xdist-safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .bank import RIGHT_MARK, graded_ids, load_bank
+from .nbplugin import REPORT_ENV
+
+DEFAULT_CELL_TIMEOUT = 300
+SAVE_REMINDER = "Grading the saved files: save your notebook first (Ctrl+S / Cmd+S in Jupyter)."
+UNTOUCHED_PREFIXES = ("No answer yet", "Not written yet")
+
+
+def sanitize_file() -> Path:
+    """The course's nbval sanitize file (``perfcourse/grading/sanitize.cfg``)."""
+    return Path(str(resources.files("perfcourse.grading") / "sanitize.cfg"))
+
+
+@dataclass
+class QuestionResult:
+    qid: str
+    title: str
+    right: bool
+    hint: str = ""
+    #: "right", "wrong" (AssertionError), "error" (another exception), "not run", "missing"
+    status: str = "right"
+
+
+@dataclass
+class NotebookResult:
+    path: Path
+    questions: list[QuestionResult] = field(default_factory=list)
+    other_cells: int = 0
+    other_failures: list[str] = field(default_factory=list)
+    error: str | None = None  # grading could not run at all
+
+    @property
+    def score(self) -> tuple[int, int]:
+        return sum(q.right for q in self.questions), len(self.questions)
+
+
+def _course_root(start: Path) -> Path | None:
+    for folder in (start.resolve(), *start.resolve().parents):
+        if (folder / "notebooks").is_dir() or (folder / "labs").is_dir():
+            return folder
+    from ..config import repo_root
+
+    return repo_root()
+
+
+def default_notebooks() -> list[Path]:
+    root = _course_root(Path.cwd())
+    if root is None:
+        return []
+    return sorted((root / "notebooks").glob("*.ipynb")) + sorted((root / "labs").glob("*.ipynb"))
+
+
+def _master_of(path: Path) -> Path | None:
+    master = path.resolve().parent.parent / "solutions" / path.name
+    return master if master.is_file() and master.resolve() != path.resolve() else None
+
+
+def _master_qids(master: Path) -> list[str]:
+    import nbformat
+
+    nb = nbformat.read(str(master), as_version=4)
+    found: list[str] = []
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            found += [q for q in graded_ids(cell.source) if q not in found]
+    return found
+
+
+def _run_pytest(path: Path, timeout: int, tmp: Path, verbose: bool) -> tuple[dict | None, str]:
+    from ..authoring import nocolor_ipython_dir
+
+    report = tmp / "report.json"
+    ini = tmp / "pytest.ini"
+    ini.write_text("[pytest]\n", encoding="utf-8")
+    cmd = [
+        sys.executable, "-m", "pytest", str(path),
+        "--nbval-lax", "--nbval-current-env",
+        f"--nbval-cell-timeout={timeout}",
+        f"--nbval-sanitize-with={sanitize_file()}",
+        "-p", "perfcourse.grading.nbplugin",
+        "-p", "no:cacheprovider",
+        "--noconftest", "-c", str(ini), f"--rootdir={path.parent}",
+        "--color=no", "-q", "--tb=line",
+    ]
+    env = dict(os.environ)
+    env[REPORT_ENV] = str(report)
+    env["IPYTHONDIR"] = str(nocolor_ipython_dir(tmp))
+    env.pop("PYTEST_ADDOPTS", None)
+    env.pop("PYTEST_XDIST_WORKER", None)
+    proc = subprocess.run(cmd, env=env, cwd=path.parent, capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    if verbose:
+        print(output)
+    if not report.is_file():
+        return None, output
+    return json.loads(report.read_text(encoding="utf-8")), output
+
+
+def _failure_text(cell: dict) -> str:
+    if cell.get("ename"):
+        return f"{cell['ename']}: {cell.get('evalue') or ''}".strip().rstrip(":")
+    return cell.get("message") or "failed"
+
+
+def _results_from(report: dict, path: Path, titles: dict[str, str]) -> NotebookResult:
+    result = NotebookResult(path)
+    by_qid: dict[str, QuestionResult] = {}
+    for cell in report["cells"]:
+        qids = cell["qids"]
+        if not qids:
+            result.other_cells += 1
+            if cell["outcome"] == "failed":
+                result.other_failures.append(f"cell {cell['cell']}: {_failure_text(cell)}")
+            continue
+        confirmed = {q for q in qids if f"{RIGHT_MARK} {q} right" in cell["stdout"]}
+        failed_one = False
+        for qid in qids:
+            title = titles.get(qid, "?")
+            if cell["outcome"] == "passed" or qid in confirmed:
+                res = QuestionResult(qid, title, True)
+            elif cell["outcome"] == "skipped":
+                res = QuestionResult(qid, title, False, "the check cell was skipped", "not run")
+            elif failed_one:
+                res = QuestionResult(qid, title, False,
+                                     "not reached: an earlier check in the same cell failed",
+                                     "not run")
+            else:
+                failed_one = True
+                if cell.get("ename") == "AssertionError":
+                    res = QuestionResult(qid, title, False, cell.get("evalue") or "", "wrong")
+                elif cell.get("ename"):
+                    res = QuestionResult(qid, title, False,
+                                         f"the cell raised {_failure_text(cell)}", "error")
+                else:
+                    res = QuestionResult(qid, title, False, _failure_text(cell), "error")
+            by_qid[qid] = res  # a question checked twice: the last check counts
+    master = _master_of(path)
+    expected = _master_qids(master) if master else []
+    for qid in expected:
+        if qid not in by_qid:
+            by_qid[qid] = QuestionResult(
+                qid, titles.get(qid, "?"), False,
+                "no check cell for this question in the notebook (deleted?)", "missing")
+    order = expected + [q for q in by_qid if q not in expected]
+    result.questions = [by_qid[q] for q in order]
+    return result
+
+
+def grade_notebook(path: Path, *, timeout: int = DEFAULT_CELL_TIMEOUT,
+                   verbose: bool = False) -> NotebookResult:
+    """Run one saved notebook and collect its per-question results."""
+    path = Path(path)
+    if not path.is_file():
+        return NotebookResult(path, error=f"no such notebook: {path}")
+    try:
+        titles = {qid: q.title for qid, q in load_bank().items()}
+    except Exception as exc:  # noqa: BLE001 - a broken bank is reported, grading goes on
+        titles = {}
+        print(f"warning: the question bank did not load: {exc}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="perfcourse-grade-") as tmp:
+        report, output = _run_pytest(path.resolve(), timeout, Path(tmp), verbose)
+    if report is None:
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        return NotebookResult(path, error=f"pytest did not run the notebook:\n{tail}")
+    if report.get("collect_errors"):
+        first = report["collect_errors"][0]["message"].strip().splitlines()
+        return NotebookResult(path, error="the notebook could not be read: " + (first[-1] if first else "?"))
+    return _results_from(report, path, titles)
+
+
+# --------------------------------------------------------------------------------------------
+# Printing
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def format_result(result: NotebookResult, width: int = 100) -> str:
+    lines = [_display(result.path)]
+    if result.error:
+        lines.append(f"  could not grade: {result.error}")
+        return "\n".join(lines)
+    if result.questions:
+        title_w = min(max(len(q.title) for q in result.questions), 36)
+        title_w = max(title_w, len("title"))
+        head = f"  {'question':<9} {'title':<{title_w}}  {'':1}  hint"
+        lines.append(head)
+        indent = 2 + 9 + 1 + title_w + 2 + 1 + 2
+        for q in result.questions:
+            title = q.title if len(q.title) <= title_w else q.title[: title_w - 1] + "…"
+            mark = "✓" if q.right else "✗"
+            hint_lines = textwrap.wrap(q.hint, max(width - indent, 30)) or [""]
+            lines.append(f"  {q.qid:<9} {title:<{title_w}}  {mark}  {hint_lines[0]}".rstrip())
+            lines += [" " * indent + extra for extra in hint_lines[1:]]
+    else:
+        lines.append("  no graded questions in this notebook")
+    failed = len(result.other_failures)
+    lines.append(f"  other cells: {result.other_cells - failed} ran, {failed} failed")
+    lines += [f"    {text}" for text in result.other_failures]
+    k, n = result.score
+    lines.append(f"score: {k}/{n}")
+    return "\n".join(lines)
+
+
+def format_summary(results: list[NotebookResult]) -> str:
+    name_w = max(len(_display(r.path)) for r in results)
+    lines = ["summary", f"  {'notebook':<{name_w}}  score"]
+    total_k = total_n = 0
+    for r in results:
+        if r.error:
+            lines.append(f"  {_display(r.path):<{name_w}}  not graded")
+            continue
+        k, n = r.score
+        total_k, total_n = total_k + k, total_n + n
+        lines.append(f"  {_display(r.path):<{name_w}}  {k}/{n}")
+    lines.append(f"total score: {total_k}/{total_n}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# CI verdicts
+
+
+def untouched_problems(result: NotebookResult) -> list[str]:
+    """Why ``result`` is not what an untouched learner version should give ([] when it is)."""
+    if result.error:
+        return [f"{_display(result.path)}: {result.error}"]
+    problems = []
+    for q in result.questions:
+        if q.right:
+            problems.append(f"{q.qid} passed in the learner version: its stub gives the answer away")
+        elif q.status == "error":
+            problems.append(f"{q.qid} failed with something else than AssertionError: {q.hint}")
+        elif q.status == "missing":
+            problems.append(f"{q.qid}: {q.hint}")
+    problems += [f"a cell that is not graded failed: {f}" for f in result.other_failures]
+    return problems
+
+
+def full_problems(result: NotebookResult) -> list[str]:
+    """Why ``result`` is not what a master should give ([] when every check and cell passed)."""
+    if result.error:
+        return [f"{_display(result.path)}: {result.error}"]
+    problems = [f"{q.qid} failed: {q.hint}" for q in result.questions if not q.right]
+    problems += [f"a cell failed: {f}" for f in result.other_failures]
+    return problems
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.glob("*.ipynb"))
+        else:
+            found.append(path)
+    return found
+
+
+def main_grade(argv: list[str] | None = None) -> int:
+    """``perfcourse grade [PATHS] [--expect-full | --expect-untouched] [--timeout S] [-v]``."""
+    parser = argparse.ArgumentParser(
+        prog="perfcourse grade",
+        description="Run saved notebooks and print a per-question table and a score.",
+    )
+    parser.add_argument("paths", nargs="*", type=Path,
+                        help="notebooks or folders (default: every notebook in notebooks/ and labs/)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--expect-full", action="store_true",
+                      help="exit 0 only if every check passed and every cell ran (masters, CI)")
+    mode.add_argument("--expect-untouched", action="store_true",
+                      help="exit 0 only if every graded check failed with AssertionError and "
+                      "every other cell ran (untouched learner versions, CI)")
+    parser.add_argument("--timeout", type=int, default=DEFAULT_CELL_TIMEOUT,
+                        help=f"seconds a cell may run (default {DEFAULT_CELL_TIMEOUT})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show pytest's output too")
+    args = parser.parse_args(argv)
+
+    paths = _expand(args.paths) if args.paths else default_notebooks()
+    if not paths:
+        print("perfcourse grade: no notebooks to grade (run it in the course folder, or name "
+              "the notebook)", file=sys.stderr)
+        return 2
+    if not (args.expect_full or args.expect_untouched):
+        print(SAVE_REMINDER)
+    results = []
+    problems: list[str] = []
+    for path in paths:
+        result = grade_notebook(path, timeout=args.timeout, verbose=args.verbose)
+        results.append(result)
+        print(format_result(result), flush=True)
+        print()
+        if args.expect_untouched:
+            problems += [f"{_display(path)}: {p}" for p in untouched_problems(result)]
+        elif args.expect_full:
+            problems += [f"{_display(path)}: {p}" for p in full_problems(result)]
+    if len(results) > 1:
+        print(format_summary(results))
+    if args.expect_untouched or args.expect_full:
+        wanted = "untouched" if args.expect_untouched else "full"
+        if problems:
+            print(f"\nexpect-{wanted}: FAILED")
+            for p in problems:
+                print(f"  {p}")
+            return 1
+        print(f"expect-{wanted}: OK")
+        return 0
+    return 2 if any(r.error for r in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_grade(sys.argv[1:]))
