@@ -54,13 +54,20 @@ def _doctor(_args) -> int:
     return main()
 
 
-def _passthrough(module: str, function: str):
-    def run(args) -> int:
-        import importlib  # noqa: PLC0415
+#: Sub-commands with their own argument parsers: (module, function, help).
+DELEGATED = {
+    "bench": ("perfcourse.bench", "main", "seeding rate against the raw driver path"),
+    "grade": ("perfcourse.grading.runner", "main_grade", "grade notebooks (save them first!)"),
+    "assign": ("perfcourse.authoring", "main_assign", "generate learner notebooks from masters"),
+    "outputs": ("perfcourse.authoring", "main_outputs", "re-execute masters to refresh outputs"),
+}
 
-        return importlib.import_module(module).__dict__[function](args.rest)
 
-    return run
+def _delegate(name: str, argv: list[str]) -> int:
+    import importlib  # noqa: PLC0415
+
+    module, function, _ = DELEGATED[name]
+    return int(getattr(importlib.import_module(module), function)(argv) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,21 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--scale", default=None)
     export.set_defaults(run=_export)
 
-    for name, module, function, help_text in (
-        ("bench", "perfcourse.bench", "main", "seeding rate against the raw driver path"),
-        ("grade", "perfcourse.grading.runner", "main_grade", "grade notebooks (save first!)"),
-        ("assign", "perfcourse.authoring", "main_assign", "generate learner notebooks from masters"),
-        ("outputs", "perfcourse.authoring", "main_outputs", "re-execute masters to refresh outputs"),
-    ):
-        sub = commands.add_parser(name, help=help_text, add_help=False)
-        sub.add_argument("rest", nargs=argparse.REMAINDER)
-        sub.set_defaults(run=_passthrough(module, function))
+    for name, (_, _, help_text) in DELEGATED.items():
+        commands.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv and argv[0] in DELEGATED:
+            return _delegate(argv[0], argv[1:])
+        args = build_parser().parse_args(argv)
         return args.run(args)
     except CourseError as exc:
         print(f"error: {exc}", file=sys.stderr)
