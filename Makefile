@@ -10,6 +10,8 @@ SCALE  ?= small
 LAB_IP   ?= 127.0.0.1
 LAB_PORT ?= 8888
 START    := notebooks/00-setup-and-dataset.ipynb
+# Jupyter refuses to run as root unless told; containers and CI machines often are root.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 NBVAL    := --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with src/perfcourse/grading/sanitize.cfg -p no:cacheprovider
 # The servers this machine and CI run, for the "configured backends" pass.
 CONFIGURED_DATABASE_URL ?= postgresql://127.0.0.1:5432/test
@@ -37,7 +39,7 @@ setup: $(STAMP) ## create .venv (when missing or stale), install pinned packages
 
 lab: setup ## set up, then open the course in JupyterLab (token auth, 127.0.0.1)
 	$(BIN)/jupyter lab --ServerApp.ip=$(LAB_IP) --ServerApp.port=$(LAB_PORT) \
-		--ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/$(START)
+		--ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/$(START) $(ROOT_FLAG)
 
 test: setup test-package test-notebooks test-grading ## set up, then the whole suite
 	@echo "make test: all suites passed"

@@ -92,6 +92,7 @@ def _add(q: Question, origin: str, replace: bool = False) -> None:
         )
     _REGISTRY.questions[q.id] = q
     _REGISTRY.origin[q.id] = origin
+    _attempts.pop(q.id, None)
 
 
 def load_bank() -> dict[str, Question]:
@@ -127,6 +128,7 @@ def unregister(qid: str) -> None:
         if _REGISTRY.origin.get(qid) == "register()":
             del _REGISTRY.questions[qid]
             del _REGISTRY.origin[qid]
+            _attempts.pop(qid, None)
 
 
 def questions(chapter: str | None = None) -> list[Question]:

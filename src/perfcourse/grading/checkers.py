@@ -532,7 +532,7 @@ def _measure():
 def _repeated_statement_hint(statements) -> str:
     if not statements:
         return ""
-    normal = Counter(" ".join(str(s).split()) for s in statements)
+    normal = Counter(" ".join(str(getattr(s, "sql", s)).split()) for s in statements)
     text, times = normal.most_common(1)[0]
     if times > 2:
         return f" The same query ran {times} times ({shorten(text, 70)}): that is the N+1 pattern."
@@ -605,12 +605,14 @@ class ExplainCheck(Checker):
     ``statement`` is SQL text, a SQLAlchemy statement, or a callable ``statement(engine)``. The
     plan (:func:`perfcourse.measure.explain`, with ``.uses_index``, ``.index`` and ``.verdict``)
     must use an index; ``index`` (a name or a tuple of names) and ``verdicts`` narrow that down.
+    ``params`` are bound to ``:name`` parameters of a SQL text statement.
     """
 
     statement: Any
     engine: Callable
     index: str | tuple[str, ...] | None = None
     verdicts: tuple[str, ...] = ()
+    params: dict | None = None
     explain: Callable | None = None
     hint: str = ""
 
@@ -643,7 +645,7 @@ class ExplainCheck(Checker):
                 self._apply(engine, change)
             explain = self.explain or _measure().explain
             statement = self.statement(engine) if callable(self.statement) else self.statement
-            plan = explain(engine, statement)
+            plan = explain(engine, statement, self.params) if self.params else explain(engine, statement)
         finally:
             engine.dispose()
         extra = f" {self.hint}" if self.hint else ""

@@ -36,7 +36,6 @@ from .nbplugin import REPORT_ENV
 
 DEFAULT_CELL_TIMEOUT = 300
 SAVE_REMINDER = "Grading the saved files: save your notebook first (Ctrl+S / Cmd+S in Jupyter)."
-UNTOUCHED_PREFIXES = ("No answer yet", "Not written yet")
 
 
 def sanitize_file() -> Path:
