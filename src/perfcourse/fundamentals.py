@@ -1,0 +1,502 @@
+"""Chapter 01, performance fundamentals: the code its experiments run, profile and grade.
+
+Latency and percentiles
+    :func:`percentile`, :func:`summarize_latencies`, :func:`latency_log` (a seeded request log
+    of a small web shop, with the slow tail real services have).
+Little's law
+    :func:`littles_law` (throughput X, mean latency R, L = X * R from a log),
+    :func:`in_flight_at` (L counted directly, by sampling), :func:`run_load` (a thread pool
+    running real queries, with a sampler that counts requests in flight).
+Utilisation
+    :func:`simulate_queue` (a seeded first-come-first-served queue with ``servers`` workers) and
+    :func:`mm1_mean_response` (the textbook curve S / (1 - utilisation)).
+Profiling
+    :func:`category_revenue_slow` / :func:`category_revenue_fast` (the worked example of the
+    lesson), :func:`customer_report` (the lab's slow function: find its bottleneck and fix it)
+    and :func:`hottest_function` (the heaviest function of ours in a pyinstrument profile).
+
+Everything random is seeded: the same call gives the same numbers on every machine, so the
+notebooks can print them without masking.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+__all__ = [
+    "ENDPOINTS",
+    "RESPONSE_TARGETS_S",
+    "LoadRun",
+    "category_revenue_fast",
+    "category_revenue_slow",
+    "customer_report",
+    "hottest_function",
+    "in_flight_at",
+    "latency_log",
+    "littles_law",
+    "littles_law_L",
+    "lookup_category",
+    "mm1_mean_response",
+    "percentile",
+    "run_load",
+    "shop_request",
+    "simulate_queue",
+    "summarize_latencies",
+]
+
+#: The guide's response-time targets, in seconds.
+RESPONSE_TARGETS_S = {"database query": 0.100, "API response": 0.200, "complex operation": 0.500}
+
+# ------------------------------------------------------------------------------------------------
+# Latency distributions and percentiles
+# ------------------------------------------------------------------------------------------------
+
+
+def percentile(samples: Iterable[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``samples``, interpolating linearly between ranks.
+
+    The same definition as ``numpy.percentile``'s default: sort, find position
+    ``(n - 1) * q / 100``, interpolate between its two neighbours. ``p50`` is the median.
+    """
+    ordered = sorted(samples)
+    if not ordered:
+        raise ValueError("percentile() of no samples: pass at least one value.")
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be between 0 and 100, got {q!r}.")
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize_latencies(samples_s: Sequence[float]) -> dict[str, float]:
+    """``mean_s, p50_s, p90_s, p99_s, max_s`` of latencies in seconds (a table row)."""
+    values = np.asarray(samples_s, dtype=float)
+    return {
+        "requests": int(values.size),
+        "mean_s": float(values.mean()),
+        "p50_s": float(np.percentile(values, 50)),
+        "p90_s": float(np.percentile(values, 90)),
+        "p99_s": float(np.percentile(values, 99)),
+        "max_s": float(values.max()),
+    }
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How one endpoint of the simulated shop behaves."""
+
+    name: str
+    share: float  # of all requests
+    median_s: float  # of a normal request
+    spread: float  # sigma of the log-normal
+    slow_share: float  # requests that hit a slow path (cache miss, lock wait, GC pause...)
+    slow_factor: float  # how much slower those are
+
+
+#: The endpoints of :func:`latency_log`.
+ENDPOINTS = (
+    Endpoint("GET /products", 0.55, 0.012, 0.35, 0.01, 8.0),
+    Endpoint("GET /orders", 0.30, 0.030, 0.45, 0.03, 12.0),
+    Endpoint("POST /checkout", 0.15, 0.080, 0.50, 0.06, 10.0),
+)
+
+
+def latency_log(requests: int = 20_000, *, rate_per_s: float = 200.0, seed: int = 1) -> pd.DataFrame:
+    """A recorded request log of a small shop: ``endpoint, start_s, duration_s, end_s``.
+
+    Requests arrive at random (a Poisson process of ``rate_per_s``); each endpoint's latency is
+    log-normal, and a small share of requests takes a slow path several times longer: the tail
+    that the mean hides. Deterministic for a given ``seed``. Rows are in arrival order.
+    """
+    rng = np.random.default_rng(seed)
+    start = np.cumsum(rng.exponential(1 / rate_per_s, requests))
+    shares = np.array([e.share for e in ENDPOINTS])
+    which = rng.choice(len(ENDPOINTS), size=requests, p=shares / shares.sum())
+    duration = np.empty(requests)
+    for i, e in enumerate(ENDPOINTS):
+        mask = which == i
+        n = int(mask.sum())
+        base = rng.lognormal(math.log(e.median_s), e.spread, n)
+        slow = rng.random(n) < e.slow_share
+        duration[mask] = np.where(slow, base * e.slow_factor, base)
+    return pd.DataFrame({
+        "endpoint": [ENDPOINTS[i].name for i in which],
+        "start_s": start,
+        "duration_s": duration,
+        "end_s": start + duration,
+    })
+
+
+# ------------------------------------------------------------------------------------------------
+# Little's law
+# ------------------------------------------------------------------------------------------------
+
+
+def _pairs(log) -> list[tuple[float, float]]:
+    if isinstance(log, pd.DataFrame):
+        return list(zip(log["start_s"].tolist(), log["end_s"].tolist()))
+    return [(float(s), float(e)) for s, e in log]
+
+
+def littles_law(log) -> dict[str, float]:
+    """Throughput, mean latency and L = X * R of a request log.
+
+    ``log`` is a DataFrame with ``start_s`` and ``end_s`` or a list of ``(start_s, end_s)``.
+    The observation window runs from the first start to the last end. Returns
+    ``requests, window_s, throughput_per_s (X), mean_latency_s (R), L``; L is the mean number of
+    requests in flight, X * R, which equals the total time spent in requests over the window.
+    """
+    pairs = _pairs(log)
+    if not pairs:
+        raise ValueError("An empty log has no throughput: pass at least one request.")
+    first = min(s for s, _ in pairs)
+    last = max(e for _, e in pairs)
+    window = last - first
+    total = sum(e - s for s, e in pairs)
+    throughput = len(pairs) / window
+    mean_latency = total / len(pairs)
+    return {
+        "requests": len(pairs),
+        "window_s": window,
+        "throughput_per_s": throughput,
+        "mean_latency_s": mean_latency,
+        "L": throughput * mean_latency,
+    }
+
+
+def littles_law_L(log) -> float:
+    """L = X * R of a request log: the mean number of requests in flight (see :func:`littles_law`)."""
+    return littles_law(log)["L"]
+
+
+def in_flight_at(log, times: Sequence[float]) -> np.ndarray:
+    """How many requests of ``log`` were in flight (``start <= t < end``) at each of ``times``.
+
+    Counting directly, the way a monitoring agent samples a gauge; its mean over evenly spaced
+    times is the L that Little's law predicts.
+    """
+    pairs = _pairs(log)
+    starts = np.sort(np.array([s for s, _ in pairs]))
+    ends = np.sort(np.array([e for _, e in pairs]))
+    t = np.asarray(times, dtype=float)
+    return np.searchsorted(starts, t, side="right") - np.searchsorted(ends, t, side="right")
+
+
+@dataclass
+class LoadRun:
+    """The record of :func:`run_load`: one row per request, plus the in-flight samples."""
+
+    workers: int
+    log: pd.DataFrame
+    in_flight_samples: list[int] = field(repr=False)
+    elapsed_s: float
+
+    @property
+    def throughput_per_s(self) -> float:
+        """Requests completed per second of the run (X)."""
+        return len(self.log) / self.elapsed_s
+
+    @property
+    def mean_latency_s(self) -> float:
+        """Mean time a request spent in flight (R)."""
+        return float(self.log["duration_s"].mean())
+
+    @property
+    def predicted_L(self) -> float:
+        """Little's law: L = X * R."""
+        return self.throughput_per_s * self.mean_latency_s
+
+    @property
+    def sampled_L(self) -> float:
+        """L counted directly: the mean of the in-flight samples."""
+        return float(np.mean(self.in_flight_samples)) if self.in_flight_samples else float("nan")
+
+    def as_row(self) -> dict:
+        """A table row: ``workers, requests, elapsed_s, per_request_s, mean_latency_s,
+        p95_latency_s, throughput_per_s`` (``per_request_s`` is 1 / X)."""
+        return {
+            "workers": self.workers,
+            "requests": len(self.log),
+            "elapsed_s": self.elapsed_s,
+            "per_request_s": 1 / self.throughput_per_s,
+            "mean_latency_s": self.mean_latency_s,
+            "p95_latency_s": float(np.percentile(self.log["duration_s"], 95)),
+            "throughput_per_s": self.throughput_per_s,
+        }
+
+
+def run_load(
+    work: Callable[[int], object],
+    *,
+    workers: int,
+    requests: int,
+    think_s: float = 0.0,
+    sample_every_s: float = 0.0005,
+) -> LoadRun:
+    """Run ``work(i)`` for ``i`` in ``range(requests)`` on ``workers`` threads, recording each call.
+
+    A closed loop, like a pool of users: each worker takes the next request, runs it, waits
+    ``think_s`` (the user reading the page), and takes the next. A sampler thread counts the
+    requests in flight every ``sample_every_s`` while the run lasts. ``work`` must be
+    thread-safe (e.g. open its own connection from an engine's pool).
+    """
+    if workers < 1 or requests < 1:
+        raise ValueError("workers and requests must be at least 1.")
+    lock = threading.Lock()
+    state = {"next": 0, "in_flight": 0}
+    rows: list[tuple[int, float, float]] = []
+    samples: list[int] = []
+    done = threading.Event()
+    origin = time.perf_counter()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = state["next"]
+                if i >= requests:
+                    return
+                state["next"] = i + 1
+                state["in_flight"] += 1
+                start = time.perf_counter()
+            try:
+                work(i)
+            finally:
+                with lock:
+                    end = time.perf_counter()
+                    state["in_flight"] -= 1
+                    rows.append((i, start - origin, end - origin))
+            if think_s:
+                time.sleep(think_s)
+
+    def sampler() -> None:
+        while not done.wait(sample_every_s):
+            samples.append(state["in_flight"])
+
+    threads = [threading.Thread(target=worker, name=f"load-{n}") for n in range(workers)]
+    watcher = threading.Thread(target=sampler, name="load-sampler", daemon=True)
+    watcher.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - origin
+    done.set()
+    watcher.join()
+    rows.sort()
+    log = pd.DataFrame(rows, columns=["request", "start_s", "end_s"])
+    log["duration_s"] = log["end_s"] - log["start_s"]
+    return LoadRun(workers=workers, log=log, in_flight_samples=samples, elapsed_s=elapsed)
+
+
+_SCAN_SQL = sa.text("SELECT count(*), sum(total) FROM orders WHERE total > :floor")
+
+
+def shop_request(engine: Engine) -> Callable[[int], object]:
+    """A stand-in for one request of the shop, for :func:`run_load`: ``request(i)`` takes a
+    connection from ``engine``'s pool and runs a report query that scans the orders table
+    (a few milliseconds, spent inside the database driver with Python's GIL released, so
+    threads really overlap)."""
+
+    def request(i: int) -> object:
+        with engine.connect() as conn:
+            return conn.execute(_SCAN_SQL, {"floor": (i % 50) * 10}).one()
+
+    return request
+
+
+# ------------------------------------------------------------------------------------------------
+# Utilisation and queueing
+# ------------------------------------------------------------------------------------------------
+
+
+def simulate_queue(
+    utilisation: float,
+    *,
+    service_time_s: float = 0.010,
+    requests: int = 20_000,
+    servers: int = 1,
+    seed: int = 1,
+) -> np.ndarray:
+    """Response times (wait + service, seconds) of a first-come-first-served queue.
+
+    Requests arrive at random (Poisson) at the rate that keeps ``servers`` workers busy a share
+    ``utilisation`` of the time; service times are random too (exponential, mean
+    ``service_time_s``). With one server this is the textbook M/M/1 queue, whose mean response
+    time is ``service_time_s / (1 - utilisation)``. Deterministic for a given ``seed``.
+    """
+    if not 0 < utilisation < 1:
+        raise ValueError("utilisation must be between 0 and 1 (exclusive): at 1 the queue grows forever.")
+    rng = np.random.default_rng(seed)
+    rate = utilisation * servers / service_time_s
+    arrivals = np.cumsum(rng.exponential(1 / rate, requests))
+    services = rng.exponential(service_time_s, requests)
+    free_at = [0.0] * servers  # a heap: when each server is next free
+    response = np.empty(requests)
+    for i in range(requests):
+        earliest = heapq.heappop(free_at)
+        begin = max(arrivals[i], earliest)
+        finish = begin + services[i]
+        heapq.heappush(free_at, finish)
+        response[i] = finish - arrivals[i]
+    return response
+
+
+def mm1_mean_response(utilisation: float, service_time_s: float = 0.010) -> float:
+    """Mean response time of an M/M/1 queue: ``service_time_s / (1 - utilisation)``."""
+    return service_time_s / (1 - utilisation)
+
+
+# ------------------------------------------------------------------------------------------------
+# Profiling: the lesson's worked example
+# ------------------------------------------------------------------------------------------------
+
+_ITEMS_SQL = sa.text(
+    "SELECT oi.product_id, oi.quantity, oi.unit_price FROM order_items oi "
+    "JOIN orders o ON o.id = oi.order_id WHERE o.status = 'delivered' "
+    "ORDER BY oi.id LIMIT :limit"
+)
+_PRODUCTS_SQL = sa.text("SELECT id, category_id FROM products ORDER BY id")
+
+
+def _load_items(engine: Engine, limit: int) -> list[tuple]:
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(_ITEMS_SQL, {"limit": limit})]
+
+
+def _load_products(engine: Engine) -> list[tuple]:
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(_PRODUCTS_SQL)]
+
+
+def _find_product(products: list[tuple], product_id: int) -> tuple:
+    # A linear search: fine for ten products, not for thousands looked up thousands of times.
+    for product in products:
+        if product[0] == product_id:
+            return product
+    raise KeyError(product_id)
+
+
+def _money(value) -> Decimal:
+    # SQLite hands NUMERIC back as a float through raw SQL: go through str to keep the cents.
+    return value if isinstance(value, Decimal) else Decimal(str(value))
+
+
+def _add_revenue(totals: dict, category_id: int, quantity: int, unit_price) -> None:
+    totals[category_id] = totals.get(category_id, Decimal(0)) + quantity * _money(unit_price)
+
+
+def category_revenue_slow(engine: Engine, items: int = 4000) -> dict[int, Decimal]:
+    """Revenue per category of the first ``items`` delivered order items: the slow version.
+
+    It loads the items (one query) and the products (one query), then finds each item's
+    product with :func:`_find_product`, a linear search through every product.
+    """
+    products = _load_products(engine)
+    totals: dict[int, Decimal] = {}
+    for product_id, quantity, unit_price in _load_items(engine, items):
+        product = _find_product(products, product_id)
+        _add_revenue(totals, product[1], quantity, unit_price)
+    return dict(sorted(totals.items()))
+
+
+def category_revenue_fast(engine: Engine, items: int = 4000) -> dict[int, Decimal]:
+    """The same result as :func:`category_revenue_slow`, with one change: products in a dict."""
+    category_of = dict(_load_products(engine))
+    totals: dict[int, Decimal] = {}
+    for product_id, quantity, unit_price in _load_items(engine, items):
+        _add_revenue(totals, category_of[product_id], quantity, unit_price)
+    return dict(sorted(totals.items()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Profiling: the lab's slow function
+# ------------------------------------------------------------------------------------------------
+
+_ORDERS_SQL = (
+    "SELECT o.user_id, oi.product_id, oi.quantity, oi.unit_price FROM orders o "
+    "JOIN order_items oi ON oi.order_id = o.id WHERE o.user_id IN ({ids}) AND o.status <> 'cancelled' "
+    "ORDER BY oi.id"
+)
+_CATEGORY_SQL = sa.text(
+    "SELECT c.name FROM products p JOIN categories c ON c.id = p.category_id WHERE p.id = :id"
+)
+
+
+def lookup_category(conn, product_id: int) -> str:
+    """The category name of one product (one query)."""
+    return conn.execute(_CATEGORY_SQL, {"id": product_id}).scalar_one()
+
+
+def _user_items(conn, user_ids: Sequence[int]) -> list[tuple]:
+    ids = ", ".join(str(int(u)) for u in user_ids) or "NULL"
+    return [tuple(row) for row in conn.execute(sa.text(_ORDERS_SQL.format(ids=ids)))]
+
+
+def _favourite(spent: dict[str, Decimal]) -> str:
+    # Most money spent; ties go to the category name that sorts first.
+    return min(spent, key=lambda name: (-spent[name], name))
+
+
+def customer_report(engine: Engine, user_ids: Sequence[int]) -> list[dict]:
+    """For each user in ``user_ids`` (sorted) with non-cancelled orders: money spent and the
+    favourite category (where they spent most; ties by name).
+
+    Returns ``[{"user_id": 7, "spent": Decimal("812.40"), "favourite": "books"}, ...]``.
+    Correct, and slow: profile it to see why.
+    """
+    with engine.connect() as conn:
+        rows = _user_items(conn, user_ids)
+        per_user: dict[int, dict[str, Decimal]] = {}
+        for user_id, product_id, quantity, unit_price in rows:
+            category = lookup_category(conn, product_id)
+            spent = per_user.setdefault(user_id, {})
+            spent[category] = spent.get(category, Decimal(0)) + quantity * _money(unit_price)
+    return [
+        {"user_id": user_id, "spent": sum(spent.values(), Decimal(0)), "favourite": _favourite(spent)}
+        for user_id, spent in sorted(per_user.items())
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading a pyinstrument profile
+# ------------------------------------------------------------------------------------------------
+
+
+def hottest_function(session, *, module: str = __name__, exclude: Iterable[str] = ()) -> str:
+    """The function of ``module`` where a pyinstrument ``session`` spent most time (its own
+    time plus what it called), leaving out ``exclude`` (e.g. the entry point you profiled).
+
+    ``session`` is ``profiler.last_session`` of a :class:`pyinstrument.Profiler`.
+    """
+    excluded = set(exclude)
+    path_end = module.replace(".", "/") + ".py"
+    totals: dict[str, float] = {}
+
+    def walk(frame, on_stack: frozenset) -> None:
+        name = frame.function
+        mine = (frame.file_path or "").replace("\\", "/").endswith(path_end)
+        if mine and name not in excluded and name not in on_stack:
+            totals[name] = totals.get(name, 0.0) + frame.time
+        below = on_stack | {name} if mine else on_stack
+        for child in frame.children:
+            walk(child, below)
+
+    root = session.root_frame()
+    if root is None:
+        raise ValueError("The profile is empty: run the code inside the profiler first.")
+    walk(root, frozenset())
+    if not totals:
+        raise ValueError(f"No function of {module} in this profile.")
+    return max(totals, key=totals.get)

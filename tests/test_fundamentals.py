@@ -1,0 +1,178 @@
+"""Chapter 01's package code: percentiles, Little's law, the queue simulator, the slow functions."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from perfcourse import fundamentals as f
+
+
+@pytest.fixture(scope="module")
+def shop():
+    """The tiny SQLite dataset (seeded once per session, shared with other tests)."""
+    from perfcourse.db import engine
+    from perfcourse.seed import seed_dataset
+
+    eng = engine("sqlite", scale="tiny")
+    seed_dataset(eng, "tiny")
+    yield eng
+    eng.dispose()
+
+
+# --- percentiles ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 95, 99, 99.9, 100])
+def test_percentile_matches_numpy(q):
+    rng = random.Random(q)
+    for n in (1, 2, 3, 10, 101):
+        samples = [rng.expovariate(10) for _ in range(n)]
+        assert f.percentile(samples, q) == pytest.approx(float(np.percentile(samples, q)))
+
+
+def test_percentile_does_not_need_sorted_input_and_rejects_bad_arguments():
+    assert f.percentile([3, 1, 2], 50) == 2
+    with pytest.raises(ValueError, match="at least one"):
+        f.percentile([], 50)
+    with pytest.raises(ValueError, match="between 0 and 100"):
+        f.percentile([1], 101)
+
+
+def test_summary_has_the_tail_above_the_mean():
+    log = f.latency_log(5000)
+    summary = f.summarize_latencies(log["duration_s"])
+    assert summary["requests"] == 5000
+    assert summary["p50_s"] < summary["mean_s"] < summary["p99_s"] <= summary["max_s"]
+
+
+# --- the latency log and Little's law -----------------------------------------------------
+
+
+def test_latency_log_is_deterministic_and_consistent():
+    a, b = f.latency_log(1000, seed=3), f.latency_log(1000, seed=3)
+    assert a.equals(b)
+    assert not a.equals(f.latency_log(1000, seed=4))
+    assert (a["end_s"] - a["start_s"] - a["duration_s"]).abs().max() < 1e-12
+    assert a["start_s"].is_monotonic_increasing
+    assert set(a["endpoint"]) == {e.name for e in f.ENDPOINTS}
+
+
+def test_littles_law_on_a_hand_made_log():
+    # Two requests of 1 s and 3 s inside a 4 s window: X = 0.5/s, R = 2 s, L = 1.
+    law = f.littles_law([(0.0, 1.0), (1.0, 4.0)])
+    assert law["requests"] == 2
+    assert law["window_s"] == pytest.approx(4.0)
+    assert law["throughput_per_s"] == pytest.approx(0.5)
+    assert law["mean_latency_s"] == pytest.approx(2.0)
+    assert law["L"] == pytest.approx(1.0)
+    assert f.littles_law_L([(0.0, 1.0), (1.0, 4.0)]) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        f.littles_law([])
+
+
+def test_sampled_in_flight_count_agrees_with_littles_law():
+    log = f.latency_log(20_000)
+    times = np.linspace(log["start_s"].min(), log["end_s"].max(), 50_000, endpoint=False)
+    sampled = f.in_flight_at(log, times).mean()
+    assert sampled == pytest.approx(f.littles_law_L(log), rel=0.02)
+    assert f.littles_law_L(log) == pytest.approx(f.littles_law_L(list(zip(log.start_s, log.end_s))))
+
+
+def test_in_flight_at_counts_half_open_intervals():
+    log = [(0.0, 2.0), (1.0, 3.0)]
+    assert f.in_flight_at(log, [0.0, 0.5, 1.0, 2.0, 3.0]).tolist() == [1, 1, 2, 1, 0]
+
+
+def test_run_load_records_every_request_and_samples_in_flight():
+    def work(i):
+        time.sleep(0.002)  # releases the GIL, like a database call
+
+    run = f.run_load(work, workers=4, requests=80)
+    assert len(run.log) == 80
+    assert sorted(run.log["request"]) == list(range(80))
+    assert (run.log["duration_s"] > 0).all()
+    assert max(run.in_flight_samples) <= 4
+    assert run.predicted_L == pytest.approx(4, rel=0.25)
+    assert run.sampled_L == pytest.approx(run.predicted_L, rel=0.25)
+    row = run.as_row()
+    assert row["workers"] == 4 and row["requests"] == 80
+    assert row["per_request_s"] == pytest.approx(1 / run.throughput_per_s)
+
+
+def test_run_load_propagates_nothing_and_keeps_counting_after_errors():
+    calls = []
+    lock = threading.Lock()
+
+    def work(i):
+        with lock:
+            calls.append(i)
+
+    run = f.run_load(work, workers=3, requests=10)
+    assert sorted(calls) == list(range(10))
+    assert len(run.log) == 10
+    with pytest.raises(ValueError):
+        f.run_load(work, workers=0, requests=1)
+
+
+def test_shop_request_runs_a_query(shop):
+    count, _total = f.shop_request(shop)(0)
+    assert count == 1000  # every tiny order has a total above 0
+
+
+# --- queues --------------------------------------------------------------------------------
+
+
+def test_simulated_queue_follows_the_mm1_curve():
+    for rho in (0.3, 0.6, 0.8):
+        times = f.simulate_queue(rho, requests=50_000, seed=2)
+        assert times.mean() == pytest.approx(f.mm1_mean_response(rho), rel=0.1)
+
+
+def test_simulated_queue_is_deterministic_and_more_servers_wait_less():
+    a = f.simulate_queue(0.8, requests=2000)
+    assert np.array_equal(a, f.simulate_queue(0.8, requests=2000))
+    four = f.simulate_queue(0.8, requests=20_000, servers=4)
+    assert four.mean() < f.simulate_queue(0.8, requests=20_000).mean()
+    with pytest.raises(ValueError, match="utilisation"):
+        f.simulate_queue(1.0)
+
+
+# --- profiling examples ------------------------------------------------------------------
+
+
+def test_fast_category_revenue_gives_the_same_result(shop):
+    slow = f.category_revenue_slow(shop, items=300)
+    assert slow == f.category_revenue_fast(shop, items=300)
+    assert slow and all(v > 0 for v in slow.values())
+
+
+def test_customer_report_issues_one_query_per_item(shop):
+    from perfcourse.measure import count_queries
+
+    with count_queries(shop) as q:
+        report = f.customer_report(shop, [1, 2, 3, 5, 8])
+    with shop.connect() as conn:
+        items = len(f._user_items(conn, [1, 2, 3, 5, 8]))
+    assert q.count == 1 + items
+    assert [r["user_id"] for r in report] == sorted(r["user_id"] for r in report)
+    for row in report:
+        assert set(row) == {"user_id", "spent", "favourite"}
+    assert f.customer_report(shop, []) == []
+
+
+def test_hottest_function_finds_the_bottleneck(shop):
+    pyinstrument = pytest.importorskip("pyinstrument")
+
+    profiler = pyinstrument.Profiler(interval=0.0005)
+    with profiler:
+        f.customer_report(shop, list(range(1, 60)))
+    session = profiler.last_session
+    assert f.hottest_function(session, exclude=["customer_report"]) == "lookup_category"
+    assert f.hottest_function(session) == "customer_report"  # the entry point holds everything
+    with pytest.raises(ValueError, match="No function"):
+        f.hottest_function(session, module="json")
