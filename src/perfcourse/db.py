@@ -53,13 +53,16 @@ def engine(
     scale: str | None = None,
     namespace: str | None = None,
     echo: bool = False,
+    url: str | sa.URL | None = None,
     **engine_kwargs,
 ) -> Engine:
     """Return a SQLAlchemy 2 engine for ``backend`` (``"sqlite"`` or ``"postgres"``).
 
     ``scale`` picks the dataset (``tiny``, ``small``, ``large``; default ``PERFCOURSE_SCALE`` or
-    ``small``); ``namespace`` overrides the file/schema name outright. Extra keyword arguments go
-    to :func:`sqlalchemy.create_engine` (``pool_size``, ``poolclass``...).
+    ``small``); ``namespace`` overrides the file/schema name outright. ``url`` (PostgreSQL only)
+    names the server instead of ``DATABASE_URL``/the embedded one, e.g. a latency proxy in front
+    of it. Extra keyword arguments go to :func:`sqlalchemy.create_engine` (``pool_size``,
+    ``poolclass``, ``pool_pre_ping``...).
     The engine only connects when used; seed it with :func:`perfcourse.seed.seed_dataset`.
     """
     check_backend(backend)
@@ -74,12 +77,12 @@ def engine(
     else:
         from .services import postgres_url  # noqa: PLC0415 - starts a server: only when asked
 
-        url = postgres_url()
         connect_args = dict(engine_kwargs.pop("connect_args", {}))
         connect_args.setdefault("options", f"-csearch_path={namespace},public")
         connect_args.setdefault("connect_timeout", 5)
+        engine_kwargs.setdefault("pool_pre_ping", True)
         eng = sa.create_engine(
-            url, echo=echo, connect_args=connect_args, pool_pre_ping=True, **engine_kwargs
+            url or postgres_url(), echo=echo, connect_args=connect_args, **engine_kwargs
         )
     eng.perfcourse_namespace = namespace  # type: ignore[attr-defined]
     return eng

@@ -442,16 +442,12 @@ def postgres_via_proxy(
     proxy = LatencyProxy(delay_s=delay_s, **_postgres_target(url)).start()
     proxied_url = url.difference_update_query(["host", "port"]).set(host=proxy.host,
                                                                     port=proxy.port)
-    connect_args = dict(engine_kwargs.pop("connect_args", {}))
-    connect_args.setdefault("options", f"-csearch_path={namespace},public")
-    connect_args.setdefault("connect_timeout", 5)
     engine_kwargs.setdefault("pool_pre_ping", False)
     try:
-        engine = sa.create_engine(proxied_url, connect_args=connect_args, **engine_kwargs)
+        engine = db.engine("postgres", namespace=namespace, url=proxied_url, **engine_kwargs)
     except Exception:
         proxy.stop()
         raise
-    engine.perfcourse_namespace = namespace  # type: ignore[attr-defined]
     proxy.closing(engine)
     return engine, proxy
 
