@@ -42,6 +42,14 @@ def _cell_outputs(item) -> tuple[str, dict | None]:
     return "".join(stdout), error
 
 
+def _first_line(source: str) -> str:
+    for line in source.splitlines():
+        if line.strip() and not line.lstrip().startswith("# NBVAL"):
+            line = line.strip()
+            return line if len(line) <= 60 else line[:57] + "..."
+    return ""
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -52,6 +60,7 @@ def pytest_runtest_makereport(item, call):
         "notebook": str(item.path),
         "cell": item.cell_num,
         "qids": graded_ids(item.cell.source),
+        "first_line": _first_line(item.cell.source),
         "outcome": "passed",
         "ename": None,
         "evalue": None,

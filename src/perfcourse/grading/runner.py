@@ -142,7 +142,8 @@ def _results_from(report: dict, path: Path, titles: dict[str, str]) -> NotebookR
         if not qids:
             result.other_cells += 1
             if cell["outcome"] == "failed":
-                result.other_failures.append(f"cell {cell['cell']}: {_failure_text(cell)}")
+                result.other_failures.append(
+                    f"code cell {cell['cell']} ({cell.get('first_line', '')}): {_failure_text(cell)}")
             continue
         confirmed = {q for q in qids if f"{RIGHT_MARK} {q} right" in cell["stdout"]}
         failed_one = False
