@@ -18,9 +18,12 @@ not rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing
@@ -196,6 +199,41 @@ def generate(scale: Scale, seed: int = DATASET_SEED) -> Iterator[Chunk]:
         next_item_id += m
 
 
+def prefetch(chunks: Iterator[Chunk], depth: int = 2) -> Iterator[Chunk]:
+    """Generate the next chunks in a background thread while the caller writes this one.
+
+    The drivers release the GIL while the database works, so generation and loading overlap
+    on a second core. Errors in the generator are raised in the caller.
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                if stop.is_set():
+                    return
+                buffer.put(chunk)
+            buffer.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            buffer.put(exc)
+
+    thread = threading.Thread(target=produce, name="perfcourse-seed-generator", daemon=True)
+    thread.start()
+    try:
+        while (item := buffer.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full buffer
+            with contextlib.suppress(queue.Empty):
+                buffer.get_nowait()
+            thread.join(timeout=0.01)
+
+
 def expected_rows(scale: Scale) -> int:
     """Rows before generation, for the progress bar (order items estimated at 2.65 per order)."""
     return scale.users + scale.categories + scale.products + int(scale.orders * 3.65)
@@ -278,7 +316,7 @@ def _load_sqlite(engine: Engine, scale: Scale, seed: int, progress) -> dict[str,
         conn.execute("BEGIN")
         for statement in table_ddl:
             conn.execute(statement)
-        for chunk in generate(scale, seed):
+        for chunk in prefetch(generate(scale, seed)):
             placeholders = ", ".join("?" * len(chunk.columns))
             conn.executemany(
                 f"INSERT INTO {chunk.table} ({', '.join(chunk.columns)}) VALUES ({placeholders})",
@@ -287,6 +325,8 @@ def _load_sqlite(engine: Engine, scale: Scale, seed: int, progress) -> dict[str,
             counts[chunk.table] += len(chunk)
             if progress:
                 progress.update(len(chunk))
+        if progress:
+            progress.set_description(f"indexing {scale.name} (sqlite)")
         for statement in index_ddl:
             conn.execute(statement)
         conn.execute("PRAGMA analysis_limit=1000")  # sampled statistics: enough for the planner
@@ -318,7 +358,7 @@ def _load_postgres(engine: Engine, scale: Scale, seed: int, progress) -> dict[st
             for statement in table_ddl:
                 conn.execute(sa.text(statement))
             with raw.cursor() as cursor:
-                for chunk in generate(scale, seed):
+                for chunk in prefetch(generate(scale, seed)):
                     sql = f"COPY {chunk.table} ({', '.join(chunk.columns)}) FROM STDIN"
                     with cursor.copy(sql) as copy:
                         for row in chunk.rows():
@@ -326,6 +366,8 @@ def _load_postgres(engine: Engine, scale: Scale, seed: int, progress) -> dict[st
                     counts[chunk.table] += len(chunk)
                     if progress:
                         progress.update(len(chunk))
+            if progress:
+                progress.set_description(f"indexing {scale.name} (postgres)")
             for statement in index_ddl:
                 conn.execute(sa.text(statement))
             manifest = _manifest(scale, seed, counts, time.perf_counter() - started)
