@@ -182,3 +182,36 @@ def test_interrupted_first_load_leaves_nothing_that_looks_complete(namespace):
         assert read_manifest(eng) is None
     finally:
         db.drop_namespace("sqlite", namespace)
+
+
+def test_prefetch_keeps_order_and_raises_generator_errors():
+    from perfcourse.seed import prefetch
+
+    assert list(prefetch(iter(range(10)), depth=2)) == list(range(10))
+
+    def broken():
+        yield 1
+        raise RuntimeError("generator failed")
+
+    with pytest.raises(RuntimeError, match="generator failed"):
+        list(prefetch(broken()))
+
+
+def test_parquet_export_matches_the_database(any_engine, tmp_path):
+    import duckdb
+
+    from perfcourse.errors import CourseError
+    from perfcourse.export import export_parquet
+
+    with pytest.raises(CourseError, match="perfcourse seed"):
+        export_parquet(any_engine, tmp_path)
+    seed_dataset(any_engine, "tiny", progress=False)
+    paths = export_parquet(any_engine, tmp_path)
+    orders = str(paths["orders"])
+    assert duckdb.sql(f"select count(*) from '{orders}'").fetchone()[0] == 1_000
+    with any_engine.connect() as conn:
+        expected = conn.execute(sa.select(sa.func.sum(Order.total))).scalar()
+    assert duckdb.sql(f"select sum(total) from '{orders}'").fetchone()[0] == expected
+    stamp = paths["orders"].stat().st_mtime_ns
+    export_parquet(any_engine, tmp_path)  # up to date: not rewritten
+    assert paths["orders"].stat().st_mtime_ns == stamp
