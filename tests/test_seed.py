@@ -208,10 +208,10 @@ def test_parquet_export_matches_the_database(any_engine, tmp_path):
     seed_dataset(any_engine, "tiny", progress=False)
     paths = export_parquet(any_engine, tmp_path)
     orders = str(paths["orders"])
-    assert duckdb.sql(f"select count(*) from '{orders}'").fetchone()[0] == 1_000
+    assert duckdb.sql(f"select count(*) from '{orders}'").fetchall()[0][0] == 1_000
     with any_engine.connect() as conn:
         expected = conn.execute(sa.select(sa.func.sum(Order.total))).scalar()
-    assert duckdb.sql(f"select sum(total) from '{orders}'").fetchone()[0] == expected
+    assert duckdb.sql(f"select sum(total) from '{orders}'").fetchall()[0][0] == expected
     stamp = paths["orders"].stat().st_mtime_ns
     export_parquet(any_engine, tmp_path)  # up to date: not rewritten
     assert paths["orders"].stat().st_mtime_ns == stamp
