@@ -119,3 +119,21 @@ def test_cli_bad_scale_is_a_message_not_a_traceback():
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert "use one of tiny, small, large" in result.stderr
+
+
+def test_concurrent_starts_share_one_embedded_redis(tmp_path):
+    """Four processes asking at once for the embedded Redis get the same server."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["PERFCOURSE_DATA"] = str(tmp_path)
+    code = "from perfcourse import services; print(services.redis_url())"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(4)
+    ]
+    urls = {p.communicate(timeout=60)[0].strip() for p in processes}
+    try:
+        assert len(urls) == 1
+    finally:
+        subprocess.run([sys.executable, "-m", "perfcourse", "services", "down"], env=env, check=True)
+    servers = subprocess.run(["pgrep", "-f", f"{tmp_path}"], capture_output=True, text=True).stdout
+    assert servers.strip() == ""

@@ -160,14 +160,33 @@ def _redis_executable() -> str:
     return executable
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock across processes (two kernels starting the server at once)."""
+    import fcntl  # noqa: PLC0415 - POSIX only, like the embedded servers
+
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def start_embedded_redis() -> str:
     """Start (or reuse) the embedded Redis server; return its URL (loopback only)."""
     embedded = _embedded_redis()
     state = embedded.read_state()
     if state:
         return state["url"]
-    # A file lock would be nicer, but two kernels racing here only waste one server start:
-    # the loser's server is stopped below when it finds the winner's state.
+    with _file_lock(embedded.folder / ".start.lock"):
+        state = embedded.read_state()  # another process may have started it meanwhile
+        if state:
+            return state["url"]
+        return _launch_redis(embedded)
+
+
+def _launch_redis(embedded: EmbeddedRedis) -> str:
     port = _free_loopback_port()
     command = [
         _redis_executable(),
