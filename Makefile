@@ -59,8 +59,8 @@ test-configured: $(STAMP) ## notebooks again against the configured PostgreSQL a
 	DATABASE_URL=$(CONFIGURED_DATABASE_URL) REDIS_URL=$(CONFIGURED_REDIS_URL) \
 		$(BIN)/python -m pytest --nbval-lax $(NBVAL) solutions -q
 
-bench: setup ## seeding rate against the raw driver bulk path, both backends
-	$(BIN)/perfcourse bench --scale $(SCALE)
+bench: setup ## budgets: seeding rate vs the raw driver path; each master's time and peak memory
+	$(BIN)/perfcourse bench --scale $(SCALE) --notebooks
 
 assign: $(STAMP) ## regenerate learner notebooks and labs from the masters in solutions/
 	$(BIN)/perfcourse assign

@@ -1,4 +1,6 @@
-"""`make bench`: seeding speed against the raw driver bulk path, measured side by side.
+"""`make bench`: the course's performance budgets, measured.
+
+Seeding speed against the raw driver bulk path, measured side by side.
 
 For each backend, the same rows are written twice into fresh namespaces:
 1. raw: rows generated beforehand, then only the driver's bulk path (SQLite ``executemany`` in one
@@ -6,14 +8,23 @@ For each backend, the same rows are written twice into fresh namespaces:
 2. seed: :func:`perfcourse.seed.seed_dataset` end to end (generation, load, indexes, ANALYZE,
    manifest, swap).
 The printed ratio is seed rate / raw rate (goal: at least 0.5). Best of ``--repeat`` runs each.
+
+Notebook budgets (``--notebooks``): every master in ``solutions/`` executed top to bottom in a
+fresh kernel, with its wall time (goal: under 60 s) and the kernel's peak resident memory (goal:
+under 1 GB, what Binder guarantees).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import sqlite3
+import subprocess
+import sys
 import time
 from contextlib import closing
+from pathlib import Path
 
 import sqlalchemy as sa
 
@@ -93,12 +104,81 @@ def run(scale: str = "small", repeat: int = 3, backends=("sqlite", "postgres")) 
     return results
 
 
+NOTEBOOK_SECONDS = 60
+NOTEBOOK_BYTES = 1024**3
+
+
+def execute_notebook(path: Path) -> dict:
+    """Run one notebook in a fresh kernel (in this process); time it and read the kernel's peak RSS.
+
+    Call it in a process of its own: ``ru_maxrss`` of RUSAGE_CHILDREN is the largest child this
+    process has waited for, here the kernel.
+    """
+    import nbformat  # noqa: PLC0415
+    from nbclient import NotebookClient  # noqa: PLC0415
+
+    notebook = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
+    started = time.perf_counter()
+    client.execute()
+    seconds = time.perf_counter() - started
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+    return {"notebook": str(path), "seconds": seconds, "peak_bytes": peak_kib * 1024}
+
+
+def run_notebooks(paths: list[Path]) -> list[dict]:
+    results = []
+    for path in paths:
+        output = subprocess.run(
+            [sys.executable, "-m", "perfcourse.bench", "--execute-one", str(path)],
+            capture_output=True, text=True, check=False,
+        )
+        if output.returncode != 0:
+            tail = (output.stderr.strip().splitlines() or ["(no output)"])[-1]
+            results.append({"notebook": str(path), "error": tail})
+        else:
+            results.append(json.loads(output.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def print_notebooks(results: list[dict]) -> bool:
+    print(f"notebook budgets: under {NOTEBOOK_SECONDS} s and {NOTEBOOK_BYTES / 1024**3:.0f} GB each")
+    ok = True
+    for r in results:
+        if "error" in r:
+            ok = False
+            print(f"  {r['notebook']:<55} FAILED: {r['error']}")
+            continue
+        fits = r["seconds"] < NOTEBOOK_SECONDS and r["peak_bytes"] < NOTEBOOK_BYTES
+        ok &= fits
+        print(
+            f"  {r['notebook']:<55} {r['seconds']:6.1f} s  {r['peak_bytes'] / 1024**2:6.0f} MB  "
+            f"{'ok' if fits else 'OVER BUDGET'}"
+        )
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="perfcourse bench", description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="small")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--backend", action="append", choices=db.BACKENDS)
+    parser.add_argument("--notebooks", nargs="*", type=Path, metavar="NOTEBOOK",
+                        help="also run notebooks (default with no names: every master in solutions/)")
+    parser.add_argument("--no-seeding", action="store_true", help="skip the seeding benchmark")
+    parser.add_argument("--execute-one", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.execute_one:
+        print(json.dumps(execute_notebook(args.execute_one)))
+        return 0
+    ok = True
+    if args.notebooks is not None:
+        paths = args.notebooks or sorted(Path("solutions").glob("*.ipynb"))
+        ok = print_notebooks(run_notebooks(paths))
+    if args.no_seeding:
+        return 0 if ok else 1
     results = run(args.scale, args.repeat, tuple(args.backend or db.BACKENDS))
     print(f"seeding benchmark, scale {args.scale}, best of {args.repeat}")
     print(f"{'backend':<9} {'rows':>9} {'raw bulk':>10} {'seed_dataset':>13} {'ratio':>7}  goal")
@@ -112,4 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             f"          {r['raw_rows_per_s']:>9,.0f} rows/s raw, {r['seed_rows_per_s']:,.0f} rows/s "
             f"seed_dataset ({args.scale} seeded in {r['seed_s']:.2f}s)"
         )
-    return 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
