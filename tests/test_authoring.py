@@ -215,3 +215,36 @@ def test_no_warning_for_the_usual_forms(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", StubWarning)
         assign(root=tmp_path)
+
+
+# --- perfcourse outputs (real kernels) --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_outputs_refreshes_a_master_in_place(tmp_path, capsys):
+    from perfcourse.authoring import main_outputs
+
+    master = make_master(tmp_path, cells=[
+        new_code_cell("from pathlib import Path\nprint(Path.cwd().name)"),
+        new_code_cell("6 * 7"),
+    ])
+    assert main_outputs([str(master), "--timeout", "60"]) == 0
+    nb = nbformat.read(str(master), as_version=4)
+    assert nb.cells[0].outputs[0].text == "solutions\n"  # ran in the notebook's folder
+    assert nb.cells[1].outputs[0].data["text/plain"] == "42"
+    assert [c.execution_count for c in nb.cells] == [1, 2]
+    assert "widgets" not in nb.metadata
+    first = master.read_bytes()
+    assert main_outputs([str(master)]) == 0
+    assert master.read_bytes() == first  # deterministic outputs give identical files
+
+
+@pytest.mark.slow
+def test_outputs_reports_a_failing_cell_and_keeps_the_master(tmp_path, capsys):
+    from perfcourse.authoring import main_outputs
+
+    master = make_master(tmp_path, cells=[new_code_cell("1 / 0")])
+    before = master.read_bytes()
+    assert main_outputs([str(master)]) == 1
+    assert "a cell failed: ZeroDivisionError" in capsys.readouterr().err
+    assert master.read_bytes() == before

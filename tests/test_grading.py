@@ -438,6 +438,7 @@ def course(tmp_path_factory):
     return make_course(tmp_path_factory.mktemp("course"))
 
 
+@pytest.mark.slow
 def test_runner_master_scores_full(course, capsys):
     from perfcourse.grading.runner import main_grade
 
@@ -448,6 +449,7 @@ def test_runner_master_scores_full(course, capsys):
     assert "other cells: 3 ran, 0 failed" in out
 
 
+@pytest.mark.slow
 def test_runner_untouched_learner_fails_every_check(course, capsys):
     from perfcourse.grading.runner import main_grade
 
@@ -460,6 +462,7 @@ def test_runner_untouched_learner_fails_every_check(course, capsys):
     assert "expect-full: FAILED" in out
 
 
+@pytest.mark.slow
 def test_runner_default_mode_grades_folders_with_summary(course, capsys, monkeypatch):
     from perfcourse.grading.runner import main_grade
 
@@ -473,6 +476,7 @@ def test_runner_default_mode_grades_folders_with_summary(course, capsys, monkeyp
     assert "summary" in out and "total score: 2/4" in out
 
 
+@pytest.mark.slow
 def test_runner_untouched_mode_catches_a_broken_plain_cell(tmp_path, capsys):
     from perfcourse.grading.runner import main_grade
 
@@ -489,6 +493,7 @@ def test_runner_untouched_mode_catches_a_broken_plain_cell(tmp_path, capsys):
     assert "00.q1 passed in the learner version" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_runner_counts_a_deleted_check_cell_as_failed(tmp_path, capsys):
     from perfcourse.grading.runner import main_grade
 

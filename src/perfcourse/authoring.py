@@ -443,6 +443,7 @@ def refresh_outputs(master: Path, timeout: int = 120, kernel_name: str = "python
             else:
                 os.environ["IPYTHONDIR"] = previous
     nb.metadata.pop("widgets", None)
+    nb.metadata.get("language_info", {}).pop("version", None)  # churns between authors' Pythons
     for cell in nb.cells:
         cell.get("metadata", {}).pop("execution", None)  # timestamps would churn every run
     master.write_text(render(nb), encoding="utf-8", newline="\n")

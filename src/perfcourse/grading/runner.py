@@ -220,14 +220,13 @@ def format_result(result: NotebookResult, width: int = 100) -> str:
     if result.questions:
         title_w = min(max(len(q.title) for q in result.questions), 36)
         title_w = max(title_w, len("title"))
-        head = f"  {'question':<9} {'title':<{title_w}}  {'':1}  hint"
-        lines.append(head)
-        indent = 2 + 9 + 1 + title_w + 2 + 1 + 2
+        lines.append(f"  {'question':<9} {'title':<{title_w}}  ok  hint")
+        indent = 2 + 9 + 1 + title_w + 2 + 2 + 2
         for q in result.questions:
             title = q.title if len(q.title) <= title_w else q.title[: title_w - 1] + "…"
             mark = "✓" if q.right else "✗"
             hint_lines = textwrap.wrap(q.hint, max(width - indent, 30)) or [""]
-            lines.append(f"  {q.qid:<9} {title:<{title_w}}  {mark}  {hint_lines[0]}".rstrip())
+            lines.append(f"  {q.qid:<9} {title:<{title_w}}  {mark:<2}  {hint_lines[0]}".rstrip())
             lines += [" " * indent + extra for extra in hint_lines[1:]]
     else:
         lines.append("  no graded questions in this notebook")
@@ -312,6 +311,12 @@ def main_grade(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="show pytest's output too")
     args = parser.parse_args(argv)
 
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("pytest", "nbval")):
+        print("perfcourse grade needs pytest and nbval: pip install \"perfcourse[test]\" "
+              "(or: pip install pytest nbval)", file=sys.stderr)
+        return 2
     paths = _expand(args.paths) if args.paths else default_notebooks()
     if not paths:
         print("perfcourse grade: no notebooks to grade (run it in the course folder, or name "
