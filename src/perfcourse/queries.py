@@ -1,0 +1,803 @@
+"""Chapter 02, query optimisation: the experiments the notebook runs and the grader reuses.
+
+N+1 and loader strategies
+    :func:`load_users_with_orders` loads the first ``n`` users with one of the loader strategies
+    (``lazy``, ``selectinload``, ``subqueryload``, ``joinedload``, ``immediateload``,
+    ``raiseload``); :func:`order_counts_page` is the "page" that touches every user's orders.
+    :func:`measure_strategy` and :func:`compare_loaders` count queries, rows and values
+    transferred, time and Python memory; :func:`nplus1_grid` times lazy against eager over ``n``
+    on several databases (SQLite, PostgreSQL, PostgreSQL behind a :class:`~perfcourse.latency.
+    LatencyProxy` at several delays).
+
+Counter cache
+    :func:`add_orders_count_column`, :func:`counter_cache` (ORM events keep ``users.orders_count``
+    up to date), :func:`reset_orders_count` (Rails' ``reset_counters``), :func:`counter_drift`,
+    :func:`lost_update` (what a read-modify-write counter loses under concurrency) and
+    :class:`UserOrderStats` (the correlated-subquery alternative, a ``column_property``).
+
+Indexes and plans
+    :func:`scratch_copy` makes a private copy of the dataset for schema experiments;
+    :func:`point_lookup`, :func:`index_write_cost`, :func:`prefix_plans`,
+    :func:`alembic_add_index` and the techniques (:func:`keyset_vs_offset`, :func:`money_sums`).
+
+The lab
+    :func:`top_customers_report_slow` (hundreds of queries, full scans) and
+    :func:`top_customers_report` (the reference: a handful of index-served queries), with
+    :data:`LAB_INDEXES`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy import event, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Session,
+    column_property,
+    immediateload,
+    joinedload,
+    raiseload,
+    selectinload,
+    subqueryload,
+)
+
+from . import db
+from .measure import count_queries, explain, time_call, track_memory
+from .models import Category, Order, OrderItem, Product, User
+
+__all__ = [
+    "STRATEGIES",
+    "loader_option",
+    "load_users_with_orders",
+    "order_counts_page",
+    "rows_transferred",
+    "measure_strategy",
+    "compare_loaders",
+    "nplus1_grid",
+    "add_orders_count_column",
+    "counter_cache",
+    "reset_orders_count",
+    "counter_drift",
+    "lost_update",
+    "UserOrderStats",
+    "scratch_copy",
+    "drop_indexes",
+    "point_lookup",
+    "index_write_cost",
+    "prefix_plans",
+    "alembic_add_index",
+    "keyset_vs_offset",
+    "money_sums",
+    "top_customers_report_slow",
+    "top_customers_report",
+    "LAB_INDEXES",
+]
+
+# ---------------------------------------------------------------------------------------------
+# N+1 and loader strategies
+# ---------------------------------------------------------------------------------------------
+
+#: The loader strategies the chapter compares, in the order its tables show them.
+STRATEGIES = ("lazy", "selectinload", "subqueryload", "joinedload", "immediateload")
+
+_OPTIONS: dict[str, Callable] = {
+    "selectinload": selectinload,
+    "subqueryload": subqueryload,
+    "joinedload": joinedload,
+    "immediateload": immediateload,
+    "raiseload": raiseload,
+}
+
+
+def loader_option(strategy: str):
+    """The SQLAlchemy loader option for ``User.orders`` under ``strategy`` (None for lazy)."""
+    if strategy == "lazy":
+        return None
+    try:
+        return _OPTIONS[strategy](User.orders)
+    except KeyError:
+        raise ValueError(
+            f"Unknown loader strategy {strategy!r}: use one of {', '.join(('lazy', *_OPTIONS))}."
+        ) from None
+
+
+def users_page(n: int):
+    """``SELECT`` of the first ``n`` users by id: the list page of the experiments."""
+    return select(User).order_by(User.id).limit(n)
+
+
+def load_users_with_orders(session: Session, n: int, strategy: str = "lazy") -> list[User]:
+    """The first ``n`` users, their ``orders`` loaded by ``strategy``.
+
+    ``lazy`` (SQLAlchemy's default, Rails' plain ``User.all``) loads nothing up front: each
+    ``user.orders`` touched later is one more query. ``selectinload`` (Rails ``preload``) adds one
+    ``IN (...)`` query; ``joinedload`` (Rails ``eager_load``) one ``LEFT OUTER JOIN``;
+    ``subqueryload`` re-runs the parent query as a subquery; ``immediateload`` issues the lazy
+    queries at once. ``raiseload`` makes touching ``user.orders`` raise: a guard for tests.
+    """
+    statement = users_page(n)
+    option = loader_option(strategy)
+    if option is not None:
+        statement = statement.options(option)
+    result = session.scalars(statement)
+    if strategy == "joinedload":
+        result = result.unique()  # the join repeats each user once per order
+    return list(result.all())
+
+
+def order_counts_page(session: Session, n: int, strategy: str = "lazy") -> list[tuple[int, int]]:
+    """The page: ``(user id, number of orders)`` for the first ``n`` users.
+
+    Touches every ``user.orders`` like a template would, so lazy loading shows its N+1 queries.
+    """
+    users = load_users_with_orders(session, n, strategy)
+    return [(user.id, len(user.orders)) for user in users]
+
+
+def rows_transferred(engine: Engine, statements: Iterable) -> tuple[int, int]:
+    """``(rows, values)`` the database returned for recorded SELECT statements.
+
+    Re-runs each statement of a :class:`~perfcourse.measure.QueryCounter` once and counts the
+    rows and the values (rows x columns): what crossed the wire. Executemany and non-SELECT
+    statements are skipped.
+    """
+    rows = values = 0
+    with engine.connect() as conn:
+        for record in statements:
+            if record.kind != "SELECT" or record.executemany:
+                continue
+            result = conn.exec_driver_sql(record.sql, record.parameters)
+            fetched = result.fetchall()
+            rows += len(fetched)
+            values += len(fetched) * len(result.keys())
+        conn.rollback()
+    return rows, values
+
+
+def measure_strategy(engine: Engine, strategy: str, n: int, *, repeat: int = 3,
+                     memory: bool = True) -> dict[str, Any]:
+    """One row of the loader comparison: queries, rows, values, time and memory for the page.
+
+    Every run uses a fresh session (an identity map from a previous run would hide queries).
+    Memory (Python allocations, :func:`~perfcourse.measure.track_memory`) is measured in a
+    separate, untimed run.
+    """
+
+    def page():
+        with Session(engine) as session:
+            return order_counts_page(session, n, strategy)
+
+    with count_queries(engine) as counted:
+        result = page()
+    rows, values = rows_transferred(engine, counted.statements)
+    timing = time_call(page, repeat=repeat, warmup=1)
+    row = {
+        "strategy": strategy,
+        "n": n,
+        "queries": counted.count,
+        "rows": rows,
+        "values": values,
+        "orders": sum(count for _, count in result),
+        "median_s": timing.median_s,
+    }
+    if memory:
+        with track_memory() as mem:
+            page()
+        row["peak_bytes"] = mem.peak_bytes
+    return row
+
+
+def compare_loaders(engine: Engine, n: int, strategies: Sequence[str] = STRATEGIES, *,
+                    repeat: int = 3, memory: bool = True) -> pd.DataFrame:
+    """One row per strategy (:func:`measure_strategy`), with ``ratio`` to the fastest median."""
+    df = pd.DataFrame([measure_strategy(engine, s, n, repeat=repeat, memory=memory)
+                       for s in strategies])
+    df["ratio"] = df["median_s"] / df["median_s"].min()
+    return df
+
+
+def _time_page(engine: Engine, strategy: str, n: int, repeat: int) -> tuple[int, float]:
+    def page():
+        with Session(engine) as session:
+            return order_counts_page(session, n, strategy)
+
+    with count_queries(engine) as counted:
+        page()  # also the warm-up: connection opened, statements compiled and cached
+    return counted.count, time_call(page, repeat=repeat, warmup=0).median_s
+
+
+def nplus1_grid(
+    targets: dict[str, Engine],
+    ns: Sequence[int],
+    strategies: Sequence[str] = ("lazy", "selectinload"),
+    *,
+    repeat: int = 1,
+    max_n: dict[str, int] | None = None,
+    delays_s: dict[str, float] | None = None,
+) -> pd.DataFrame:
+    """Time the page for every target database, ``n`` and strategy: the N+1 headline.
+
+    ``targets`` maps a label ("SQLite", "PostgreSQL + 1 ms") to an engine. ``max_n`` caps ``n``
+    per label (lazy loading 1000 users 5 ms away takes 5 s: keep the grid inside the notebook's
+    budget). ``delays_s`` records each label's added round-trip delay in a ``delay_s`` column.
+    Returns one row per (target, n, strategy): ``target, delay_s, n, strategy, queries,
+    median_s``.
+    """
+    rows = []
+    for label, engine in targets.items():
+        limit = (max_n or {}).get(label)
+        for n in ns:
+            if limit is not None and n > limit:
+                continue
+            for strategy in strategies:
+                queries, median = _time_page(engine, strategy, n, repeat)
+                rows.append({"target": label, "delay_s": (delays_s or {}).get(label, 0.0),
+                             "n": n, "strategy": strategy, "queries": queries,
+                             "median_s": median})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counter cache
+# ---------------------------------------------------------------------------------------------
+
+
+def add_orders_count_column(engine: Engine) -> None:
+    """Add ``users.orders_count`` (default 0) and fill it: the counter-cache migration.
+
+    Meant for a scratch copy (:func:`scratch_copy`): the course dataset itself never changes.
+    Idempotent.
+    """
+    with engine.begin() as conn:
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("users")}
+        if "orders_count" not in columns:
+            conn.exec_driver_sql(
+                "ALTER TABLE users ADD COLUMN orders_count INTEGER NOT NULL DEFAULT 0")
+    reset_orders_count(engine)
+
+
+def reset_orders_count(engine: Engine, user_ids: Iterable[int] | None = None) -> int:
+    """Recount ``users.orders_count`` from the orders table (Rails' ``reset_counters``).
+
+    All users, or only ``user_ids``. One ``UPDATE`` with a correlated subquery; returns the rows
+    updated.
+    """
+    sql = ("UPDATE users SET orders_count = "
+           "(SELECT count(*) FROM orders WHERE orders.user_id = users.id)")
+    with engine.begin() as conn:
+        if user_ids is None:
+            return conn.exec_driver_sql(sql).rowcount
+        ids = sorted(set(user_ids))
+        if not ids:
+            return 0
+        statement = sa.text(sql + " WHERE users.id IN :ids").bindparams(
+            sa.bindparam("ids", expanding=True))
+        return conn.execute(statement, {"ids": ids}).rowcount
+
+
+def _bump(delta: int):
+    def listener(mapper, connection, target: Order) -> None:
+        # one atomic UPDATE in the same transaction: never read-modify-write in Python
+        connection.exec_driver_sql(
+            "UPDATE users SET orders_count = orders_count + ? WHERE id = ?"
+            if connection.dialect.paramstyle == "qmark"
+            else "UPDATE users SET orders_count = orders_count + %s WHERE id = %s",
+            (delta, target.user_id),
+        )
+
+    return listener
+
+
+@contextlib.contextmanager
+def counter_cache() -> Iterator[None]:
+    """Keep ``users.orders_count`` up to date from ORM events while the block runs.
+
+    ``after_insert``/``after_delete`` on :class:`~perfcourse.models.Order` add or subtract one
+    with an atomic ``UPDATE ... SET orders_count = orders_count + 1`` in the same transaction
+    (Rails' ``belongs_to :user, counter_cache: true``). Only ORM unit-of-work writes fire these
+    events: a Core ``insert()`` or raw SQL bypasses them (see :func:`counter_drift`). The
+    listeners are global to the ``Order`` mapper, hence a block (the course dataset has no such
+    column).
+    """
+    on_insert, on_delete = _bump(+1), _bump(-1)
+    event.listen(Order, "after_insert", on_insert)
+    event.listen(Order, "after_delete", on_delete)
+    try:
+        yield
+    finally:
+        event.remove(Order, "after_insert", on_insert)
+        event.remove(Order, "after_delete", on_delete)
+
+
+def counter_drift(engine: Engine) -> int:
+    """How many users' ``orders_count`` disagrees with a real count of their orders."""
+    with engine.connect() as conn:
+        return conn.exec_driver_sql(
+            "SELECT count(*) FROM users WHERE orders_count <> "
+            "(SELECT count(*) FROM orders WHERE orders.user_id = users.id)"
+        ).scalar_one()
+
+
+def lost_update(engine: Engine, user_id: int, *, atomic: bool) -> dict[str, int]:
+    """Two sessions add an order each for ``user_id`` at the same time; what does the counter say?
+
+    ``atomic=False`` is the naive counter: each session reads ``orders_count`` and writes the
+    value plus one (interleaved: both read before either writes). ``atomic=True`` lets the
+    database add: ``SET orders_count = orders_count + 1``. Returns the counter before and after
+    and the orders really added. Runs on SQLite by committing each step separately, which is the
+    interleaving two web workers produce.
+    """
+
+    def read() -> int:
+        with engine.connect() as conn:
+            return conn.exec_driver_sql(
+                f"SELECT orders_count FROM users WHERE id = {int(user_id)}").scalar_one()
+
+    before = read()
+    seen = [read(), read()] if not atomic else []  # both workers read first
+    for worker in range(2):
+        with engine.begin() as conn:
+            conn.execute(sa.insert(Order.__table__).values(
+                user_id=user_id, status="pending", total=Decimal("10.00"),
+                created_at=datetime(2025, 1, 1)))
+            if atomic:
+                conn.exec_driver_sql(
+                    f"UPDATE users SET orders_count = orders_count + 1 WHERE id = {int(user_id)}")
+            else:
+                conn.exec_driver_sql(
+                    f"UPDATE users SET orders_count = {seen[worker] + 1} "
+                    f"WHERE id = {int(user_id)}")
+    return {"before": before, "after": read(), "orders_added": 2}
+
+
+class _StatsBase(DeclarativeBase):
+    """A registry of its own: :class:`UserOrderStats` maps the users table a second time."""
+
+
+_orders = Order.__table__
+
+
+class UserOrderStats(_StatsBase):
+    """A user with ``orders_count`` computed by a correlated subquery (a ``column_property``).
+
+    No extra column, never stale, no events: every ``SELECT`` of this class carries
+    ``(SELECT count(*) FROM orders WHERE orders.user_id = users.id)``, which the index on
+    ``orders.user_id`` serves. The cost moves to read time.
+    """
+
+    __table__ = User.__table__
+    __mapper_args__ = {"include_properties": ["id", "email"]}
+
+    orders_count = column_property(
+        select(func.count(_orders.c.id))
+        .where(_orders.c.user_id == User.__table__.c.id)
+        .correlate_except(_orders)
+        .scalar_subquery()
+    )
+
+    def __repr__(self) -> str:
+        return f"UserOrderStats(id={self.id}, orders_count={self.orders_count})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Scratch copies and indexes
+# ---------------------------------------------------------------------------------------------
+
+#: Indexes of the pristine dataset (primary keys are implicit): never dropped by drop_indexes.
+PRISTINE_INDEXES = frozenset(
+    index.name for table in User.metadata.tables.values() for index in table.indexes
+)
+
+
+def scratch_copy(source: Engine, namespace: str = "ch02_scratch", *,
+                 scale: str | None = None) -> Engine:
+    """A private copy of the dataset behind ``source`` for experiments that change the schema.
+
+    SQLite: the file is copied with SQLite's backup API (a fresh copy every call, well under a
+    second at the default scale). PostgreSQL: the dataset is seeded into the schema
+    ``namespace`` (idempotent) and every index an earlier experiment left is dropped. Drop it
+    with ``perfcourse.db.drop_namespace(backend, namespace)`` when done.
+    """
+    backend = db.backend_of(source)
+    target = db.engine(backend, namespace=namespace)
+    if backend == "sqlite":
+        target.dispose()
+        db.drop_namespace("sqlite", namespace)
+        src = sqlite3.connect(db.sqlite_path(db.namespace_of(source)))
+        dst = sqlite3.connect(db.sqlite_path(namespace))
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+        return target
+    from .seed import seed_dataset  # noqa: PLC0415
+
+    seed_dataset(target, scale, progress=False)
+    drop_indexes(target)
+    with target.begin() as conn:  # columns added by a previous counter-cache run
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("users")}
+        if "orders_count" in columns:
+            conn.exec_driver_sql("ALTER TABLE users DROP COLUMN orders_count")
+        conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+        conn.exec_driver_sql("DELETE FROM orders WHERE id > 100000000")
+    return target
+
+
+def list_indexes(engine: Engine, table: str) -> list[str]:
+    """Names of the indexes on ``table`` (primary keys excluded)."""
+    with engine.connect() as conn:
+        return [ix["name"] for ix in sa.inspect(conn).get_indexes(table)]
+
+
+def drop_indexes(engine: Engine, tables: Iterable[str] | None = None) -> list[str]:
+    """Drop every index the experiments added (all but the dataset's own); return their names."""
+    dropped = []
+    with engine.begin() as conn:
+        inspector = sa.inspect(conn)
+        for table in tables or inspector.get_table_names():
+            for ix in inspector.get_indexes(table):
+                if ix["name"] and ix["name"] not in PRISTINE_INDEXES:
+                    conn.exec_driver_sql(f'DROP INDEX IF EXISTS "{ix["name"]}"')
+                    dropped.append(ix["name"])
+    return dropped
+
+
+def _lookup_values(engine: Engine, table: str, column: str, count: int) -> list[Any]:
+    with engine.connect() as conn:
+        total = conn.exec_driver_sql(f"SELECT max(id) FROM {table}").scalar_one()
+        ids = [1 + (total - 1) * k // max(count - 1, 1) for k in range(count)]
+        statement = sa.text(f"SELECT {column} FROM {table} WHERE id IN :ids").bindparams(
+            sa.bindparam("ids", expanding=True))
+        return list(conn.execute(statement, {"ids": ids}).scalars())
+
+
+def point_lookup(engine: Engine, table: str, column: str, *, lookups: int = 20,
+                 repeat: int = 5, index_name: str | None = None) -> pd.DataFrame:
+    """Look rows up by ``column`` before and after ``CREATE INDEX``: plan, queries and time.
+
+    ``engine`` must be a scratch copy (:func:`scratch_copy`): the index is created, measured,
+    then dropped again. Each timed call runs ``lookups`` point lookups (different values spread
+    over the table), and ``median_s`` is per lookup. Returns two rows (``no index``,
+    ``index``) with ``verdict``, ``index``, ``median_s`` and ``ratio`` (slowdown against the
+    faster row).
+    """
+    values = _lookup_values(engine, table, column, lookups)
+    index_name = index_name or f"ix_{table}_{column}"
+    statement = sa.text(f"SELECT * FROM {table} WHERE {column} = :value")
+
+    def run(conn):
+        for value in values:
+            conn.execute(statement, {"value": value}).all()
+
+    rows = []
+    try:
+        for case in ("no index", "index"):
+            if case == "index":
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(f"CREATE INDEX {index_name} ON {table} ({column})")
+                    if db.backend_of(engine) == "postgres":
+                        conn.exec_driver_sql(f"ANALYZE {table}")
+            plan = explain(engine, statement, {"value": values[0]})
+            with engine.connect() as conn:
+                timing = time_call(run, conn=conn, repeat=repeat, warmup=1)
+            rows.append({"case": case, "verdict": plan.verdict, "index": plan.index or "",
+                         "median_s": timing.median_s / len(values)})
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index_name}")
+    df = pd.DataFrame(rows)
+    df["ratio"] = df["median_s"] / df["median_s"].min()
+    return df
+
+
+def server_time(engine: Engine, statement, params: dict, *, repeat: int = 5) -> float:
+    """Median execution time the server reports (PostgreSQL ``EXPLAIN ANALYZE``), in seconds."""
+    times = [explain(engine, statement, params, analyze=True).actual_time_s
+             for _ in range(repeat)]
+    return sorted(times)[len(times) // 2]
+
+
+#: The indexes of :func:`index_write_cost`, in the order they are added.
+WRITE_COST_INDEXES = (
+    "CREATE INDEX ix_wc_status ON orders (status)",
+    "CREATE INDEX ix_wc_created ON orders (created_at)",
+    "CREATE INDEX ix_wc_total ON orders (total)",
+    "CREATE INDEX ix_wc_user_created ON orders (user_id, created_at)",
+    "CREATE INDEX ix_wc_status_created ON orders (status, created_at)",
+)
+
+
+def index_write_cost(engine: Engine, index_counts: Sequence[int] = (0, 1, 5), *,
+                     rows: int = 5000, repeat: int = 3) -> pd.DataFrame:
+    """Insert rate into ``orders`` with 0, 1, 5 extra indexes (on a scratch copy).
+
+    Each run inserts ``rows`` orders in one transaction (executemany) and deletes them again,
+    untimed. Returns ``extra_indexes, median_s, rows_per_s`` (as ``rate`` text-free numbers) and
+    ``ratio``. Indexes are dropped at the end.
+    """
+    base = 200_000_000
+    batch = [{"id": base + k, "user_id": 1 + k % 1000, "status": "pending",
+              "total": Decimal("19.99"), "created_at": datetime(2025, 1, 1, k % 24, k % 60)}
+             for k in range(rows)]
+    insert = sa.insert(Order.__table__)
+
+    def load():
+        with engine.begin() as conn:
+            conn.execute(insert, batch)
+
+    def clean(**_):
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DELETE FROM orders WHERE id >= {base}")
+
+    out = []
+    try:
+        for count in index_counts:
+            drop_indexes(engine, ["orders"])
+            with engine.begin() as conn:
+                for ddl in WRITE_COST_INDEXES[:count]:
+                    conn.exec_driver_sql(ddl)
+            timing = time_call(load, repeat=repeat, warmup=1, setup=clean)
+            out.append({"extra_indexes": count, "median_s": timing.median_s,
+                        "per_row_s": timing.median_s / rows})
+    finally:
+        clean()
+        drop_indexes(engine, ["orders"])
+    df = pd.DataFrame(out)
+    df["ratio"] = df["median_s"] / df["median_s"].min()
+    return df
+
+
+def prefix_plans(engine: Engine, ddl: str, predicates: dict[str, str],
+                 table: str = "orders") -> pd.DataFrame:
+    """Create an index, explain ``SELECT id FROM table WHERE <predicate>`` for each predicate.
+
+    ``predicates`` maps a label to a SQL predicate (literal values, so plans need no
+    parameters). Returns one row per predicate: ``query, verdict, index``. The index is dropped
+    at the end. Used for composite-index column order, partial, covering and expression indexes.
+    """
+    rows = []
+    with engine.begin() as conn:
+        conn.exec_driver_sql(ddl)
+        if db.backend_of(engine) == "postgres":
+            conn.exec_driver_sql(f"ANALYZE {table}")
+    try:
+        for label, predicate in predicates.items():
+            select_list = "id" if not predicate.startswith("SELECT") else None
+            sql = predicate if select_list is None else (
+                f"SELECT {select_list} FROM {table} WHERE {predicate}")
+            plan = explain(engine, sql)
+            rows.append({"query": label, "verdict": plan.verdict, "index": plan.index or ""})
+    finally:
+        drop_indexes(engine, [table])
+    return pd.DataFrame(rows)
+
+
+#: The migration of :func:`alembic_add_index`, as a file in ``migrations/versions/`` reads.
+MIGRATION_SOURCE = '''"""add a unique index on users.email
+
+Revision ID: a1b2c3d4e5f6
+Revises:
+"""
+from alembic import op
+
+revision = "a1b2c3d4e5f6"
+down_revision = None
+
+
+def upgrade():
+    op.create_index("ix_users_email", "users", ["email"], unique=True)
+
+
+def downgrade():
+    op.drop_index("ix_users_email", table_name="users")
+'''
+
+_ENV_SOURCE = """from alembic import context
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection)
+with context.begin_transaction():
+    context.run_migrations()
+"""
+
+
+def alembic_add_index(engine: Engine, *, target: str = "head") -> list[str]:
+    """Run the migration :data:`MIGRATION_SOURCE` with Alembic, as ``alembic upgrade head`` does.
+
+    A throw-away script directory (``env.py`` and ``versions/``) is written to a temporary
+    folder and ``alembic.command.upgrade`` (or ``downgrade`` with ``target="base"``) runs it on
+    a connection of ``engine`` (a scratch copy), sharing that connection as Alembic's cookbook
+    shows. The revision is recorded in ``alembic_version``. Returns the DDL statements that ran.
+    """
+    import tempfile  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from alembic import command  # noqa: PLC0415
+    from alembic.config import Config  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="perfcourse-alembic-") as folder:
+        scripts = Path(folder)
+        (scripts / "versions").mkdir()
+        (scripts / "env.py").write_text(_ENV_SOURCE)
+        (scripts / "script.py.mako").write_text("")
+        (scripts / "versions" / "a1b2c3d4e5f6_add_ix_users_email.py").write_text(MIGRATION_SOURCE)
+        config = Config()
+        config.set_main_option("script_location", str(scripts))
+        with engine.begin() as conn, count_queries(engine) as counted:
+            config.attributes["connection"] = conn
+            if target == "base":
+                command.downgrade(config, "base")
+            else:
+                command.upgrade(config, target)
+    return [" ".join(r.sql.split()) for r in counted.statements
+            if r.kind in ("CREATE", "DROP")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Techniques
+# ---------------------------------------------------------------------------------------------
+
+
+def keyset_vs_offset(engine: Engine, page: int, *, page_size: int = 20,
+                     repeat: int = 5) -> pd.DataFrame:
+    """Fetch page ``page`` of orders by id with OFFSET and with a keyset (``WHERE id > last``).
+
+    Returns two rows: ``method, rows_skipped, median_s, ratio`` (and checks both return the same
+    ids). OFFSET reads and throws away ``page * page_size`` rows; the keyset seeks the primary key.
+    """
+    offset = page * page_size
+    by_offset = select(Order.id).order_by(Order.id).limit(page_size).offset(offset)
+    with engine.connect() as conn:
+        last = conn.execute(select(Order.id).order_by(Order.id).limit(1).offset(offset - 1)
+                            ).scalar_one() if offset else 0
+        by_keyset = select(Order.id).where(Order.id > last).order_by(Order.id).limit(page_size)
+        a = conn.execute(by_offset).scalars().all()
+        b = conn.execute(by_keyset).scalars().all()
+        if a != b:  # pragma: no cover - would be a bug of the experiment
+            raise AssertionError("OFFSET and keyset pages differ")
+        rows = []
+        for method, statement, skipped in (("OFFSET", by_offset, offset), ("keyset", by_keyset, 0)):
+            timing = time_call(lambda s=statement: conn.execute(s).all(), repeat=repeat)
+            rows.append({"method": method, "rows_skipped": skipped, "median_s": timing.median_s})
+    df = pd.DataFrame(rows)
+    df["ratio"] = df["median_s"] / df["median_s"].min()
+    return df
+
+
+def money_sums(count: int = 1000, price: str = "0.10") -> dict[str, Any]:
+    """Add ``price`` ``count`` times as a float and as a Decimal: the float is off by a bit."""
+    as_float = 0.0
+    as_decimal = Decimal("0")
+    for _ in range(count):
+        as_float += float(price)
+        as_decimal += Decimal(price)
+    expected = Decimal(price) * count
+    return {"float": as_float, "decimal": as_decimal, "expected": expected,
+            "float_error": abs(Decimal(as_float) - expected)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The lab: a slow report and its reference
+# ---------------------------------------------------------------------------------------------
+
+
+def top_customers_report_slow(session: Session, since: datetime, top: int = 10,
+                              recent: int = 3) -> list[dict[str, Any]]:
+    """Top customers by spend since ``since``, with recent orders and favourite category. Slow.
+
+    Written the way such code grows in a real app: load every order since ``since`` as ORM
+    objects and sum in Python (a full scan of orders: no index on ``created_at``), then fetch
+    each leader with ``session.get`` and walk orders -> items -> product -> category one lazy
+    load at a time. Hundreds of queries.
+
+    Returns ``top`` dicts, best first: ``user_id``, ``email``, ``spent`` (Decimal: total of the
+    user's orders not cancelled placed at or after ``since``), ``orders`` (how many such
+    orders), ``recent`` (ids of the ``recent`` newest of those orders, newest first; equal
+    timestamps: higher id first), ``favourite_category`` (name of the category with most units
+    bought in those orders; ties: first name alphabetically). Customers with equal spend: lower
+    ``user_id`` first.
+    """
+    spent: dict[int, Decimal] = defaultdict(Decimal)
+    mine: dict[int, list[Order]] = defaultdict(list)
+    for order in session.scalars(select(Order).where(Order.created_at >= since)):
+        if order.status != "cancelled":
+            spent[order.user_id] += order.total
+            mine[order.user_id].append(order)
+    leaders = sorted(spent, key=lambda user_id: (-spent[user_id], user_id))[:top]
+    report = []
+    for user_id in leaders:
+        user = session.get(User, user_id)
+        orders = mine[user_id]
+        units: Counter[str] = Counter()
+        for order in orders:
+            for item in order.items:
+                units[item.product.category.name] += item.quantity
+        newest = sorted(orders, key=lambda o: (o.created_at, o.id), reverse=True)[:recent]
+        report.append({
+            "user_id": user.id,
+            "email": user.email,
+            "spent": spent[user_id],
+            "orders": len(orders),
+            "recent": [o.id for o in newest],
+            "favourite_category": min(units, key=lambda name: (-units[name], name))
+            if units else None,
+        })
+    return report
+
+
+#: Indexes that let every query of :func:`top_customers_report` be an index search.
+LAB_INDEXES = (
+    "CREATE INDEX ix_orders_created_at ON orders (created_at)",
+)
+
+
+def top_customers_report(session: Session, since: datetime, top: int = 10,
+                         recent: int = 3) -> list[dict[str, Any]]:
+    """The reference of the lab: the same report in 3 queries, served by indexes.
+
+    1. Spend per user since ``since`` (``GROUP BY`` in the database, ``ORDER BY ... LIMIT``),
+       over a materialised CTE of the recent orders read through an index on ``created_at``
+       (:data:`LAB_INDEXES`).
+    2. The qualifying orders of those few users (index on ``user_id``), with their users.
+    3. Units per (user, category) of those orders: items by ``order_id`` index, products and
+       categories by primary key.
+    """
+    live = (Order.created_at >= since) & (Order.status != "cancelled")
+    # filter first (an index search on created_at), then aggregate: left to itself, SQLite's
+    # planner walks the whole ix_orders_user_id index to save the GROUP BY a sort (7x slower)
+    recent_orders = (select(Order.user_id, Order.total, Order.id).where(live)
+                     .cte("recent_orders").prefix_with("MATERIALIZED"))
+    spent = func.sum(recent_orders.c.total).label("spent")
+    leaders = session.execute(
+        select(recent_orders.c.user_id, spent, func.count(recent_orders.c.id).label("orders"))
+        .group_by(recent_orders.c.user_id)
+        .order_by(spent.desc(), recent_orders.c.user_id).limit(top)
+    ).all()
+    ids = [row.user_id for row in leaders]
+    if not ids:
+        return []
+    orders_by_user: dict[int, list[tuple[datetime, int]]] = defaultdict(list)
+    emails: dict[int, str] = {}
+    for order_id, user_id, created_at, email in session.execute(
+        select(Order.id, Order.user_id, Order.created_at, User.email)
+        .join(User, User.id == Order.user_id)
+        .where(live, Order.user_id.in_(ids))
+    ):
+        orders_by_user[user_id].append((created_at, order_id))
+        emails[user_id] = email
+    units: dict[int, Counter[str]] = defaultdict(Counter)
+    for user_id, name, quantity in session.execute(
+        select(Order.user_id, Category.name, func.sum(OrderItem.quantity))
+        .join(OrderItem, OrderItem.order_id == Order.id)
+        .join(Product, Product.id == OrderItem.product_id)
+        .join(Category, Category.id == Product.category_id)
+        .where(live, Order.user_id.in_(ids))
+        .group_by(Order.user_id, Category.name)
+    ):
+        units[user_id][name] += int(quantity)
+    report = []
+    for row in leaders:
+        newest = sorted(orders_by_user[row.user_id], reverse=True)[:recent]
+        counts = units[row.user_id]
+        report.append({
+            "user_id": row.user_id,
+            "email": emails[row.user_id],
+            "spent": Decimal(row.spent).quantize(Decimal("0.01")),
+            "orders": row.orders,
+            "recent": [order_id for _, order_id in newest],
+            "favourite_category": min(counts, key=lambda name: (-counts[name], name))
+            if counts else None,
+        })
+    return report
