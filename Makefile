@@ -84,5 +84,5 @@ clean: ## stop embedded servers, delete generated data and the virtualenv
 
 lock: ## re-pin requirements.lock from pyproject.toml (maintainers)
 	rm -rf /tmp/perfcourse-lock && $(PYTHON) -m venv /tmp/perfcourse-lock
-	/tmp/perfcourse-lock/bin/pip install --quiet ".[lab,test]"
+	/tmp/perfcourse-lock/bin/pip install --quiet ".[lab]"
 	/tmp/perfcourse-lock/bin/pip freeze --exclude perfcourse > requirements.lock

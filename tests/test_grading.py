@@ -407,6 +407,25 @@ def test_index_name_is_checked_when_asked(ask):
         qid, "CREATE INDEX other_name ON users (email)")
 
 
+def _orders_join_engine():
+    engine = _fresh_users_engine()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY, user_id INT, total INT)")
+        conn.exec_driver_sql("INSERT INTO orders (user_id, total) VALUES (1, 10), (2, 20)")
+    return engine
+
+
+def test_index_on_one_side_of_a_join_is_not_enough(ask):
+    qid = ask(ExplainCheck(
+        statement="SELECT o.total FROM orders o JOIN users u ON u.id = o.user_id WHERE u.email = 'a@x'",
+        engine=_orders_join_engine))
+    # users found by its new index, but orders still read in full to find the user's rows
+    hint = hint_of(qid, "CREATE INDEX ix_users_email ON users (email)")
+    assert "reads o in full" in hint  # SQLite names the table by its alias
+    check(qid, ["CREATE INDEX ix_users_email ON users (email)",
+                "CREATE INDEX ix_orders_user ON orders (user_id)"])
+
+
 # --- the grade runner, end to end (real kernels) ----------------------------------------------
 
 

@@ -651,8 +651,14 @@ class ExplainCheck(Checker):
         extra = f" {self.hint}" if self.hint else ""
         if not plan.uses_index:
             raise Incorrect(f"The query still runs as a {plan.verdict}: no index serves it.{extra}")
+        if plan.scanned_tables:
+            # In a join one table can use an index while another is still read row by row.
+            raise Incorrect(
+                f"The plan still reads {', '.join(plan.scanned_tables)} in full: index that "
+                f"access too.{extra}"
+            )
         wanted = (self.index,) if isinstance(self.index, str) else self.index
-        if wanted and plan.index not in wanted:
+        if wanted and not set(wanted) & set(plan.indexes):
             raise Incorrect(
                 f"The query uses the index {plan.index}, not the one this exercise asks for.{extra}"
             )
