@@ -79,46 +79,46 @@ def _sqlite() -> Check:
     )
 
 
-def _postgres() -> Check:
+def _service(label: str, variable: str, probe) -> Check:
+    """Probe a server (configured by ``variable`` or embedded); ✗ with the fix on failure."""
+    from .errors import CourseError  # noqa: PLC0415
+
+    configured = bool(os.environ.get(variable))
+    name = f"{label}, {f'configured ({variable})' if configured else 'embedded'}"
+    try:
+        version = probe()
+    except CourseError as exc:
+        fix = (
+            f"Start that server or unset {variable} to use the embedded one."
+            if configured
+            else "Run `perfcourse services down`, then `make setup`."
+        )
+        return Check(name, False, str(exc), fix)
+    return Check(name, True, f"server {version}")
+
+
+def _postgres_version() -> str:
     import sqlalchemy as sa  # noqa: PLC0415
 
     from .db import check_connection, engine  # noqa: PLC0415
-    from .errors import CourseError  # noqa: PLC0415
 
-    where = "configured (DATABASE_URL)" if os.environ.get("DATABASE_URL") else "embedded"
+    eng = engine("postgres")
     try:
-        eng = engine("postgres")
         check_connection(eng)
         with eng.connect() as conn:
-            version = conn.execute(sa.text("show server_version")).scalar()
+            return conn.execute(sa.text("show server_version")).scalar()
+    finally:
         eng.dispose()
-    except CourseError as exc:
-        fix = (
-            "Start that server or unset DATABASE_URL to use the embedded one."
-            if os.environ.get("DATABASE_URL")
-            else "Run `perfcourse services down`, then `make setup`."
-        )
-        return Check(f"PostgreSQL, {where}", False, str(exc), fix)
-    return Check(f"PostgreSQL, {where}", True, f"server {version}")
 
 
-def _redis() -> Check:
-    from .errors import CourseError  # noqa: PLC0415
+def _redis_version() -> str:
     from .services import redis_client  # noqa: PLC0415
 
-    where = "configured (REDIS_URL)" if os.environ.get("REDIS_URL") else "embedded"
+    client = redis_client()
     try:
-        client = redis_client()
-        version = client.info("server")["redis_version"]
+        return client.info("server")["redis_version"]
+    finally:
         client.close()
-    except CourseError as exc:
-        fix = (
-            "Start that server or unset REDIS_URL to use the embedded one."
-            if os.environ.get("REDIS_URL")
-            else "Run `perfcourse services down`, then `make setup`."
-        )
-        return Check(f"Redis, {where}", False, str(exc), fix)
-    return Check(f"Redis, {where}", True, f"server {version}")
 
 
 def _resources() -> list[Check]:
@@ -152,7 +152,12 @@ def _jupyter() -> list[Check]:
 
 def run_checks() -> list[Check]:
     """Every check, in the order the table shows them."""
-    checks = [_python(), *_packages(), _sqlite(), _postgres(), _redis(), *_resources(), *_jupyter()]
+    checks = [
+        _python(), *_packages(), _sqlite(),
+        _service("PostgreSQL", "DATABASE_URL", _postgres_version),
+        _service("Redis", "REDIS_URL", _redis_version),
+        *_resources(), *_jupyter(),
+    ]
     return checks
 
 
