@@ -49,6 +49,8 @@ test-package: $(STAMP) ## package tests (both backends, embedded and configured 
 
 test-notebooks: $(STAMP) ## strict nbval on every master notebook; learner notebooks up to date
 	$(BIN)/perfcourse assign --check
+	@# Both datasets loaded before the run, so no progress bar shows up in a compared output.
+	$(BIN)/perfcourse seed --scale $(SCALE) --backend sqlite --backend postgres
 	$(BIN)/python -m pytest --nbval $(NBVAL) solutions -q
 
 test-grading: $(STAMP) ## masters score N/N; untouched learner notebooks score 0/N, other cells pass
@@ -57,7 +59,9 @@ test-grading: $(STAMP) ## masters score N/N; untouched learner notebooks score 0
 
 test-configured: $(STAMP) ## notebooks again against the configured PostgreSQL and Redis servers
 	DATABASE_URL=$(CONFIGURED_DATABASE_URL) REDIS_URL=$(CONFIGURED_REDIS_URL) \
-		$(BIN)/python -m pytest --nbval-lax $(NBVAL) solutions -q
+		$(BIN)/perfcourse seed --scale $(SCALE) --backend postgres
+	DATABASE_URL=$(CONFIGURED_DATABASE_URL) REDIS_URL=$(CONFIGURED_REDIS_URL) \
+		$(BIN)/python -m pytest --nbval $(NBVAL) solutions -q
 
 bench: setup ## budgets: seeding rate vs the raw driver path; each master's time and peak memory
 	$(BIN)/perfcourse bench --scale $(SCALE) --notebooks
