@@ -208,13 +208,22 @@ def compare_loaders(engine: Engine, n: int, strategies: Sequence[str] = STRATEGI
 
 
 def _time_page(engine: Engine, strategy: str, n: int, repeat: int) -> tuple[int, float]:
+    """Queries and median time of the page; the first (counted) run is one of the samples."""
+
     def page():
         with Session(engine) as session:
             return order_counts_page(session, n, strategy)
 
+    samples = []
     with count_queries(engine) as counted:
-        page()  # also the warm-up: connection opened, statements compiled and cached
-    return counted.count, time_call(page, repeat=repeat, warmup=0).median_s
+        start = time.perf_counter()
+        page()
+        samples.append(time.perf_counter() - start)
+    for _ in range(repeat - 1):
+        start = time.perf_counter()
+        page()
+        samples.append(time.perf_counter() - start)
+    return counted.count, sorted(samples)[len(samples) // 2]
 
 
 def nplus1_grid(
@@ -230,13 +239,16 @@ def nplus1_grid(
 
     ``targets`` maps a label ("SQLite", "PostgreSQL + 1 ms") to an engine. ``max_n`` caps ``n``
     per label (lazy loading 1000 users 5 ms away takes 5 s: keep the grid inside the notebook's
-    budget). ``delays_s`` records each label's added round-trip delay in a ``delay_s`` column.
+    budget). Each target is warmed up once (connection, statement cache); each cell is then
+    timed ``repeat`` times (median). ``delays_s`` records each label's added round-trip delay in a ``delay_s`` column.
     Returns one row per (target, n, strategy): ``target, delay_s, n, strategy, queries,
     median_s``.
     """
     rows = []
     for label, engine in targets.items():
         limit = (max_n or {}).get(label)
+        for strategy in strategies:  # warm-up: connect, compile and cache every statement
+            _time_page(engine, strategy, min(ns), 1)
         for n in ns:
             if limit is not None and n > limit:
                 continue
