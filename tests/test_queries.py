@@ -180,3 +180,10 @@ def test_lesson_practical_questions_reject_the_naive_answers():
     with pytest.raises(AssertionError):
         check("02.q4", "CREATE INDEX ix_total ON orders (total)")
     check("02.q4", "CREATE INDEX ix_sc ON orders (status, created_at)")
+
+
+def test_prefix_plans_drops_expression_indexes(scratch):
+    df = queries.prefix_plans(scratch, "CREATE INDEX ix_lower ON users (lower(email))",
+                              {"lower": "lower(email) = 'a'"}, table="users")
+    assert df.verdict.item() == "index search"
+    assert "ix_lower" not in queries.explain(scratch, "SELECT id FROM users WHERE lower(email) = 'a'").indexes

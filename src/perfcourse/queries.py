@@ -29,6 +29,7 @@ The lab
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 import time
 from collections import Counter, defaultdict
@@ -62,6 +63,7 @@ __all__ = [
     "load_users_with_orders",
     "order_counts_page",
     "rows_transferred",
+    "explain_recorded",
     "measure_strategy",
     "compare_loaders",
     "nplus1_grid",
@@ -143,6 +145,25 @@ def order_counts_page(session: Session, n: int, strategy: str = "lazy") -> list[
     """
     users = load_users_with_orders(session, n, strategy)
     return [(user.id, len(user.orders)) for user in users]
+
+
+def explain_recorded(engine: Engine, record) -> Any:
+    """The plan (:func:`~perfcourse.measure.explain`) of a statement recorded by
+    :func:`~perfcourse.measure.count_queries`, with the parameters it ran with.
+
+    Driver SQL with ``?`` (SQLite) or ``%(name)s``/``%s`` (psycopg) placeholders is turned
+    back into a ``text()`` construct with numbered bind parameters.
+    """
+    sql, parameters = record.sql, record.parameters
+    if isinstance(parameters, dict):
+        sql = re.sub(r"%\((\w+)\)s", r":\1", sql)
+        return explain(engine, sa.text(sql), dict(parameters))
+    marker = "?" if "?" in sql else "%s"
+    parts = sql.split(marker)
+    names = [f"p{i}" for i in range(len(parts) - 1)]
+    text = "".join(part + (f":{names[i]}" if i < len(names) else "")
+                   for i, part in enumerate(parts))
+    return explain(engine, sa.text(text), dict(zip(names, parameters or ())))
 
 
 def rows_transferred(engine: Engine, statements: Iterable) -> tuple[int, int]:
@@ -447,6 +468,16 @@ def scratch_copy(source: Engine, namespace: str = "ch02_scratch", *,
     return target
 
 
+def _forget_plans(engine: Engine) -> None:
+    """Close pooled connections after DDL.
+
+    Python's sqlite3 keeps prepared statements per connection, and a cached ``EXPLAIN QUERY
+    PLAN`` can outlive the index it names; fresh connections plan again.
+    """
+    if db.backend_of(engine) == "sqlite":
+        engine.dispose()
+
+
 def list_indexes(engine: Engine, table: str) -> list[str]:
     """Names of the indexes on ``table`` (primary keys excluded)."""
     with engine.connect() as conn:
@@ -463,6 +494,7 @@ def drop_indexes(engine: Engine, tables: Iterable[str] | None = None) -> list[st
                 if ix["name"] and ix["name"] not in PRISTINE_INDEXES:
                     conn.exec_driver_sql(f'DROP INDEX IF EXISTS "{ix["name"]}"')
                     dropped.append(ix["name"])
+    _forget_plans(engine)
     return dropped
 
 
@@ -501,6 +533,7 @@ def point_lookup(engine: Engine, table: str, column: str, *, lookups: int = 20,
                     conn.exec_driver_sql(f"CREATE INDEX {index_name} ON {table} ({column})")
                     if db.backend_of(engine) == "postgres":
                         conn.exec_driver_sql(f"ANALYZE {table}")
+                _forget_plans(engine)
             plan = explain(engine, statement, {"value": values[0]})
             with engine.connect() as conn:
                 timing = time_call(run, conn=conn, repeat=repeat, warmup=1)
@@ -509,6 +542,7 @@ def point_lookup(engine: Engine, table: str, column: str, *, lookups: int = 20,
     finally:
         with engine.begin() as conn:
             conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index_name}")
+        _forget_plans(engine)
     df = pd.DataFrame(rows)
     df["ratio"] = df["median_s"] / df["median_s"].min()
     return df
@@ -584,6 +618,7 @@ def prefix_plans(engine: Engine, ddl: str, predicates: dict[str, str],
         conn.exec_driver_sql(ddl)
         if db.backend_of(engine) == "postgres":
             conn.exec_driver_sql(f"ANALYZE {table}")
+    _forget_plans(engine)
     try:
         for label, predicate in predicates.items():
             select_list = "id" if not predicate.startswith("SELECT") else None
@@ -592,7 +627,12 @@ def prefix_plans(engine: Engine, ddl: str, predicates: dict[str, str],
             plan = explain(engine, sql)
             rows.append({"query": label, "verdict": plan.verdict, "index": plan.index or ""})
     finally:
+        name = re.search(r"INDEX\s+(?:IF NOT EXISTS\s+)?(\w+)", ddl, re.I)
+        with engine.begin() as conn:  # by name: SQLite does not reflect expression indexes
+            if name:
+                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name.group(1)}")
         drop_indexes(engine, [table])
+        _forget_plans(engine)
     return pd.DataFrame(rows)
 
 

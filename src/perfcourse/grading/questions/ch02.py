@@ -263,8 +263,8 @@ class _LabIndexCheck(Checker):
     def grade(self, answer):
         from sqlalchemy.orm import Session
 
-        from perfcourse.measure import count_queries, explain
-        from perfcourse.queries import top_customers_report
+        from perfcourse.measure import count_queries
+        from perfcourse.queries import explain_recorded, top_customers_report
 
         changes = answer if isinstance(answer, (list, tuple)) else [answer]
         if not changes or not all(isinstance(c, str) for c in changes):
@@ -286,7 +286,7 @@ class _LabIndexCheck(Checker):
                 for record in counted.statements:
                     if record.kind not in ("SELECT", "WITH"):
                         continue
-                    plan = explain(engine, _DriverSQL(record.sql, record.parameters))
+                    plan = explain_recorded(engine, record)
                     scanned = [a.table for a in plan.accesses
                                if a.verdict in ("full scan", "full index scan")
                                and a.table in _BIG_TABLES]
@@ -299,20 +299,6 @@ class _LabIndexCheck(Checker):
 
     def model_answer(self):
         return '["CREATE INDEX ix_orders_created_at ON orders (created_at)"]'
-
-
-class _DriverSQL:
-    """A recorded statement (driver SQL and parameters) that explain() can wrap."""
-
-    def __new__(cls, sql, parameters):
-        import sqlalchemy as sa
-
-        # SQLite's qmark parameters become numbered binds of a text() construct
-        parts = sql.split("?")
-        names = [f"p{i}" for i in range(len(parts) - 1)]
-        text = "".join(part + (f":{names[i]}" if i < len(names) else "")
-                       for i, part in enumerate(parts))
-        return sa.text(text).bindparams(**dict(zip(names, parameters)))
 
 
 # --------------------------------------------------------------------------------------------
