@@ -408,3 +408,14 @@ def test_process_rss_and_rss_during():
     assert usage.increase_bytes >= 30_000_000
     assert usage.peak_bytes >= usage.before_bytes
     assert "peak RSS" in str(usage)
+
+
+def test_statement_kind_reads_through_common_table_expressions():
+    from perfcourse.measure import StatementRecord
+
+    def kind(sql):
+        return StatementRecord(sql=sql, parameters=(), duration_s=0.0).kind
+
+    assert kind("WITH recent AS (SELECT * FROM orders) SELECT count(*) FROM recent") == "SELECT"
+    assert kind("with old as (select id from orders) delete from order_items where 1") == "DELETE"
+    assert kind("/* tag */ UPDATE users SET active = 0") == "UPDATE"

@@ -386,9 +386,17 @@ class StatementRecord:
 
     @property
     def kind(self) -> str:
-        """The statement's first keyword, upper-case: ``SELECT``, ``INSERT``, ``PRAGMA``..."""
+        """The statement's first keyword, upper-case: ``SELECT``, ``INSERT``, ``PRAGMA``...
+
+        A statement opening with common table expressions (``WITH ... SELECT``) is named by
+        what it does: a write when it inserts, updates or deletes, else ``SELECT``.
+        """
         match = re.match(r"\s*(?:/\*.*?\*/\s*)*(\w+)", self.sql, re.S)
-        return match.group(1).upper() if match else ""
+        first = match.group(1).upper() if match else ""
+        if first == "WITH":
+            write = re.search(r"\b(INSERT|UPDATE|DELETE)\b", self.sql, re.I)
+            return write.group(1).upper() if write else "SELECT"
+        return first
 
 
 class _StatementWatcher:
