@@ -51,7 +51,6 @@ __all__ = [
     "percentile",
     "run_load",
     "shop_request",
-    "show_table",
     "simulate_queue",
     "summarize_latencies",
 ]
@@ -62,18 +61,6 @@ RESPONSE_TARGETS_S = {"database query": 0.100, "API response": 0.200, "complex o
 # ------------------------------------------------------------------------------------------------
 # Showing tables
 # ------------------------------------------------------------------------------------------------
-
-
-def show_table(df: pd.DataFrame):
-    """Display a table of measured values (e.g. ``format_table(results)``) as HTML only.
-
-    A DataFrame's plain-text form pads columns to the widest value, so "850 µs" in one run and
-    "1.23 ms" in the next shift every column: the notebook checks compare the HTML form instead,
-    where a value's width changes nothing else.
-    """
-    from IPython.display import HTML  # noqa: PLC0415 - notebooks only
-
-    return HTML(df.to_html(index=False, border=0, classes="dataframe"))
 
 
 # ------------------------------------------------------------------------------------------------
