@@ -7,6 +7,7 @@ import os
 import shutil
 import sqlite3
 import sys
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -54,7 +55,9 @@ def _packages() -> list[Check]:
     checks = []
     for module, dist, why in PACKAGES:
         try:
-            importlib.import_module(module)
+            with warnings.catch_warnings():  # pgserver's XDG_RUNTIME_DIR notice is noise here
+                warnings.simplefilter("ignore")
+                importlib.import_module(module)
             version = metadata.version(dist)
             checks.append(Check(f"package {dist}", True, f"{version} ({why})"))
         except Exception as exc:  # noqa: BLE001 - any import failure is a finding
