@@ -88,3 +88,49 @@ def test_binder_post_build_in_a_fresh_venv(tmp_path):
     )
     assert "already up to date" in check.stdout
     assert sys.prefix != str(env_dir)
+
+
+@pytest.mark.slow
+def test_lab_command_serves_jupyterlab_behind_a_token(tmp_path):
+    """Run the very command `make lab` runs (with this environment's jupyter) and knock."""
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dry = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), "lab", f"STAMP={ROOT / 'pyproject.toml'}", f"LAB_PORT={port}"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    logical_lines = dry.replace("\\\n", " ").splitlines()
+    command = next(line for line in logical_lines if "jupyter lab" in line).split()
+    command[0] = str(Path(sys.executable).parent / "jupyter")
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path), "BROWSER": "true"}
+    server = subprocess.Popen(command + ["--no-browser"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        token, deadline = None, time.monotonic() + 60
+        while token is None and time.monotonic() < deadline:
+            line = server.stdout.readline()
+            match = re.search(rf"http://127\.0\.0\.1:{port}/\S*token=([0-9a-f]+)", line)
+            token = match.group(1) if match else None
+        assert token, "JupyterLab did not print a URL with a token on 127.0.0.1"
+        api = f"http://127.0.0.1:{port}/api/contents/notebooks"
+        refused = None
+        while refused is None and time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(api, timeout=10)
+                pytest.fail("JupyterLab answered without a token")
+            except urllib.error.HTTPError as error:
+                refused = error
+            except urllib.error.URLError:  # the URL is printed a moment before it listens
+                time.sleep(0.2)
+        assert refused is not None and refused.code == 403
+        with urllib.request.urlopen(f"{api}?token={token}", timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
