@@ -62,6 +62,8 @@ test-configured: $(STAMP) ## notebooks again against the configured PostgreSQL a
 		$(BIN)/perfcourse seed --scale $(SCALE) --backend postgres
 	DATABASE_URL=$(CONFIGURED_DATABASE_URL) REDIS_URL=$(CONFIGURED_REDIS_URL) \
 		$(BIN)/python -m pytest --nbval-lax $(NBVAL) solutions -q
+	@# Leave the configured server as we found it.
+	DATABASE_URL=$(CONFIGURED_DATABASE_URL) $(BIN)/perfcourse drop --scale $(SCALE) --backend postgres
 
 bench: setup ## budgets: seeding rate vs the raw driver path; each master's time and peak memory
 	$(BIN)/perfcourse bench --scale $(SCALE) --notebooks

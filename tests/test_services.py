@@ -137,3 +137,14 @@ def test_concurrent_starts_share_one_embedded_redis(tmp_path):
         subprocess.run([sys.executable, "-m", "perfcourse", "services", "down"], env=env, check=True)
     servers = subprocess.run(["pgrep", "-f", f"{tmp_path}"], capture_output=True, text=True).stdout
     assert servers.strip() == ""
+
+
+def test_cli_drop_removes_a_dataset(tmp_path):
+    env = {**os.environ, "PERFCOURSE_DATA": str(tmp_path)}
+    subprocess.run([sys.executable, "-m", "perfcourse", "seed", "--scale", "tiny"], env=env,
+                   check=True, capture_output=True)
+    assert (tmp_path / "shop_tiny.sqlite").is_file()
+    result = subprocess.run([sys.executable, "-m", "perfcourse", "drop", "--scale", "tiny"],
+                            env=env, check=True, capture_output=True, text=True)
+    assert "dropped shop_tiny" in result.stdout
+    assert not (tmp_path / "shop_tiny.sqlite").exists()

@@ -24,6 +24,15 @@ def _seed(args) -> int:
     return 0
 
 
+def _drop(args) -> int:
+    from .db import drop_namespace, namespace_for  # noqa: PLC0415
+
+    for backend in args.backend or ["sqlite"]:
+        drop_namespace(backend, namespace_for(args.scale))
+        print(f"{backend}: dropped {namespace_for(args.scale)}")
+    return 0
+
+
 def _services(args) -> int:
     from . import services  # noqa: PLC0415
 
@@ -82,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="repeat for both (default: sqlite)")
     seed.add_argument("--force", action="store_true", help="rebuild even when up to date")
     seed.set_defaults(run=_seed)
+
+    drop = commands.add_parser("drop", help="delete a dataset (the next `seed` rebuilds it)")
+    drop.add_argument("--scale", default=None, help="tiny, small (default) or large")
+    drop.add_argument("--backend", action="append", choices=["sqlite", "postgres"],
+                      help="repeat for both (default: sqlite)")
+    drop.set_defaults(run=_drop)
 
     services = commands.add_parser("services", help="embedded PostgreSQL and Redis")
     services.add_argument("action", choices=["status", "up", "down"], nargs="?", default="status")
