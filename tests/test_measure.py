@@ -419,3 +419,20 @@ def test_statement_kind_reads_through_common_table_expressions():
     assert kind("WITH recent AS (SELECT * FROM orders) SELECT count(*) FROM recent") == "SELECT"
     assert kind("with old as (select id from orders) delete from order_items where 1") == "DELETE"
     assert kind("/* tag */ UPDATE users SET active = 0") == "UPDATE"
+
+
+def test_sqlite_plans_follow_schema_changes(sqlite_engine):
+    """A plan is never served from a statement cached before an index came or went."""
+    from perfcourse.measure import explain
+
+    with sqlite_engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY, x INT)")
+        conn.exec_driver_sql("INSERT INTO t (x) VALUES (1), (2), (3)")
+    query = "SELECT id FROM t WHERE x = 2"
+    assert explain(sqlite_engine, query).verdict == "full scan"
+    with sqlite_engine.begin() as conn:
+        conn.exec_driver_sql("CREATE INDEX ix_t_x ON t (x)")
+    assert explain(sqlite_engine, query).index == "ix_t_x"
+    with sqlite_engine.begin() as conn:
+        conn.exec_driver_sql("DROP INDEX ix_t_x")
+    assert explain(sqlite_engine, query).verdict == "full scan"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import itertools
 import json
 import logging
 import math
@@ -762,11 +763,17 @@ def explain(
     return _explain_on(bind, statement, params, analyze, costs)
 
 
+_PLAN_IDS = itertools.count()
+
+
 def _explain_on(conn: Connection, statement, params, analyze: bool, costs: bool) -> Plan:
     dialect = conn.dialect.name
     sql = str(statement.compile(dialect=conn.dialect))
     if dialect == "sqlite":
-        rows = conn.execute(_Explain(statement, "EXPLAIN QUERY PLAN"), params).all()
+        # Python's sqlite3 caches prepared statements by their text, and a cached EXPLAIN keeps
+        # the plan of the schema it was prepared on: a unique comment forces a fresh plan.
+        fresh = f"EXPLAIN QUERY PLAN /* perfcourse plan {next(_PLAN_IDS)} */"
+        rows = conn.execute(_Explain(statement, fresh), params).all()
         depth: dict[int, int] = {0: -1}
         lines, accesses = [], []
         for node_id, parent, _unused, detail in rows:
