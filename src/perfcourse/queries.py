@@ -18,7 +18,9 @@ Counter cache
 Indexes and plans
     :func:`scratch_copy` makes a private copy of the dataset for schema experiments;
     :func:`point_lookup`, :func:`index_write_cost`, :func:`prefix_plans`,
-    :func:`alembic_add_index` and the techniques (:func:`keyset_vs_offset`, :func:`money_sums`).
+    :func:`partial_and_covering_plans` (partial and covering indexes on both backends, with
+    ``VACUUM`` for PostgreSQL's index-only scans), :func:`alembic_add_index` and the techniques
+    (:func:`keyset_vs_offset`, :func:`money_sums`).
 
 The lab
     :func:`top_customers_report_slow` (hundreds of queries, full scans) and
@@ -34,7 +36,7 @@ import sqlite3
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -78,6 +80,9 @@ __all__ = [
     "point_lookup",
     "index_write_cost",
     "prefix_plans",
+    "index_ddl",
+    "partial_and_covering_indexes",
+    "partial_and_covering_plans",
     "alembic_add_index",
     "keyset_vs_offset",
     "money_sums",
@@ -605,20 +610,46 @@ def index_write_cost(engine: Engine, index_counts: Sequence[int] = (0, 1, 5), *,
     return df
 
 
+def _create_index(engine: Engine, ddl: str, table: str, *, vacuum: bool = False) -> None:
+    """Run ``ddl`` and refresh the planner's statistics of ``table``.
+
+    PostgreSQL: ``ANALYZE``, or with ``vacuum`` a ``VACUUM (ANALYZE)``, which also sets the
+    visibility map an index-only scan needs to skip the table. VACUUM cannot run inside a
+    transaction block: it runs on a connection in autocommit mode.
+    """
+    postgres = db.backend_of(engine) == "postgres"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(ddl)
+        if postgres and not vacuum:
+            conn.exec_driver_sql(f"ANALYZE {table}")
+    if postgres and vacuum:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql(f"VACUUM (ANALYZE) {table}")
+    _forget_plans(engine)
+
+
+def _drop_index(engine: Engine, ddl: str, table: str) -> None:
+    """Drop the index ``ddl`` created, and any other index an experiment left on ``table``."""
+    name = re.search(r"INDEX\s+(?:IF NOT EXISTS\s+)?(\w+)", ddl, re.I)
+    with engine.begin() as conn:  # by name: SQLite does not reflect expression indexes
+        if name:
+            conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name.group(1)}")
+    drop_indexes(engine, [table])
+    _forget_plans(engine)
+
+
 def prefix_plans(engine: Engine, ddl: str, predicates: dict[str, str],
                  table: str = "orders") -> pd.DataFrame:
     """Create an index, explain ``SELECT id FROM table WHERE <predicate>`` for each predicate.
 
     ``predicates`` maps a label to a SQL predicate (literal values, so plans need no
-    parameters). Returns one row per predicate: ``query, verdict, index``. The index is dropped
-    at the end. Used for composite-index column order, partial, covering and expression indexes.
+    parameters), or to a whole ``SELECT``. Returns one row per predicate: ``query, verdict,
+    index``. The index is dropped at the end. Used for composite-index column order, partial,
+    covering and expression indexes (PostgreSQL's ``INCLUDE`` and index-only scans:
+    :func:`partial_and_covering_plans`).
     """
     rows = []
-    with engine.begin() as conn:
-        conn.exec_driver_sql(ddl)
-        if db.backend_of(engine) == "postgres":
-            conn.exec_driver_sql(f"ANALYZE {table}")
-    _forget_plans(engine)
+    _create_index(engine, ddl, table)
     try:
         for label, predicate in predicates.items():
             select_list = "id" if not predicate.startswith("SELECT") else None
@@ -627,13 +658,108 @@ def prefix_plans(engine: Engine, ddl: str, predicates: dict[str, str],
             plan = explain(engine, sql)
             rows.append({"query": label, "verdict": plan.verdict, "index": plan.index or ""})
     finally:
-        name = re.search(r"INDEX\s+(?:IF NOT EXISTS\s+)?(\w+)", ddl, re.I)
-        with engine.begin() as conn:  # by name: SQLite does not reflect expression indexes
-            if name:
-                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name.group(1)}")
-        drop_indexes(engine, [table])
-        _forget_plans(engine)
+        _drop_index(engine, ddl, table)
     return pd.DataFrame(rows)
+
+
+def index_ddl(index: sa.Index, engine: Engine) -> str:
+    """The ``CREATE INDEX`` statement SQLAlchemy emits for ``index`` on ``engine``'s backend.
+
+    ``postgresql_where=``/``sqlite_where=`` become ``WHERE ...`` (a partial index),
+    ``postgresql_include=`` becomes ``INCLUDE (...)``; options of the other dialect are ignored.
+    """
+    return str(sa.schema.CreateIndex(index).compile(dialect=engine.dialect))
+
+
+def _detached(model) -> sa.Table:
+    """A copy of ``model``'s table in a throw-away MetaData.
+
+    An ``sa.Index`` built on a table's columns attaches itself to that table: on the models'
+    own tables it would become part of the dataset's schema.
+    """
+    return model.__table__.to_metadata(sa.MetaData())
+
+
+def partial_and_covering_indexes(engine: Engine) -> dict[str, sa.Index]:
+    """The indexes of :func:`partial_and_covering_plans`, as SQLAlchemy declares them.
+
+    ``partial``: ``orders (created_at)`` for pending orders only (``postgresql_where=`` and
+    ``sqlite_where=``). ``plain``: ``users (email)``. ``covering``: ``users (email)`` carrying
+    ``first_name`` and ``last_name``: ``INCLUDE`` on PostgreSQL (``postgresql_include=``);
+    SQLite has no ``INCLUDE``, so there the two columns join the key.
+    """
+    orders, users = _detached(Order), _detached(User)
+    pending = orders.c.status == "pending"
+    names = ("first_name", "last_name")
+    if db.backend_of(engine) == "postgres":
+        covering = sa.Index("ix_users_email_names", users.c.email, postgresql_include=list(names))
+    else:
+        covering = sa.Index("ix_users_email_names", users.c.email,
+                            *(users.c[name] for name in names))
+    return {
+        "partial": sa.Index("ix_orders_pending", orders.c.created_at,
+                            postgresql_where=pending, sqlite_where=pending),
+        "plain": sa.Index("ix_users_email", users.c.email),
+        "covering": covering,
+    }
+
+
+def partial_and_covering_plans(engine: Engine, day: str = "2025-03-01") -> pd.DataFrame:
+    """Plans with a partial index and with a covering index (on a scratch copy, both backends).
+
+    1. Partial index on pending orders' ``created_at``: orders of ``day`` that are pending (the
+       query implies the index's ``WHERE``: a search), that are paid, and of any status (both
+       must read the table).
+    2. The first user's names by email, with a plain index on ``email`` (a search, then the row
+       from the table) and with a covering one (an index-only scan).
+
+    On PostgreSQL every index is followed by ``VACUUM (ANALYZE)``: an index-only scan skips the
+    table only for pages the visibility map marks all-visible, and VACUUM sets it. Returns one
+    row per query: ``query, verdict, index, heap_fetches`` (PostgreSQL index-only scans only:
+    the rows ``EXPLAIN ANALYZE`` still fetched from the table; ``<NA>`` elsewhere). Every index
+    is dropped again.
+    """
+    with engine.connect() as conn:
+        email = conn.exec_driver_sql("SELECT email FROM users ORDER BY id LIMIT 1").scalar_one()
+    start = datetime.fromisoformat(day)
+    end = start + timedelta(days=1)
+    on_day = f"created_at >= '{start:%Y-%m-%d}' AND created_at < '{end:%Y-%m-%d}'"
+    names_by_email = sa.text("SELECT first_name, last_name FROM users WHERE email = :email")
+    indexes = partial_and_covering_indexes(engine)
+    experiments = (
+        ("partial", "orders", {
+            "partial: pending orders of a day": f"status = 'pending' AND {on_day}",
+            "partial: paid orders of a day": f"status = 'paid' AND {on_day}",
+            "partial: all orders of a day": on_day}),
+        ("plain", "users", {"plain (email): names by email": names_by_email}),
+        ("covering", "users", {"covering (email + names): names by email": names_by_email}),
+    )
+    rows = []
+    for kind, table, statements in experiments:
+        ddl = index_ddl(indexes[kind], engine)
+        _create_index(engine, ddl, table, vacuum=True)
+        try:
+            for label, statement in statements.items():
+                if isinstance(statement, str):
+                    statement = sa.text(f"SELECT id FROM {table} WHERE {statement}")
+                params = {"email": email} if table == "users" else {}
+                plan = explain(engine, statement, params)
+                rows.append({"query": label, "verdict": plan.verdict, "index": plan.index or "",
+                             "heap_fetches": _heap_fetches(engine, statement, params, plan)})
+        finally:
+            _drop_index(engine, ddl, table)
+    df = pd.DataFrame(rows)
+    df["heap_fetches"] = df["heap_fetches"].astype("Int64")
+    return df
+
+
+def _heap_fetches(engine: Engine, statement, params: dict, plan) -> int | None:
+    """Rows an index-only scan still read from the table (PostgreSQL ``EXPLAIN ANALYZE``)."""
+    if plan.backend != "postgres" or plan.verdict != "covering index search":
+        return None
+    analysed = explain(engine, statement, params, analyze=True)
+    return sum(int(m.group(1)) for line in analysed.plan_text
+               if (m := re.search(r"Heap Fetches: (\d+)", line)))
 
 
 #: The migration of :func:`alembic_add_index`, as a file in ``migrations/versions/`` reads.
