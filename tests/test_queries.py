@@ -105,28 +105,26 @@ def test_grid_shape_and_caps(seeded):
     assert df[(df.n == 10) & (df.strategy == "lazy")].queries.item() == 11
 
 
-def test_counter_cache_events_and_reset(scratch):
-    # SQLite only: the PostgreSQL dataset is loaded with COPY and explicit ids, which leaves the
-    # id sequences at 1, so an ORM insert there collides with order 1 (see perfcourse.seed)
+def test_counter_cache_events_and_reset(seeded_scratch):
     from decimal import Decimal
 
     from perfcourse.models import Order
 
-    queries.add_orders_count_column(scratch)
-    assert queries.counter_drift(scratch) == 0
-    with queries.counter_cache(), Session(scratch) as session:
+    queries.add_orders_count_column(seeded_scratch)
+    assert queries.counter_drift(seeded_scratch) == 0
+    with queries.counter_cache(), Session(seeded_scratch) as session:
         session.add(Order(user_id=1, status="pending", total=Decimal("1.00"),
                           created_at=datetime(2025, 1, 1)))
         session.commit()
-    assert queries.counter_drift(scratch) == 0
-    lost = queries.lost_update(scratch, 2, atomic=False)
+    assert queries.counter_drift(seeded_scratch) == 0
+    lost = queries.lost_update(seeded_scratch, 2, atomic=False)
     assert lost["after"] == lost["before"] + 1  # one increment lost
-    assert queries.counter_drift(scratch) == 1
-    queries.reset_orders_count(scratch, [2])
-    assert queries.counter_drift(scratch) == 0
-    safe = queries.lost_update(scratch, 3, atomic=True)
+    assert queries.counter_drift(seeded_scratch) == 1
+    queries.reset_orders_count(seeded_scratch, [2])
+    assert queries.counter_drift(seeded_scratch) == 0
+    safe = queries.lost_update(seeded_scratch, 3, atomic=True)
     assert safe["after"] == safe["before"] + 2
-    with Session(scratch) as session:
+    with Session(seeded_scratch) as session:
         stats = session.scalars(select(queries.UserOrderStats).where(
             queries.UserOrderStats.id == 3)).one()
         assert stats.orders_count == safe["after"]

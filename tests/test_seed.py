@@ -215,3 +215,14 @@ def test_parquet_export_matches_the_database(any_engine, tmp_path):
     stamp = paths["orders"].stat().st_mtime_ns
     export_parquet(any_engine, tmp_path)  # up to date: not rewritten
     assert paths["orders"].stat().st_mtime_ns == stamp
+
+
+def test_orm_inserts_after_seeding_get_fresh_ids(any_engine):
+    """The bulk load wrote explicit ids; the next ORM insert must not collide with them."""
+    seed_dataset(any_engine, "tiny", progress=False)
+    with Session(any_engine) as session:
+        order = Order(user_id=1, status="pending", total=Decimal("9.99"),
+                      created_at=sa.func.current_timestamp())
+        session.add(order)
+        session.commit()
+        assert order.id == 1_001

@@ -366,6 +366,13 @@ def _load_postgres(engine: Engine, scale: Scale, seed: int, progress) -> dict[st
                     counts[chunk.table] += len(chunk)
                     if progress:
                         progress.update(len(chunk))
+            # COPY wrote explicit ids: move each id sequence past them, or the next INSERT
+            # without an id would collide with row 1.
+            for table in TABLES:
+                conn.execute(sa.text(
+                    f"select setval(pg_get_serial_sequence('{table}', 'id'), "
+                    f"coalesce((select max(id) from {table}), 0) + 1, false)"
+                ))
             if progress:
                 progress.set_description(f"indexing {scale.name} (postgres)")
             for statement in index_ddl:
