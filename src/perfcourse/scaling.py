@@ -1,0 +1,1053 @@
+"""Chapter 03 helpers: read replicas, sharding and connection pooling, measured with counts.
+
+Three parts, one per section of the lesson:
+
+* **Replication**: :func:`start_replica_pair` starts a real PostgreSQL primary and one real
+  streaming replica (``pg_basebackup -R``), from the binaries the ``pgserver`` package ships,
+  under ``data/replication/`` (never the course's main server under ``data/postgres``). The
+  replica replays with a ``recovery_min_apply_delay``, so replication lag is visible and
+  reproducible. :class:`RoutingSession` sends writes to the primary and reads to the replica;
+  :class:`StickyRoutingSession`, :func:`wait_for_replay` and friends repair read-your-writes.
+* **Sharding**: :func:`modulo_shard`, :class:`HashRing` (consistent hashing), :func:`keys_moved`,
+  SQLite shards made with :func:`make_shards`, a scatter-gather :func:`top_customers_sharded`,
+  and :func:`sharded_session` built on ``sqlalchemy.ext.horizontal_shard.ShardedSession``.
+* **Pooling**: :class:`PoolEvents` counts what a pool does (connects, checkouts, closes,
+  timeouts); :func:`exhaust_pool`, :func:`pool_throughput`, :func:`pre_ping_demo`,
+  :func:`recycle_demo` and :func:`fork_demo` are the experiments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from .config import data_dir
+from .errors import BackendUnavailable
+
+# ---------------------------------------------------------------------------------------------
+# 1. A real primary and a real streaming replica
+# ---------------------------------------------------------------------------------------------
+
+REPLICATION_DIR = "replication"
+#: The replica replays each commit this long after the primary made it (lag you can see).
+DEFAULT_APPLY_DELAY_MS = 300
+_PG_PORT = 5432  # both servers listen on unix sockets only, each in its own folder
+
+
+@dataclass(frozen=True)
+class ReplicaPair:
+    """Where the primary and the replica of :func:`start_replica_pair` listen.
+
+    ``primary_url``/``replica_url`` are SQLAlchemy URLs (psycopg 3, unix sockets);
+    ``apply_delay_ms`` is the replica's ``recovery_min_apply_delay``.
+    """
+
+    folder: Path
+    primary_url: str
+    replica_url: str
+    apply_delay_ms: int
+
+    def engines(self, **engine_kwargs) -> tuple[Engine, Engine]:
+        """``(primary, replica)`` engines. Keyword arguments go to ``create_engine``."""
+        return (sa.create_engine(self.primary_url, **engine_kwargs),
+                sa.create_engine(self.replica_url, **engine_kwargs))
+
+
+def _bin(name: str) -> Path:
+    from pgserver._commands import POSTGRES_BIN_PATH  # noqa: PLC0415 - only when asked
+
+    return POSTGRES_BIN_PATH / name
+
+
+def _system_user() -> str | None:
+    """PostgreSQL refuses to run as root: as pgserver does, use the 'pgserver' user then."""
+    if os.name != "nt" and os.geteuid() == 0:
+        from pgserver.utils import ensure_user_exists  # noqa: PLC0415
+
+        ensure_user_exists("pgserver")
+        return "pgserver"
+    return None
+
+
+def _give_to(path: Path, user: str | None) -> None:
+    """Let ``user`` (None: ourselves) own ``path`` and traverse every folder above it."""
+    if user is None:
+        return
+    import pwd  # noqa: PLC0415
+
+    from pgserver.utils import ensure_prefix_permissions  # noqa: PLC0415
+
+    entry = pwd.getpwnam(user)
+    ensure_prefix_permissions(path)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def _run(command: list, user: str | None, timeout: float = 60) -> str:
+    try:
+        done = subprocess.run([str(c) for c in command], check=True, capture_output=True,
+                              text=True, timeout=timeout, user=user, cwd="/",
+                              env={**os.environ, "HOME": "/tmp", "PGPASSFILE": os.devnull})
+    except subprocess.CalledProcessError as exc:
+        raise BackendUnavailable(
+            f"{Path(command[0]).name} failed: {(exc.stderr or exc.stdout).strip()[-400:]} "
+            "Run scaling.stop_replica_pair(remove=True) and try again."
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise BackendUnavailable(
+            f"{Path(command[0]).name} did not finish in {timeout:g} s. "
+            "Run scaling.stop_replica_pair(remove=True) and try again."
+        ) from None
+    return done.stdout
+
+
+def _postmaster(pgdata: Path):
+    """The running server's PostmasterInfo, or None when it is not running and ready."""
+    from pgserver.utils import PostmasterInfo  # noqa: PLC0415
+
+    try:
+        info = PostmasterInfo.read_from_pgdata(pgdata)
+    except (OSError, AssertionError, ValueError):
+        return None
+    if info is None or not info.is_running() or info.status != "ready":
+        return None
+    return info
+
+
+def _socket_dir(pgdata: Path, user: str | None) -> Path:
+    """The folder of the server's socket: ``pgdata`` itself unless that path is too long."""
+    from pgserver.postgres_server import PostgresServer  # noqa: PLC0415
+    from pgserver.utils import find_suitable_socket_dir  # noqa: PLC0415
+
+    folder = find_suitable_socket_dir(pgdata, PostgresServer.runtime_path / "ch03")
+    if user is not None and folder != pgdata:
+        _give_to(folder, user)
+        folder.chmod(0o777)
+    return folder
+
+
+def _url(socket_dir: Path) -> str:
+    return f"postgresql+psycopg://postgres@/postgres?host={socket_dir}&port={_PG_PORT}"
+
+
+def _start(pgdata: Path, user: str | None) -> Path:
+    info = _postmaster(pgdata)
+    if info is not None:
+        return info.socket_dir
+    socket_dir = _socket_dir(pgdata, user)
+    _run([_bin("pg_ctl"), "-D", pgdata, "-w", "-t", "30", "-l", pgdata / "log",
+          "-o", f'-h "" -k {socket_dir} -p {_PG_PORT}', "start"], user, timeout=40)
+    for _ in range(100):
+        if _postmaster(pgdata) is not None:
+            return socket_dir
+        time.sleep(0.05)
+    raise BackendUnavailable(f"The server in {pgdata} did not become ready; see {pgdata / 'log'}.")
+
+
+def _alive_pid(pgdata: Path) -> bool:
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _lock(folder: Path):
+    import fcntl  # noqa: PLC0415 - POSIX only, like the servers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def replication_dir() -> Path:
+    return data_dir() / REPLICATION_DIR
+
+
+_PRIMARY_SETTINGS = """
+# chapter 03: a small primary that streams its WAL to one replica
+wal_level = replica
+max_wal_senders = 4
+hot_standby = on
+listen_addresses = ''
+max_connections = 40
+shared_buffers = 16MB
+fsync = off               # a teaching pair: speed over crash safety
+full_page_writes = off
+"""
+
+
+def start_replica_pair(apply_delay_ms: int = DEFAULT_APPLY_DELAY_MS) -> ReplicaPair:
+    """Start (or reuse) a PostgreSQL primary and one streaming replica; return their URLs.
+
+    Under ``data/replication/``: ``primary/`` made by ``initdb`` with ``wal_level=replica``,
+    ``replica/`` made by ``pg_basebackup -R`` (which writes ``standby.signal`` and the
+    ``primary_conninfo`` to stream from) with ``hot_standby=on`` and
+    ``recovery_min_apply_delay = apply_delay_ms``. Each listens on its own unix socket, no TCP.
+    Idempotent: a running pair is reused (its apply delay set to ``apply_delay_ms``). The
+    first start takes a few seconds; :func:`stop_replica_pair` stops both.
+    """
+    folder = replication_dir()
+    primary_dir, replica_dir = folder / "primary", folder / "replica"
+    user = _system_user()
+    with _lock(folder):
+        if not (primary_dir / "PG_VERSION").exists():
+            shutil.rmtree(primary_dir, ignore_errors=True)
+            shutil.rmtree(replica_dir, ignore_errors=True)
+            primary_dir.mkdir(parents=True)
+            _give_to(primary_dir, user)
+            _run([_bin("initdb"), "-D", primary_dir, "--auth=trust", "--encoding=utf8",
+                  "-U", "postgres", "--no-sync"], user, timeout=120)
+            with open(primary_dir / "postgresql.conf", "a") as conf:
+                conf.write(_PRIMARY_SETTINGS)
+        primary_socket = _start(primary_dir, user)
+        if not (replica_dir / "standby.signal").exists():
+            shutil.rmtree(replica_dir, ignore_errors=True)
+            replica_dir.mkdir(parents=True)
+            _give_to(replica_dir, user)
+            replica_dir.chmod(0o700)
+            _run([_bin("pg_basebackup"), "-D", replica_dir, "-R", "-X", "stream",
+                  "--checkpoint=fast", "--no-sync", "-h", primary_socket, "-p", _PG_PORT,
+                  "-U", "postgres"], user, timeout=120)
+            with open(replica_dir / "postgresql.auto.conf", "a") as conf:
+                conf.write(f"recovery_min_apply_delay = '{int(apply_delay_ms)}ms'\n")
+            # the copy carries the primary's socket lock and log (they live in its folder)
+            for leftover in [*replica_dir.glob(".s.PGSQL.*"), replica_dir / "log"]:
+                leftover.unlink(missing_ok=True)
+        replica_socket = _start(replica_dir, user)
+    pair = ReplicaPair(folder, _url(primary_socket), _url(replica_socket), int(apply_delay_ms))
+    _wait_streaming(pair)
+    set_apply_delay(pair, apply_delay_ms)
+    return pair
+
+
+def _wait_streaming(pair: ReplicaPair, timeout_s: float = 20.0) -> None:
+    engine = sa.create_engine(pair.replica_url, poolclass=sa.pool.NullPool)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                status = conn.exec_driver_sql("SELECT status FROM pg_stat_wal_receiver").scalar()
+            if status == "streaming":
+                return
+            time.sleep(0.05)
+    finally:
+        engine.dispose()
+    raise BackendUnavailable(
+        f"The replica does not stream from the primary; see {pair.folder / 'replica' / 'log'}. "
+        "Run scaling.stop_replica_pair(remove=True) and try again.")
+
+
+def set_apply_delay(pair: ReplicaPair, apply_delay_ms: int) -> ReplicaPair:
+    """Change the replica's ``recovery_min_apply_delay`` (``ALTER SYSTEM`` + reload)."""
+    engine = sa.create_engine(pair.replica_url, poolclass=sa.pool.NullPool,
+                              isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            current = conn.exec_driver_sql("SHOW recovery_min_apply_delay").scalar()
+            wanted = f"{int(apply_delay_ms)}ms"
+            if _delay_ms(current) != int(apply_delay_ms):
+                conn.exec_driver_sql(f"ALTER SYSTEM SET recovery_min_apply_delay = '{wanted}'")
+                conn.exec_driver_sql("SELECT pg_reload_conf()")
+                for _ in range(100):
+                    if _delay_ms(conn.exec_driver_sql("SHOW recovery_min_apply_delay")
+                                 .scalar()) == int(apply_delay_ms):
+                        break
+                    time.sleep(0.02)
+    finally:
+        engine.dispose()
+    return ReplicaPair(pair.folder, pair.primary_url, pair.replica_url, int(apply_delay_ms))
+
+
+def _delay_ms(text: str) -> int:
+    """``'300ms'``, ``'1s'``, ``'0'`` -> milliseconds."""
+    text = text.strip()
+    for unit, factor in (("ms", 1), ("s", 1000), ("min", 60_000), ("h", 3_600_000)):
+        if text.endswith(unit) and text[: -len(unit)].strip().isdigit():
+            return int(text[: -len(unit)]) * factor
+    return int(text) if text.isdigit() else -1
+
+
+def replica_pair_running() -> bool:
+    folder = replication_dir()
+    return all(_postmaster(folder / name) is not None for name in ("primary", "replica"))
+
+
+def stop_replica_pair(remove: bool = False) -> bool:
+    """Stop the replica, then the primary; return whether anything was running.
+
+    ``remove=True`` also deletes ``data/replication/`` (the next start rebuilds it).
+    """
+    folder = replication_dir()
+    user = _system_user() if folder.exists() else None
+    stopped = False
+    for name in ("replica", "primary"):
+        pgdata = folder / name
+        if _alive_pid(pgdata):
+            with contextlib.suppress(BackendUnavailable):
+                _run([_bin("pg_ctl"), "-D", pgdata, "-w", "-t", "30", "-m", "fast", "stop"],
+                     user, timeout=40)
+            stopped = True
+    if remove:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stopped
+
+
+# ---------------------------------------------------------------------------------------------
+# 1b. Routing reads and writes, replication lag, read-your-writes
+# ---------------------------------------------------------------------------------------------
+
+_WRITES = (sa.Insert, sa.Update, sa.Delete)
+
+
+class RoutingSession(Session):
+    """A Session that sends writes to ``primary`` and reads to ``replica``.
+
+    SQLAlchemy asks :meth:`get_bind` which engine runs each statement. During a flush (the ORM
+    writing pending changes) and for Core ``insert()/update()/delete()`` the answer is the
+    primary; every other statement (SELECTs, ``session.get``, lazy loads) goes to the replica.
+    The Rails counterpart is ``connects_to database: {writing: :primary, reading: :replica}``;
+    ``session.execute(stmt, bind_arguments={"bind": session.primary})`` forces an engine (Rails:
+    ``connected_to(role: :writing)``).
+    """
+
+    def __init__(self, primary: Engine, replica: Engine, **kwargs):
+        super().__init__(**kwargs)
+        self.primary, self.replica = primary, replica
+
+    def is_write(self, clause) -> bool:
+        return self._flushing or isinstance(clause, _WRITES)
+
+    def get_bind(self, mapper=None, clause=None, **kwargs):
+        if kwargs.get("bind") is not None:  # execute(..., bind_arguments={"bind": engine})
+            return kwargs["bind"]
+        return self.primary if self.is_write(clause) else self.replica
+
+
+class StickyRoutingSession(RoutingSession):
+    """A :class:`RoutingSession` that reads from the primary for ``stick_s`` after a write.
+
+    The simplest read-your-writes fix (Rails' ``DatabaseSelector`` does it per request with a
+    2 s delay): a session that has just written keeps reading where the write is. Reads from
+    sessions that wrote nothing still go to the replica.
+    """
+
+    def __init__(self, primary: Engine, replica: Engine, stick_s: float = 1.0, **kwargs):
+        super().__init__(primary, replica, **kwargs)
+        self.stick_s = stick_s
+        self.last_write_at: float | None = None
+
+    def get_bind(self, mapper=None, clause=None, **kwargs):
+        if kwargs.get("bind") is not None:
+            return kwargs["bind"]
+        if self.is_write(clause):
+            self.last_write_at = time.monotonic()
+            return self.primary
+        if self.last_write_at is not None and time.monotonic() - self.last_write_at < self.stick_s:
+            return self.primary
+        return self.replica
+
+
+def current_lsn(primary: Engine | sa.Connection) -> str:
+    """The primary's WAL position now (``pg_current_wal_lsn()``), e.g. ``'0/3003748'``."""
+    if isinstance(primary, Engine):
+        with primary.connect() as conn:
+            return current_lsn(conn)
+    return primary.exec_driver_sql("SELECT pg_current_wal_lsn()::text").scalar_one()
+
+
+def replay_lsn(replica: Engine | sa.Connection) -> str:
+    """How far the replica has replayed (``pg_last_wal_replay_lsn()``)."""
+    if isinstance(replica, Engine):
+        with replica.connect() as conn:
+            return replay_lsn(conn)
+    return replica.exec_driver_sql("SELECT pg_last_wal_replay_lsn()::text").scalar_one()
+
+
+def wait_for_replay(replica: Engine, lsn: str, timeout_s: float = 5.0,
+                    poll_s: float = 0.005) -> float:
+    """Wait until the replica has replayed the WAL up to ``lsn``; return the seconds waited.
+
+    Polls ``pg_last_wal_replay_lsn() >= lsn`` on a connection of its own (a separate engine,
+    so the polls are not counted as the replica's queries). Raises ``TimeoutError`` after
+    ``timeout_s``: the caller then reads from the primary instead.
+    """
+    probe = sa.create_engine(replica.url, poolclass=sa.pool.NullPool)
+    started = time.perf_counter()
+    try:
+        with probe.connect() as conn:
+            while True:
+                done = conn.exec_driver_sql(
+                    "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).scalar()
+                if done:
+                    return time.perf_counter() - started
+                if time.perf_counter() - started > timeout_s:
+                    raise TimeoutError(f"The replica did not replay {lsn} in {timeout_s:g} s.")
+                time.sleep(poll_s)
+    finally:
+        probe.dispose()
+
+
+def prepare_replicated_users(primary: Engine, replica: Engine, users: int = 50) -> int:
+    """(Re)create the ``users`` table on the primary with ``users`` rows; wait for the replica.
+
+    The table is the shop's ``User`` model (schema only, rows made up here). Returns the
+    number of rows the replica sees once it has replayed the load.
+    """
+    from datetime import datetime  # noqa: PLC0415
+
+    from .models import User  # noqa: PLC0415
+
+    table = User.__table__
+    with primary.begin() as conn:
+        table.drop(conn, checkfirst=True)
+        table.create(conn)
+        conn.execute(table.insert(), [
+            {"id": i, "email": f"user{i}@example.com", "first_name": f"First{i}",
+             "last_name": f"Last{i}", "active": True, "premium": i % 10 == 0,
+             "created_at": datetime(2025, 1, 1)} for i in range(1, users + 1)])
+    wait_for_replay(replica, current_lsn(primary), timeout_s=30)
+    with replica.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+
+
+def _engine_name(engine: Engine, primary: Engine) -> str:
+    return "primary" if engine is primary else "replica"
+
+
+def read_after_write(primary: Engine, replica: Engine, strategy: str, user_id: int,
+                     email: str) -> dict:
+    """Change one user's email through a session, read it back at once; one table row.
+
+    ``strategy``: ``"replica"`` (plain :class:`RoutingSession`), ``"sticky"``
+    (:class:`StickyRoutingSession`), ``"wait for LSN"`` (commit, take the primary's LSN, wait
+    until the replica has replayed it, then read from the replica) or ``"primary"`` (read the
+    primary explicitly). Returns ``strategy, read_from, primary_queries, replica_queries,
+    fresh, waited_s``: counts per engine come from ``count_queries`` on each.
+    """
+    from .measure import count_queries  # noqa: PLC0415
+    from .models import User  # noqa: PLC0415
+
+    if strategy not in READ_STRATEGIES:
+        raise ValueError(f"Unknown strategy {strategy!r}: use one of {READ_STRATEGIES}.")
+    session_class = StickyRoutingSession if strategy == "sticky" else RoutingSession
+    waited = 0.0
+    with session_class(primary, replica) as session, \
+            count_queries(primary) as on_primary, count_queries(replica) as on_replica:
+        user = session.get(User, user_id)
+        user.email = email
+        session.commit()
+        read = sa.select(User.email).where(User.id == user_id)
+        if strategy == "wait for LSN":
+            waited = wait_for_replay(replica, current_lsn(primary))
+        before = on_primary.count
+        if strategy == "primary":
+            seen = session.execute(read, bind_arguments={"bind": primary}).scalar_one()
+        else:
+            seen = session.execute(read).scalar_one()
+        read_from = "primary" if on_primary.count > before else "replica"
+    return {"strategy": strategy, "read_from": read_from,
+            "primary_queries": on_primary.count, "replica_queries": on_replica.count,
+            "fresh": seen == email, "waited_s": waited}
+
+
+READ_STRATEGIES = ("replica", "sticky", "wait for LSN", "primary")
+
+
+def visibility_lag(primary: Engine, replica: Engine, user_id: int = 1, repeat: int = 3,
+                   poll_s: float = 0.002) -> list[float]:
+    """Seconds from a committed write on the primary until a reader of the replica sees it.
+
+    Writes a new value ``repeat`` times and polls the replica (a connection of its own) until
+    the value shows; returns the seconds each took.
+    """
+    from .models import User  # noqa: PLC0415
+
+    table = User.__table__
+    probe = sa.create_engine(replica.url, poolclass=sa.pool.NullPool)
+    lags = []
+    try:
+        with probe.connect() as reader:
+            for i in range(repeat):
+                value = f"lag{i}-{time.monotonic_ns()}@example.com"
+                with primary.begin() as conn:
+                    conn.execute(table.update().where(table.c.id == user_id).values(email=value))
+                started = time.perf_counter()
+                while reader.execute(sa.select(table.c.email).where(table.c.id == user_id)
+                                     ).scalar_one() != value:
+                    reader.rollback()
+                    if time.perf_counter() - started > 10:
+                        raise TimeoutError("The replica did not show the write within 10 s.")
+                    time.sleep(poll_s)
+                lags.append(time.perf_counter() - started)
+                reader.rollback()
+    finally:
+        probe.dispose()
+    return lags
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Sharding
+# ---------------------------------------------------------------------------------------------
+
+
+def stable_hash(key: Hashable) -> int:
+    """A 64-bit hash that is the same in every process (Python's ``hash()`` of a str is not)."""
+    return int.from_bytes(hashlib.md5(str(key).encode()).digest()[:8], "big")
+
+
+def modulo_shard(key: int, shards: Sequence[str]) -> str:
+    """The guide's scheme: shard number ``user_id % len(shards)``."""
+    return shards[int(key) % len(shards)]
+
+
+class HashRing:
+    """Consistent hashing: shards own arcs of a ring of 2**64 points, keys go clockwise.
+
+    Each shard is placed at ``vnodes`` points (virtual nodes) so the arcs, and the keys, are
+    shared evenly. Adding a shard takes over only the arcs just before its points: about
+    1/(n+1) of the keys move, all of them to the new shard (modulo moves about n/(n+1)).
+    """
+
+    def __init__(self, shards: Iterable[str], vnodes: int = 100):
+        self.shards = list(shards)
+        self.vnodes = vnodes
+        points = sorted((stable_hash(f"{shard}#{v}"), shard)
+                        for shard in self.shards for v in range(vnodes))
+        self._points = [p for p, _ in points]
+        self._owners = [s for _, s in points]
+
+    def shard_for(self, key: Hashable) -> str:
+        i = bisect_right(self._points, stable_hash(key))
+        return self._owners[i % len(self._owners)]
+
+    def with_shard(self, shard: str) -> HashRing:
+        """A new ring with one more shard."""
+        return HashRing([*self.shards, shard], self.vnodes)
+
+    def __repr__(self) -> str:
+        return f"HashRing({self.shards}, vnodes={self.vnodes})"
+
+
+def keys_moved(before: Callable[[Hashable], str], after: Callable[[Hashable], str],
+               keys: Iterable[Hashable]) -> dict:
+    """How many ``keys`` change shard between two routers, and where they go.
+
+    Returns ``keys, moved, to_new_shard`` (moved keys whose new shard did not exist before).
+    """
+    keys = list(keys)
+    old = {before(k) for k in keys}
+    moved = to_new = 0
+    for key in keys:
+        a, b = before(key), after(key)
+        if a != b:
+            moved += 1
+            to_new += b not in old
+    return {"keys": len(keys), "moved": moved, "to_new_shard": to_new}
+
+
+def shard_names(n: int) -> list[str]:
+    return [f"shard_{i}" for i in range(n)]
+
+
+def resharding_table(keys: Iterable[Hashable], n_from: int = 4, n_to: int = 5,
+                     vnodes: int = 100) -> pd.DataFrame:
+    """Keys moved when going from ``n_from`` to ``n_to`` shards, modulo against a hash ring."""
+    keys = list(keys)
+    old, new = shard_names(n_from), shard_names(n_to)
+    ring_old = HashRing(old, vnodes)
+    ring_new = ring_old
+    for name in new[n_from:]:
+        ring_new = ring_new.with_shard(name)
+    rows = [
+        {"scheme": "modulo (id % n)", **keys_moved(lambda k: modulo_shard(k, old),
+                                                   lambda k: modulo_shard(k, new), keys)},
+        {"scheme": f"hash ring ({vnodes} vnodes)", **keys_moved(ring_old.shard_for,
+                                                               ring_new.shard_for, keys)},
+    ]
+    df = pd.DataFrame(rows)
+    df["moved_pct"] = (100 * df.moved / df["keys"]).round(0).astype(int)
+    df["ideal"] = round(len(keys) * (n_to - n_from) / n_to)
+    return df
+
+
+def shard_sizes(router: Callable[[Hashable], str], keys: Iterable[Hashable]) -> dict[str, int]:
+    """Keys per shard, by shard name."""
+    sizes: dict[str, int] = {}
+    for key in keys:
+        shard = router(key)
+        sizes[shard] = sizes.get(shard, 0) + 1
+    return dict(sorted(sizes.items()))
+
+
+SHARD_NAMESPACE = "ch03_shard"
+
+
+def make_shards(source: Engine, n: int = 4, router: Callable[[int], str] | None = None,
+                prefix: str = SHARD_NAMESPACE) -> dict[str, Engine]:
+    """Copy users and their orders from ``source`` into ``n`` SQLite shard databases.
+
+    The shard key is the user id: a user and all their orders live on one shard
+    (``router(user_id)``, default ``modulo_shard``). Each shard is a separate database file
+    ``data/<prefix>_<i>.sqlite`` with the shop schema; existing ones are replaced. Returns
+    ``{shard name: engine}``; :func:`drop_shards` deletes them.
+    """
+    from . import db  # noqa: PLC0415
+    from .models import Base, Order, User  # noqa: PLC0415
+
+    names = shard_names(n)
+    router = router or (lambda key: modulo_shard(key, names))
+    with source.connect() as conn:
+        users = [dict(r._mapping) for r in conn.execute(sa.select(User.__table__))]
+        orders = [dict(r._mapping) for r in conn.execute(sa.select(Order.__table__))]
+    engines = {}
+    for i, name in enumerate(names):
+        db.drop_namespace("sqlite", f"{prefix}_{i}")
+        engine = db.engine("sqlite", namespace=f"{prefix}_{i}")
+        Base.metadata.create_all(engine, tables=[User.__table__, Order.__table__])
+        mine = [u for u in users if router(u["id"]) == name]
+        ids = {u["id"] for u in mine}
+        with engine.begin() as conn:
+            if mine:
+                conn.execute(User.__table__.insert(), mine)
+            their_orders = [o for o in orders if o["user_id"] in ids]
+            if their_orders:
+                conn.execute(Order.__table__.insert(), their_orders)
+        engines[name] = engine
+    return engines
+
+
+def drop_shards(shards: dict[str, Engine], prefix: str = SHARD_NAMESPACE) -> None:
+    from . import db  # noqa: PLC0415
+
+    for i, engine in enumerate(shards.values()):
+        engine.dispose()
+        db.drop_namespace("sqlite", f"{prefix}_{i}")
+
+
+def _top_customers_statement(k: int):
+    from .models import Order  # noqa: PLC0415
+
+    spent = sa.func.sum(Order.total).label("spent")
+    return (sa.select(Order.user_id, spent).where(Order.status != "cancelled")
+            .group_by(Order.user_id).order_by(spent.desc(), Order.user_id).limit(k))
+
+
+def top_customers(engine: Engine, k: int = 10) -> list[tuple[int, object]]:
+    """``(user_id, spent)`` of the ``k`` biggest spenders (cancelled orders excluded)."""
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(_top_customers_statement(k))]
+
+
+def top_customers_sharded(shards: dict[str, Engine], k: int = 10) -> list[tuple[int, object]]:
+    """The same answer from shards: scatter (top ``k`` on each shard), gather (merge, cut).
+
+    Exact because the shard key is the user: each user's orders are all on one shard, so a
+    shard's partial sums are final. One query per shard.
+    """
+    partial = []
+    for engine in shards.values():
+        partial.extend(top_customers(engine, k))
+    return sorted(partial, key=lambda row: (-row[1], row[0]))[:k]
+
+
+def _equality_values(clause, column_names: set[str], parameters=None) -> list:
+    """Values ``v`` of ``column = v`` (or ``column IN (...)``) comparisons inside ``clause``.
+
+    A bound value given at execution time (``session.get`` passes the primary key that way) is
+    read from ``parameters``.
+    """
+    from sqlalchemy.sql import operators, visitors  # noqa: PLC0415
+    from sqlalchemy.sql.elements import BinaryExpression, BindParameter  # noqa: PLC0415
+
+    values = []
+    for element in visitors.iterate(clause):
+        if not isinstance(element, BinaryExpression):
+            continue
+        left, right = element.left, element.right
+        if isinstance(left, BindParameter):
+            left, right = right, left
+        if getattr(left, "name", None) not in column_names or not isinstance(right, BindParameter):
+            continue
+        value = right.effective_value
+        if value is None and parameters and right.key in parameters:
+            value = parameters[right.key]
+        if value is None:
+            continue
+        if element.operator is operators.eq:
+            values.append(value)
+        elif element.operator is operators.in_op and isinstance(value, (list, tuple)):
+            values.extend(value)
+    return values
+
+
+def sharded_session(shards: dict[str, Engine],
+                    router: Callable[[int], str] | None = None) -> Session:
+    """A ``sqlalchemy.ext.horizontal_shard.ShardedSession`` over ``shards``, keyed by user id.
+
+    * ``shard_chooser`` (where a new object is written): the router of its user id.
+    * ``identity_chooser`` (where ``session.get`` looks): the one shard of a user id; every
+      shard for an order id (order ids do not say whose order it is).
+    * ``execute_chooser`` (where a query runs): the shards of the user ids compared with ``=``
+      or ``IN`` in its WHERE clause, else every shard (scatter-gather).
+    """
+    from sqlalchemy.ext.horizontal_shard import ShardedSession  # noqa: PLC0415
+
+    from .models import Order, User  # noqa: PLC0415
+
+    names = list(shards)
+    router = router or (lambda key: modulo_shard(key, names))
+
+    def shard_chooser(mapper, instance, clause=None):
+        if isinstance(instance, User):
+            return router(instance.id)
+        if isinstance(instance, Order):
+            return router(instance.user_id)
+        return names[0]
+
+    def identity_chooser(mapper, primary_key, *, lazy_loaded_from, **kw):
+        if lazy_loaded_from is not None:
+            return [lazy_loaded_from.identity_token]
+        if mapper.class_ is User:
+            return [router(primary_key[0])]
+        return names
+
+    def execute_chooser(context):
+        statement = context.statement
+        where = getattr(statement, "whereclause", None)
+        if where is not None:
+            params = context.parameters if isinstance(context.parameters, dict) else None
+            ids = _equality_values(where, {"user_id"} | (
+                {"id"} if _selects_only(statement, User) else set()), params)
+            if ids:
+                return sorted({router(i) for i in ids}, key=names.index)
+        return names
+
+    return ShardedSession(shard_chooser=shard_chooser, identity_chooser=identity_chooser,
+                          execute_chooser=execute_chooser, shards=shards)
+
+
+def _selects_only(statement, model) -> bool:
+    """Whether a statement's FROM is only ``model``'s table (so ``id`` is the user id)."""
+    try:
+        froms = statement.get_final_froms()
+    except AttributeError:
+        return False
+    return len(froms) == 1 and froms[0] is model.__table__
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Connection pooling
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PoolEvents:
+    """Counts what an engine's pool does while active: a context manager.
+
+    ``connects`` (new DBAPI connections), ``checkouts``, ``checkins``, ``closes`` (connections
+    the pool closed, e.g. an overflow connection returned to a full pool), ``invalidations``
+    (connections found broken and thrown away).
+    """
+
+    engine: Engine
+    connects: int = 0
+    checkouts: int = 0
+    checkins: int = 0
+    closes: int = 0
+    invalidations: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _bump(self, name):
+        def handler(*args, **kwargs):
+            with self._lock:
+                setattr(self, name, getattr(self, name) + 1)
+        return handler
+
+    def __post_init__(self):
+        self._handlers = {"connect": self._bump("connects"), "checkout": self._bump("checkouts"),
+                          "checkin": self._bump("checkins"), "close": self._bump("closes"),
+                          "invalidate": self._bump("invalidations")}
+
+    def __enter__(self):
+        for event, handler in self._handlers.items():
+            sa.event.listen(self.engine, event, handler)
+        return self
+
+    def __exit__(self, *exc_info):
+        for event, handler in self._handlers.items():
+            sa.event.remove(self.engine, event, handler)
+
+    def as_dict(self) -> dict:
+        return {"connects": self.connects, "checkouts": self.checkouts,
+                "checkins": self.checkins, "closes": self.closes,
+                "invalidations": self.invalidations}
+
+
+def postgres_engine(**engine_kwargs) -> Engine:
+    """An engine on the course's PostgreSQL (``DATABASE_URL`` or embedded), no pre-ping unless
+    asked: the pool experiments set every pool option themselves."""
+    from . import db  # noqa: PLC0415
+
+    engine_kwargs.setdefault("pool_pre_ping", False)
+    return db.engine("postgres", **engine_kwargs)
+
+
+def checkouts_table(make_engine: Callable[..., Engine], checkouts: int = 20) -> pd.DataFrame:
+    """Connections opened for ``checkouts`` sequential checkouts, per pool class."""
+    rows = []
+    for label, kwargs in (("QueuePool (default)", {}),
+                          ("NullPool", {"poolclass": sa.pool.NullPool})):
+        engine = make_engine(**kwargs)
+        try:
+            with PoolEvents(engine) as events:
+                for _ in range(checkouts):
+                    with engine.connect() as conn:
+                        conn.exec_driver_sql("SELECT 1")
+            rows.append({"pool": label, **events.as_dict()})
+        finally:
+            engine.dispose()
+    return pd.DataFrame(rows)
+
+
+def overflow_steps(make_engine: Callable[..., Engine], pool_size: int = 2,
+                   max_overflow: int = 1) -> pd.DataFrame:
+    """Check out ``pool_size + max_overflow`` connections, return them, do it again.
+
+    One row per step with the pool's running counts: the overflow connection is closed when it
+    comes back to a full pool, and opened anew the next time it is needed.
+    """
+    engine = make_engine(pool_size=pool_size, max_overflow=max_overflow)
+    rows = []
+    try:
+        with PoolEvents(engine) as events:
+            for round_ in (1, 2):
+                held = [engine.connect() for _ in range(pool_size + max_overflow)]
+                rows.append({"step": f"round {round_}: {len(held)} checked out",
+                             **events.as_dict(), "in_pool": engine.pool.checkedin()})
+                for conn in held:
+                    conn.close()
+                rows.append({"step": f"round {round_}: all returned",
+                             **events.as_dict(), "in_pool": engine.pool.checkedin()})
+    finally:
+        engine.dispose()
+    return pd.DataFrame(rows)
+
+
+def exhaust_pool(engine: Engine, workers: int, hold_s: float = 0.5) -> dict:
+    """``workers`` threads each check out a connection at once and hold it ``hold_s``.
+
+    With ``hold_s`` well above the engine's ``pool_timeout``, exactly
+    ``pool_size + max_overflow`` threads get a connection and the others wait ``pool_timeout``
+    and fail with ``sqlalchemy.exc.TimeoutError``: counted, not raised. Returns ``workers,
+    served, timeouts, connects, waited_s`` (the longest wait of a thread that timed out).
+    """
+    lock = threading.Lock()
+    result = {"served": 0, "timeouts": 0, "waited_s": 0.0}
+    start = threading.Barrier(workers)
+
+    def worker():
+        start.wait()
+        began = time.perf_counter()
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+                with lock:
+                    result["served"] += 1
+                time.sleep(hold_s)
+        except sa.exc.TimeoutError:
+            with lock:
+                result["timeouts"] += 1
+                result["waited_s"] = max(result["waited_s"], time.perf_counter() - began)
+
+    with PoolEvents(engine) as events:
+        threads = [threading.Thread(target=worker) for _ in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return {"workers": workers, "served": result["served"], "timeouts": result["timeouts"],
+            "connects": events.connects, "waited_s": result["waited_s"]}
+
+
+def pool_throughput(make_engine: Callable[..., Engine], pool_sizes: Sequence[int],
+                    workers: int = 8, requests: int = 80, service_s: float = 0.01) -> pd.DataFrame:
+    """Throughput of ``workers`` threads whose requests each hold a connection ``service_s``.
+
+    For each pool size (``max_overflow=0``) the pool is filled first (``pool_size`` connects),
+    then ``requests`` requests run through :func:`perfcourse.fundamentals.run_load`; each
+    runs ``SELECT pg_sleep(service_s)`` (the server works, the thread waits). One row per size:
+    ``pool_size, workers, requests, connects, checkouts, elapsed_s, wait_s`` (mean time a
+    request waited for a connection), ``latency_s`` (mean), ``throughput`` (requests/s).
+    """
+    from .fundamentals import run_load  # noqa: PLC0415
+
+    rows = []
+    for size in pool_sizes:
+        engine = make_engine(pool_size=size, max_overflow=0, pool_timeout=30)
+        try:
+            held = [engine.connect() for _ in range(size)]  # fill the pool up front
+            for conn in held:
+                conn.close()
+            waits = []
+            lock = threading.Lock()
+
+            def work(_i, engine=engine):
+                began = time.perf_counter()
+                with engine.connect() as conn:
+                    got = time.perf_counter()
+                    conn.exec_driver_sql("SELECT pg_sleep(%s)", (service_s,))
+                with lock:
+                    waits.append(got - began)
+
+            with PoolEvents(engine) as events:
+                run = run_load(work, workers=workers, requests=requests)
+            rows.append({"pool_size": size, "workers": workers, "requests": requests,
+                         "connects": size + events.connects, "checkouts": events.checkouts,
+                         "elapsed_s": run.elapsed_s, "wait_s": sum(waits) / len(waits),
+                         "latency_s": run.mean_latency_s,
+                         "throughput": run.throughput_per_s})
+        finally:
+            engine.dispose()
+    return pd.DataFrame(rows)
+
+
+def format_rate(per_second: float, unit: str = "req/s") -> str:
+    """``1234.5`` -> ``"1,234 req/s"`` (masked by the course's nbval sanitizer)."""
+    return f"{per_second:,.0f} {unit}"
+
+
+def _backend_pid(conn) -> int:
+    return conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+
+
+def terminate_backend(pid: int) -> bool:
+    """Kill one server connection the way a failover, a restart or an idle timeout would."""
+    killer = postgres_engine(poolclass=sa.pool.NullPool)
+    try:
+        with killer.connect() as conn:
+            done = conn.exec_driver_sql("SELECT pg_terminate_backend(%s)", (pid,)).scalar()
+            conn.commit()
+    finally:
+        killer.dispose()
+    # the backend exits asynchronously: wait until it is gone
+    probe = postgres_engine(poolclass=sa.pool.NullPool)
+    try:
+        with probe.connect() as conn:
+            for _ in range(200):
+                alive = conn.exec_driver_sql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).scalar()
+                conn.rollback()
+                if not alive:
+                    break
+                time.sleep(0.01)
+    finally:
+        probe.dispose()
+    return bool(done)
+
+
+def pre_ping_demo(make_engine: Callable[..., Engine], pre_ping: bool, attempts: int = 3) -> dict:
+    """A pooled connection is killed on the server; then ``attempts`` requests run.
+
+    Without ``pool_pre_ping`` the first request gets the dead connection and fails
+    (``OperationalError``, counted); the pool then throws every pooled connection away and the
+    next request reconnects. With it, the checkout pings first, sees the dead connection,
+    reconnects, and no request fails. Returns ``pre_ping, errors, served, connects``.
+    """
+    engine = make_engine(pool_size=1, max_overflow=0, pool_pre_ping=pre_ping)
+    try:
+        with PoolEvents(engine) as events:
+            with engine.connect() as conn:
+                pid = _backend_pid(conn)
+            terminate_backend(pid)
+            errors = served = 0
+            for _ in range(attempts):
+                try:
+                    with engine.connect() as conn:
+                        conn.exec_driver_sql("SELECT 1")
+                    served += 1
+                except sa.exc.OperationalError:
+                    errors += 1
+        return {"pre_ping": pre_ping, "errors": errors, "served": served,
+                "connects": events.connects}
+    finally:
+        engine.dispose()
+
+
+def recycle_demo(make_engine: Callable[..., Engine], recycle_s: float, idle_s: float,
+                 checkouts: int = 3) -> dict:
+    """``checkouts`` checkouts ``idle_s`` apart with ``pool_recycle=recycle_s``.
+
+    A connection older than ``recycle_s`` is closed at checkout and replaced (recycled):
+    with ``idle_s > recycle_s`` every checkout after the first opens a new connection.
+    Returns ``recycle_s, idle_s, checkouts, connects, backends`` (distinct server pids).
+    """
+    engine = make_engine(pool_size=1, max_overflow=0, pool_recycle=recycle_s)
+    pids = set()
+    try:
+        with PoolEvents(engine) as events:
+            for i in range(checkouts):
+                if i:
+                    time.sleep(idle_s)
+                with engine.connect() as conn:
+                    pids.add(_backend_pid(conn))
+        return {"pool_recycle_s": recycle_s, "idle_s": idle_s, "checkouts": checkouts,
+                "connects": events.connects, "backends": len(pids)}
+    finally:
+        engine.dispose()
+
+
+def fork_demo(engine: Engine, dispose: bool) -> dict:
+    """Fork this process after its pool holds a connection; the child runs one query.
+
+    With ``dispose=True`` the child first calls ``engine.dispose(close=False)``: it forgets
+    the inherited connections without closing them (closing would end the parent's session on
+    the server), and opens its own. Without it the child's pool hands out the parent's
+    connection: two processes on one socket. Returns ``dispose, parent_backend,
+    child_backend, same_connection, parent_still_works``. POSIX only.
+    """
+    with engine.connect() as conn:
+        parent_backend = _backend_pid(conn)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no output, no cleanup handlers, exit at once
+        code = 1
+        try:
+            os.close(read_end)
+            if dispose:
+                engine.dispose(close=False)
+            with engine.connect() as conn:
+                child_backend = _backend_pid(conn)
+            os.write(write_end, str(child_backend).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as reader:
+        text = reader.read()
+    os.waitpid(pid, 0)
+    child_backend = int(text) if text else -1
+    with engine.connect() as conn:
+        parent_after = _backend_pid(conn)
+    return {"dispose": dispose, "parent_backend": parent_backend, "child_backend": child_backend,
+            "same_connection": child_backend == parent_backend,
+            "parent_still_works": parent_after == parent_backend}
