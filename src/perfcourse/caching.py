@@ -1,0 +1,1192 @@
+"""Chapter 05 helpers: caching with a real Redis, measured by hits, misses and database calls.
+
+What is here, in the order of the chapter:
+
+* :class:`CountingRedis` - a redis-py client that counts the commands it sends (``KEYS`` against
+  ``SCAN``, how many ``DEL`` batches, ...), pipelines included.
+* Keys: :func:`cache_key`, :func:`record_key` (id + version, Rails' ``cache_key_with_version``),
+  :func:`search_key` (a digest, so user input never makes unbounded keys).
+* Cache-aside: :func:`cached` (the plain function) and :class:`Cache` (with statistics, a key
+  namespace, and degradation to the database when Redis is slow or down).
+* Workloads: :func:`zipf_workload`, LRU and TTL hit-rate simulations.
+* The expensive read: :func:`product_page` (3 queries) and :func:`serve_workload`.
+* Invalidation on ORM events: :func:`invalidate_on_change`, :func:`stale_reads`.
+* Fragment and Russian-doll caching of Jinja2 templates: :class:`FragmentCache`,
+  :func:`render_user_orders`, :func:`change_item`.
+* Pattern deletes (:func:`delete_pattern` with SCAN, :func:`delete_pattern_with_keys`), atomic
+  counters (:func:`counter_race`), stampede protection (:func:`stampede`, :func:`xfetch_recomputes`),
+  client timeouts (:func:`resilient_client`, :func:`degraded_pages`).
+* HTTP caching: :func:`create_app` (ETag, Last-Modified, 304, fingerprinted assets),
+  :class:`BackgroundServer` and :func:`conditional_requests`.
+
+Every key written here lives under a namespace the caller gives (the notebook uses ``ch05``, tests
+a unique prefix); nothing is ever flushed globally. Counts are deterministic for a given workload:
+the random ones are seeded, the concurrent ones are sequenced with barriers and events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import re
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import redis
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from .models import Product
+
+NAMESPACE = "ch05"
+
+# ---------------------------------------------------------------------------------------------
+# A client that counts what it sends
+# ---------------------------------------------------------------------------------------------
+
+
+class _CountingPipeline(redis.client.Pipeline):
+    def __init__(self, owner: CountingRedis, *args) -> None:
+        super().__init__(*args)
+        self._owner = owner
+
+    def pipeline_execute_command(self, *args, **options):
+        name = args[0].decode() if isinstance(args[0], bytes) else str(args[0])
+        with self._owner._lock:
+            self._owner.pipelined[name.upper()] += 1
+        return super().pipeline_execute_command(*args, **options)
+
+    def execute(self, raise_on_error: bool = True):
+        if self.command_stack:
+            self._owner._record(("PIPELINE",), 0.0)  # one round trip for the whole batch
+        return super().execute(raise_on_error)
+
+    def immediate_execute_command(self, *args, **options):
+        self._owner._record(args, 0.0)
+        return super().immediate_execute_command(*args, **options)
+
+
+class CountingRedis(redis.Redis):
+    """A redis-py client sharing ``source``'s connections that counts every command it sends.
+
+    ``calls`` is a :class:`collections.Counter` of command names (``"SCAN"``, ``"DEL"``...),
+    one per round trip: a pipeline counts once as ``"PIPELINE"`` and its queued commands go to
+    ``pipelined``. ``durations`` maps each name to the seconds each call took; ``replies``
+    records how many items list replies held (``KEYS`` returns every name at once, ``SCAN`` one
+    batch). :meth:`reset` starts over.
+    """
+
+    def __init__(self, source: redis.Redis) -> None:
+        super().__init__(connection_pool=source.connection_pool)
+        self.calls: Counter[str] = Counter()
+        self.pipelined: Counter[str] = Counter()
+        self.durations: dict[str, list[float]] = {}
+        self.replies: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+
+    def _record(self, args, seconds: float, reply: Any = None) -> None:
+        name = str(args[0]).upper() if args else "?"
+        if isinstance(args[0], bytes):
+            name = args[0].decode().upper()
+        with self._lock:
+            self.calls[name] += 1
+            self.durations.setdefault(name, []).append(seconds)
+            if name == "SCAN" and isinstance(reply, (list, tuple)) and len(reply) == 2:
+                self.replies.setdefault(name, []).append(len(reply[1]))
+            elif isinstance(reply, (list, tuple)):
+                self.replies.setdefault(name, []).append(len(reply))
+
+    def execute_command(self, *args, **options):
+        started = time.perf_counter()
+        reply = super().execute_command(*args, **options)
+        self._record(args, time.perf_counter() - started, reply)
+        return reply
+
+    def pipeline(self, transaction: bool = True, shard_hint=None):
+        return _CountingPipeline(self, self.connection_pool, self.response_callbacks,
+                                 transaction, shard_hint)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.calls.clear()
+            self.pipelined.clear()
+            self.durations.clear()
+            self.replies.clear()
+
+    def longest_call_s(self, name: str) -> float:
+        return max(self.durations.get(name.upper(), [0.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------------------------
+
+#: Longest key part kept as is; longer parts (and anything with spaces) become a digest.
+MAX_PART = 64
+_SAFE_PART = re.compile(r"^[A-Za-z0-9_.\-/=@]+$")
+
+
+def digest(text: str, length: int = 16) -> str:
+    """A short, stable hex digest of ``text`` (SHA-256): bounded key parts from any input."""
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def cache_key(*parts: Any, namespace: str = NAMESPACE) -> str:
+    """``namespace:part:part...``: a readable key of bounded length.
+
+    Parts are turned into text; a part that is long or holds characters unsafe in a key (spaces,
+    colons, control characters: typically user input) is replaced by its :func:`digest`, so
+    the key space stays bounded and a key never collides with another namespace's.
+    """
+    if not parts:
+        raise ValueError("A cache key needs at least one part after the namespace.")
+    cleaned = []
+    for part in parts:
+        text = str(part)
+        if not text:
+            raise ValueError("Empty key part: a key made of blanks collides with other keys.")
+        cleaned.append(text if len(text) <= MAX_PART and _SAFE_PART.match(text) else digest(text))
+    return ":".join([namespace, *cleaned])
+
+
+def record_key(table: str, record_id: Any, version: Any, *, namespace: str = NAMESPACE) -> str:
+    """Key of one record's cached form: ``ns:table/id-vVERSION`` (Rails ``cache_key_with_version``).
+
+    A new version (``updated_at`` or a version counter) is a new key: the old entry is never read
+    again and simply expires. No delete needed, hence "key-based expiry".
+    """
+    if isinstance(version, datetime):
+        version = version.strftime("%Y%m%d%H%M%S%f")
+    return cache_key(f"{table}/{record_id}-v{version}", namespace=namespace)
+
+
+def search_key(query: str, *, namespace: str = NAMESPACE) -> str:
+    """Key of a search result: the normalised query text as a digest (bounded, safe)."""
+    normalised = " ".join(query.lower().split())
+    return cache_key("search", digest(normalised), namespace=namespace)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache-aside
+# ---------------------------------------------------------------------------------------------
+
+
+def _dumps(value: Any) -> str:
+    def default(obj):
+        if isinstance(obj, Decimal):
+            return str(obj)
+        if isinstance(obj, datetime):
+            return obj.isoformat()
+        raise TypeError(f"Cannot cache a {type(obj).__name__} as JSON")
+
+    return json.dumps(value, default=default, separators=(",", ":"))
+
+
+def cached(client: redis.Redis, key: str, ttl_s: float, compute: Callable[[], Any]) -> Any:
+    """Cache-aside in four lines: read the key; on a miss compute, store with a TTL, return.
+
+    Values are stored as JSON. A cached falsy value (``0``, ``[]``, ``""``) is a hit: test
+    ``is not None``, never truthiness.
+    """
+    raw = client.get(key)
+    if raw is not None:
+        return json.loads(raw)
+    value = compute()
+    client.set(key, _dumps(value), px=max(1, int(ttl_s * 1000)))
+    return value
+
+
+@dataclass
+class CacheStats:
+    """What a :class:`Cache` did: hits, misses, computations, and Redis errors survived."""
+
+    hits: int = 0
+    misses: int = 0
+    computes: int = 0
+    errors: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        looked_up = self.hits + self.misses
+        return self.hits / looked_up if looked_up else 0.0
+
+    def as_row(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Cache:
+    """Cache-aside on Redis with a key namespace, a default TTL, statistics, and degradation.
+
+    ``fetch(key, compute, ttl_s)`` reads ``namespace:key``; on a miss it computes and stores the
+    value with the TTL. When Redis fails (timeout, connection refused) the value is computed from
+    the database and the error only counted: a dead cache makes pages slower, never broken.
+    """
+
+    def __init__(self, client: redis.Redis, namespace: str = NAMESPACE, *,
+                 ttl_s: float = 300.0) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.ttl_s = ttl_s
+        self.stats = CacheStats()
+        self._lock = threading.Lock()
+
+    def key(self, *parts: Any) -> str:
+        return cache_key(*parts, namespace=self.namespace)
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            setattr(self.stats, name, getattr(self.stats, name) + 1)
+
+    def fetch(self, key: str, compute: Callable[[], Any], ttl_s: float | None = None) -> Any:
+        """The cached value of ``key`` (a full key or parts joined under the namespace)."""
+        full = key if key.startswith(self.namespace + ":") else self.key(key)
+        try:
+            raw = self.client.get(full)
+        except redis.RedisError:
+            self._count("errors")
+            self._count("computes")
+            return compute()  # the cache is sick: serve from the database, do not write to it
+        if raw is not None:
+            self._count("hits")
+            return json.loads(raw)
+        self._count("misses")
+        value = compute()
+        self._count("computes")
+        try:
+            self.client.set(full, _dumps(value), px=max(1, int((ttl_s or self.ttl_s) * 1000)))
+        except redis.RedisError:
+            self._count("errors")
+        return value
+
+    def delete(self, *keys: str) -> int:
+        full = [k if k.startswith(self.namespace + ":") else self.key(k) for k in keys]
+        try:
+            return self.client.delete(*full) if full else 0
+        except redis.RedisError:
+            self._count("errors")
+            return 0
+
+    def clear(self) -> int:
+        """Delete every key of the namespace (SCAN + DEL, see :func:`delete_pattern`)."""
+        return delete_pattern(self.client, self.namespace + ":*")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pattern deletes: KEYS against SCAN
+# ---------------------------------------------------------------------------------------------
+
+
+def delete_pattern(client: redis.Redis, pattern: str, *, count: int = 500) -> int:
+    """Delete the keys matching ``pattern`` with ``SCAN`` (batches of ``count``); return how many.
+
+    SCAN walks the keyspace a slice per call, so the server keeps answering other clients in
+    between; matching keys are deleted one ``DEL`` per batch as they come.
+    """
+    deleted, batch = 0, []
+    for key in client.scan_iter(match=pattern, count=count):
+        batch.append(key)
+        if len(batch) >= count:
+            deleted += client.delete(*batch)
+            batch = []
+    if batch:
+        deleted += client.delete(*batch)
+    return deleted
+
+
+def delete_pattern_with_keys(client: redis.Redis, pattern: str) -> int:
+    """The blocking way: ``KEYS pattern`` (walks every key in one command), then one ``DEL``."""
+    keys = client.keys(pattern)
+    return client.delete(*keys) if keys else 0
+
+
+def fill_keys(client: redis.Redis, prefix: str, n: int, *, ttl_s: float = 600) -> None:
+    """Write ``n`` small keys ``prefix0..`` in pipelined batches (each with a TTL, as a safety)."""
+    for start in range(0, n, 1000):
+        with client.pipeline(transaction=False) as pipe:
+            for i in range(start, min(n, start + 1000)):
+                pipe.set(f"{prefix}{i}", "x", ex=int(ttl_s))
+            pipe.execute()
+
+
+def compare_pattern_deletes(client: redis.Redis, namespace: str, n_keys: int = 20_000,
+                            count: int = 1000) -> pd.DataFrame:
+    """Delete ``n_keys`` keys under ``namespace:scan:`` with KEYS, then with SCAN; one row each.
+
+    Columns: ``method``, ``commands`` (what was sent), ``keys_deleted``, ``keys_left``,
+    ``del_calls``, ``longest_call_s`` (the longest single command: how long Redis answered no
+    one else). The number of SCAN calls depends on every key of the database, so it is not shown.
+    """
+    counting = CountingRedis(client)
+    rows = []
+    prefix = f"{namespace}:scan:"
+    for method in ("KEYS", "SCAN"):
+        fill_keys(client, prefix, n_keys)
+        counting.reset()
+        if method == "KEYS":
+            deleted = delete_pattern_with_keys(counting, prefix + "*")
+            commands, longest = "KEYS + 1 DEL", counting.longest_call_s("KEYS")
+        else:
+            deleted = delete_pattern(counting, prefix + "*", count=count)
+            commands, longest = f"SCAN COUNT {count} + DEL per batch", counting.longest_call_s("SCAN")
+        left = sum(1 for _ in client.scan_iter(match=prefix + "*", count=1000))
+        rows.append({"method": method, "commands": commands, "keys_deleted": deleted,
+                     "keys_left": left, "del_calls": counting.calls["DEL"],
+                     "longest_call_s": longest})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counters
+# ---------------------------------------------------------------------------------------------
+
+
+def counter_race(client: redis.Redis, key: str, *, workers: int = 4, rounds: int = 50,
+                 atomic: bool = False) -> dict[str, Any]:
+    """``workers`` threads each add 1 per round, ``rounds`` times, to the counter ``key``.
+
+    Naive (``atomic=False``): GET, then SET value + 1. A barrier between the GETs and the SETs
+    forces the interleaving that production hits by chance, so the count is deterministic: every
+    round, all workers read the same value and write the same value + 1. Atomic: ``INCR``, the
+    server adds. Returns ``expected``, ``counted`` and ``lost`` increments.
+    """
+    client.delete(key)
+    barrier = threading.Barrier(workers)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(rounds):
+                barrier.wait(timeout=10)
+                if atomic:
+                    client.incr(key)
+                    barrier.wait(timeout=10)
+                else:
+                    value = int(client.get(key) or 0)
+                    barrier.wait(timeout=10)  # everyone has read before anyone writes
+                    client.set(key, value + 1)
+                barrier.wait(timeout=10)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    if errors:
+        raise errors[0]
+    counted = int(client.get(key) or 0)
+    client.delete(key)
+    expected = workers * rounds
+    return {"method": "INCR" if atomic else "GET + SET", "workers": workers, "rounds": rounds,
+            "expected": expected, "counted": counted, "lost": expected - counted}
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads and hit rates
+# ---------------------------------------------------------------------------------------------
+
+
+def zipf_workload(requests: int, items: int, *, s: float = 1.0, seed: int = 5) -> list[int]:
+    """``requests`` ids in ``1..items`` drawn from a Zipf-like law: rank k has weight 1/k^s.
+
+    The ranks are shuffled over the ids (the most popular product is not id 1). Seeded: the same
+    arguments give the same list on every machine.
+    """
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, items + 1) ** s
+    weights /= weights.sum()
+    ids = rng.permutation(items) + 1
+    return [int(i) for i in ids[rng.choice(items, size=requests, p=weights)]]
+
+
+def lru_hits(workload: Iterable[Any], capacity: int) -> tuple[int, int]:
+    """(hits, misses) of an LRU cache holding ``capacity`` entries over ``workload``."""
+    cache: OrderedDict[Any, None] = OrderedDict()
+    hits = misses = 0
+    for key in workload:
+        if key in cache:
+            hits += 1
+            cache.move_to_end(key)
+        else:
+            misses += 1
+            cache[key] = None
+            if len(cache) > capacity:
+                cache.popitem(last=False)
+    return hits, misses
+
+
+def hit_rates_by_size(workload: Sequence[Any], capacities: Iterable[int]) -> pd.DataFrame:
+    """One row per cache size: ``capacity, hits, misses, hit_rate`` (LRU eviction)."""
+    rows = []
+    for capacity in capacities:
+        hits, misses = lru_hits(workload, capacity)
+        rows.append({"capacity": capacity, "hits": hits, "misses": misses,
+                     "hit_rate": round(hits / len(workload), 4)})
+    return pd.DataFrame(rows)
+
+
+def ttl_hits(workload: Iterable[Any], ttl_s: float, rate_per_s: float) -> tuple[int, int]:
+    """(hits, misses) of an unbounded cache whose entries live ``ttl_s``, requests arriving
+    evenly at ``rate_per_s`` (a simulated clock: deterministic)."""
+    expires: dict[Any, float] = {}
+    hits = misses = 0
+    for i, key in enumerate(workload):
+        now = i / rate_per_s
+        if expires.get(key, -1.0) > now:
+            hits += 1
+        else:
+            misses += 1
+            expires[key] = now + ttl_s
+    return hits, misses
+
+
+def hit_rates_by_ttl(workload: Sequence[Any], ttls_s: Iterable[float],
+                     rate_per_s: float) -> pd.DataFrame:
+    """One row per TTL: ``ttl_s, hits, misses, hit_rate``."""
+    rows = []
+    for ttl in ttls_s:
+        hits, misses = ttl_hits(workload, ttl, rate_per_s)
+        rows.append({"ttl_s": ttl, "hits": hits, "misses": misses,
+                     "hit_rate": round(hits / len(workload), 4)})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The expensive read: a product page
+# ---------------------------------------------------------------------------------------------
+
+#: Queries one uncached product page sends.
+PRODUCT_PAGE_QUERIES = 3
+
+
+def product_page(engine: Engine, product_id: int) -> dict[str, Any]:
+    """What a product page shows, in 3 queries: the product, its category, its sales figures."""
+    with engine.connect() as conn:
+        product = conn.execute(sa.text(
+            "SELECT id, name, price, category_id FROM products WHERE id = :id"),
+            {"id": product_id}).one()
+        category = conn.execute(sa.text("SELECT name FROM categories WHERE id = :id"),
+                                {"id": product.category_id}).scalar_one()
+        sold = conn.execute(sa.text(
+            "SELECT count(*), coalesce(sum(quantity), 0) FROM order_items "
+            "WHERE product_id = :id"), {"id": product_id}).one()
+    return {"id": product.id, "name": product.name, "price": str(product.price),
+            "category": category, "orders": int(sold[0]), "units": int(sold[1])}
+
+
+def serve_workload(engine: Engine, workload: Sequence[int], cache: Cache | None = None,
+                   *, ttl_s: float = 300.0) -> dict[str, Any]:
+    """Serve a product page per id of ``workload``, through ``cache`` or straight from the
+    database. Returns requests, database queries, hits, misses and the total time."""
+    from .measure import count_queries  # noqa: PLC0415
+
+    with count_queries(engine) as queries:
+        started = time.perf_counter()
+        for product_id in workload:
+            if cache is None:
+                product_page(engine, product_id)
+            else:
+                cache.fetch(cache.key("product", product_id),
+                            lambda pid=product_id: product_page(engine, pid), ttl_s)
+        total = time.perf_counter() - started
+    stats = cache.stats if cache is not None else CacheStats()
+    return {"requests": len(workload), "db_queries": queries.count, "hits": stats.hits,
+            "misses": stats.misses, "total_s": total, "per_request_s": total / len(workload)}
+
+
+def latency_gained(pg: Engine, workload: Sequence[int], *, namespace: str,
+                   delay_s: float = 0.001) -> pd.DataFrame:
+    """The product pages of ``workload`` on PostgreSQL and Redis both ``delay_s`` away.
+
+    Rows: no cache; cache-aside starting cold; the same again, warm. Every key is deleted after.
+    """
+    from .latency import postgres_via_proxy, redis_via_proxy  # noqa: PLC0415
+
+    engine, pg_proxy = postgres_via_proxy(delay_s, source=pg)
+    client, redis_proxy = redis_via_proxy(delay_s)
+    try:
+        rows = [{"case": "no cache", **serve_workload(engine, workload)}]
+        cache = Cache(client, namespace)
+        rows.append({"case": "cache-aside, cold", **serve_workload(engine, workload, cache)})
+        cache.stats = CacheStats()
+        rows.append({"case": "cache-aside, warm", **serve_workload(engine, workload, cache)})
+        cache.clear()
+    finally:
+        redis_proxy.stop()
+        pg_proxy.stop()
+    df = pd.DataFrame(rows)
+    df["ratio"] = df.total_s / df.total_s.min()
+    return df
+
+
+# ---------------------------------------------------------------------------------------------
+# Invalidation on ORM events
+# ---------------------------------------------------------------------------------------------
+
+
+def product_key(cache: Cache, product_id: int) -> str:
+    return cache.key("product", product_id)
+
+
+def read_product(session: Session, cache: Cache, product_id: int) -> dict[str, Any]:
+    """A product's name and price through the cache (one query on a miss)."""
+    def load():
+        product = session.get(Product, product_id)
+        return {"id": product.id, "name": product.name, "price": str(product.price)}
+
+    return cache.fetch(product_key(cache, product_id), load)
+
+
+@contextlib.contextmanager
+def invalidate_on_change(cache: Cache, *, after_commit: bool = True):
+    """While active, a change to a :class:`~perfcourse.models.Product` deletes its cached entry.
+
+    ``after_update``/``after_insert``/``after_delete`` mapper events note the key; with
+    ``after_commit`` (default) the keys are deleted once the transaction has committed, so a
+    reader between the flush and the commit cannot put the old row back into the cache. With
+    ``after_commit=False`` they are deleted at once, during the flush (simpler, that race
+    remains). Listeners are removed on exit.
+    """
+    pending_key = f"perfcourse.caching.invalidate.{id(cache)}"
+
+    def on_change(mapper, connection, target):
+        key = product_key(cache, target.id)
+        if not after_commit:
+            cache.delete(key)
+            return
+        session = sa.orm.object_session(target)
+        if session is not None:
+            session.info.setdefault(pending_key, set()).add(key)
+
+    def on_commit(session):
+        keys = session.info.pop(pending_key, set())
+        if keys:
+            cache.delete(*keys)
+
+    def on_rollback(session):
+        session.info.pop(pending_key, None)
+
+    mapper_events = ("after_update", "after_insert", "after_delete")
+    for name in mapper_events:
+        sa.event.listen(Product, name, on_change)
+    sa.event.listen(Session, "after_commit", on_commit)
+    sa.event.listen(Session, "after_rollback", on_rollback)
+    try:
+        yield
+    finally:
+        for name in mapper_events:
+            sa.event.remove(Product, name, on_change)
+        sa.event.remove(Session, "after_commit", on_commit)
+        sa.event.remove(Session, "after_rollback", on_rollback)
+
+
+def stale_reads(engine: Engine, cache: Cache, product_ids: Sequence[int],
+                changed: Sequence[int], *, hook: bool) -> dict[str, Any]:
+    """Warm the cache for ``product_ids``, raise the price of ``changed`` through the ORM, read
+    every product again and count the reads that differ from the database (stale).
+
+    Prices are restored afterwards and the products' keys deleted.
+    """
+    cache.stats = CacheStats()
+    with Session(engine) as session:
+        for pid in product_ids:
+            read_product(session, cache, pid)
+    manager = invalidate_on_change(cache) if hook else contextlib.nullcontext()
+    with manager, Session(engine) as session:
+        originals = {}
+        for pid in changed:
+            product = session.get(Product, pid)
+            originals[pid] = product.price
+            product.price = product.price + Decimal("1.00")
+        session.commit()
+    stale = 0
+    warm = CacheStats(**cache.stats.as_row())
+    with Session(engine) as session:
+        for pid in product_ids:
+            shown = read_product(session, cache, pid)
+            truth = session.get(Product, pid)
+            stale += shown["price"] != str(truth.price)
+    with Session(engine) as session:
+        for pid, price in originals.items():
+            session.get(Product, pid).price = price
+        session.commit()
+    cache.delete(*(product_key(cache, pid) for pid in product_ids))
+    return {"invalidation": "after_commit hook" if hook else "none (TTL only)",
+            "reads": len(product_ids), "updated": len(changed),
+            "hits": cache.stats.hits - warm.hits, "misses": cache.stats.misses - warm.misses,
+            "stale_reads": stale}
+
+
+# ---------------------------------------------------------------------------------------------
+# Fragment and Russian-doll caching
+# ---------------------------------------------------------------------------------------------
+
+ITEM_TEMPLATE = (
+    '<li class="item">product {{ item.product_id }} × {{ item.quantity }} at '
+    "{{ item.unit_price }}</li>"
+)
+ORDER_TEMPLATE = (
+    '<section class="order"><h3>Order {{ order.id }} · {{ order.status }} · {{ order.total }}'
+    "</h3><ul>{% for html in items %}{{ html }}{% endfor %}</ul></section>"
+)
+PAGE_TEMPLATE = (
+    '<main><h2>Orders of user {{ user_id }}</h2>{% for html in orders %}{{ html }}'
+    "{% endfor %}</main>"
+)
+
+
+def _environment():
+    import jinja2  # noqa: PLC0415 - Flask's template engine
+
+    return jinja2.Environment(autoescape=True)
+
+
+def add_versions(engine: Engine) -> None:
+    """Add a ``version`` column (default 1) to ``orders`` and ``order_items`` of a scratch copy.
+
+    The shop schema has no ``updated_at``; a version counter plays its part in the keys. Never
+    run this on the course dataset.
+    """
+    with engine.begin() as conn:
+        for table in ("orders", "order_items"):
+            columns = {c["name"] for c in sa.inspect(conn).get_columns(table)}
+            if "version" not in columns:
+                conn.exec_driver_sql(
+                    f"ALTER TABLE {table} ADD COLUMN version INTEGER NOT NULL DEFAULT 1")
+
+
+class FragmentCache:
+    """Rendered HTML fragments in Redis, keyed by record id + version; counts renders per kind."""
+
+    def __init__(self, client: redis.Redis, namespace: str = NAMESPACE, *,
+                 ttl_s: float = 3600) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.ttl_s = ttl_s
+        self.renders: Counter[str] = Counter()
+        self.hits: Counter[str] = Counter()
+        self.env = _environment()
+        self.templates = {"item": self.env.from_string(ITEM_TEMPLATE),
+                          "order": self.env.from_string(ORDER_TEMPLATE),
+                          "page": self.env.from_string(PAGE_TEMPLATE)}
+
+    def fetch(self, kind: str, key: str, render: Callable[[], str]) -> str:
+        """The fragment under ``key``; rendered (and stored) only on a miss."""
+        raw = self.client.get(key)
+        if raw is not None:
+            self.hits[kind] += 1
+            return raw.decode() if isinstance(raw, bytes) else raw
+        html = render()
+        self.renders[kind] += 1
+        self.client.set(key, html, px=int(self.ttl_s * 1000))
+        return html
+
+    def render(self, kind: str, **context) -> str:
+        import markupsafe  # noqa: PLC0415
+
+        context = {k: ([markupsafe.Markup(h) for h in v] if k in ("items", "orders") else v)
+                   for k, v in context.items()}
+        return self.templates[kind].render(**context)
+
+    def reset_counts(self) -> None:
+        self.renders.clear()
+        self.hits.clear()
+
+    def clear(self) -> int:
+        return delete_pattern(self.client, f"{self.namespace}:frag:*")
+
+
+def render_user_orders(engine: Engine, fragments: FragmentCache, user_id: int) -> str:
+    """The orders page of a user, as nested cached fragments (Russian doll).
+
+    The page key holds the number of the user's orders and their highest version; each order's
+    key its id and version; each item's key its id and version. A hit on an outer fragment skips
+    everything inside it, database reads included.
+    """
+    ns = fragments.namespace
+    with engine.connect() as conn:
+        count, newest = conn.execute(sa.text(
+            "SELECT count(*), coalesce(max(version), 0) FROM orders WHERE user_id = :u"),
+            {"u": user_id}).one()
+        page_key = cache_key("frag", f"user-orders/{user_id}-{count}-v{newest}", namespace=ns)
+
+        def render_page() -> str:
+            orders = conn.execute(sa.text(
+                "SELECT id, status, total, version FROM orders WHERE user_id = :u ORDER BY id"),
+                {"u": user_id}).all()
+            parts = []
+            for order in orders:
+                def render_order(order=order) -> str:
+                    items = conn.execute(sa.text(
+                        "SELECT id, product_id, quantity, unit_price, version FROM order_items "
+                        "WHERE order_id = :o ORDER BY id"), {"o": order.id}).all()
+                    item_html = [
+                        fragments.fetch(
+                            "item", cache_key("frag", f"order_items/{item.id}-v{item.version}",
+                                              namespace=ns),
+                            lambda item=item: fragments.render("item", item=item))
+                        for item in items]
+                    return fragments.render("order", order=order, items=item_html)
+
+                parts.append(fragments.fetch(
+                    "order", cache_key("frag", f"orders/{order.id}-v{order.version}", namespace=ns),
+                    render_order))
+            return fragments.render("page", user_id=user_id, orders=parts)
+
+        return fragments.fetch("page", page_key, render_page)
+
+
+def change_item(engine: Engine, item_id: int, quantity: int, *, touch: bool = True) -> None:
+    """Set an order item's quantity and bump its version; with ``touch`` bump its order's too
+    (Rails ``belongs_to :order, touch: true``), so every enclosing fragment gets a new key."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE order_items SET quantity = :q, version = version + 1 "
+                             "WHERE id = :i"), {"q": quantity, "i": item_id})
+        if touch:
+            conn.execute(sa.text(
+                "UPDATE orders SET version = version + 1 WHERE id = "
+                "(SELECT order_id FROM order_items WHERE id = :i)"), {"i": item_id})
+
+
+def russian_doll_steps(engine: Engine, fragments: FragmentCache, user_id: int) -> pd.DataFrame:
+    """Render a user's orders page through a sequence of steps; one row of counts per step.
+
+    Steps: cold cache; warm; one item changed with touch; another changed without touch.
+    ``stale`` says whether the page shows a quantity other than the database's.
+    """
+    from .measure import count_queries  # noqa: PLC0415
+
+    with engine.connect() as conn:
+        items = conn.execute(sa.text(
+            "SELECT order_items.id, quantity FROM order_items JOIN orders ON orders.id = "
+            "order_items.order_id WHERE orders.user_id = :u ORDER BY order_items.id"),
+            {"u": user_id}).all()
+        total_items = len(items)
+        total_orders = conn.execute(sa.text("SELECT count(*) FROM orders WHERE user_id = :u"),
+                                    {"u": user_id}).scalar_one()
+    first, last = items[0], items[-1]
+    steps = [("cold cache", None), ("warm cache", None),
+             ("item changed, order touched", (first.id, first.quantity + 7, True)),
+             ("item changed, order not touched", (last.id, last.quantity + 9, False))]
+    rows = []
+    for label, change in steps:
+        if change:
+            change_item(engine, change[0], change[1], touch=change[2])
+        fragments.reset_counts()
+        with count_queries(engine) as queries:
+            html = render_user_orders(engine, fragments, user_id)
+        with engine.connect() as conn:
+            wanted = conn.execute(sa.text(
+                "SELECT product_id, quantity FROM order_items JOIN orders ON orders.id = "
+                "order_items.order_id WHERE orders.user_id = :u"), {"u": user_id}).all()
+        stale = any(f"product {p} × {q} " not in html for p, q in wanted)
+        rows.append({"step": label, "page_renders": fragments.renders["page"],
+                     "order_renders": fragments.renders["order"],
+                     "item_renders": fragments.renders["item"], "queries": queries.count,
+                     "stale": stale})
+    for item in (first, last):  # leave the scratch data as found (versions aside)
+        change_item(engine, item.id, item.quantity, touch=True)
+    df = pd.DataFrame(rows)
+    df.attrs.update(orders=total_orders, items=total_items)
+    return df
+
+
+# ---------------------------------------------------------------------------------------------
+# Stampede protection
+# ---------------------------------------------------------------------------------------------
+
+
+def stampede(client: redis.Redis, key: str, *, threads: int = 8, protection: str = "none",
+             compute_s: float = 0.02, lock_ttl_s: float = 5.0) -> dict[str, Any]:
+    """``threads`` requests miss ``key`` at the same moment; count the recomputations.
+
+    ``protection="none"``: each miss recomputes (the stampede). ``"lock"``: a miss tries
+    ``SET key:lock NX PX``; the winner recomputes and stores, the others poll the key until the
+    value appears. Deterministic: the recomputation waits until every thread has made its first
+    read, which is the worst moment a real expiry can hit.
+    """
+    if protection not in ("none", "lock"):
+        raise ValueError('protection is "none" or "lock".')
+    client.delete(key, key + ":lock")
+    start = threading.Barrier(threads)
+    first_reads = threading.Condition()
+    reads_done = Counter()
+    computes = Counter()
+    served: list[Any] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def compute() -> str:
+        with first_reads:  # wait until every thread has read the key once (and missed)
+            if not first_reads.wait_for(lambda: reads_done["n"] >= threads, timeout=10):
+                raise TimeoutError("stampede: a thread never made its first read")
+        time.sleep(compute_s)
+        with lock:
+            computes["n"] += 1
+        return "expensive result"
+
+    def request() -> None:
+        try:
+            start.wait(timeout=10)
+            value = client.get(key)
+            with first_reads:
+                reads_done["n"] += 1
+                first_reads.notify_all()
+            if value is None:
+                if protection == "none":
+                    value = compute()
+                    client.set(key, value, ex=60)
+                elif client.set(key + ":lock", "1", nx=True, px=int(lock_ttl_s * 1000)):
+                    try:
+                        value = compute()
+                        client.set(key, value, ex=60)
+                    finally:
+                        client.delete(key + ":lock")
+                else:
+                    deadline = time.monotonic() + lock_ttl_s
+                    while value is None and time.monotonic() < deadline:
+                        time.sleep(0.005)
+                        value = client.get(key)
+            with lock:
+                served.append(value)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    workers = [threading.Thread(target=request, daemon=True) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+    client.delete(key, key + ":lock")
+    if errors:
+        raise errors[0]
+    return {"protection": "none" if protection == "none" else "lock (SET NX PX)",
+            "requests": threads, "recomputations": computes["n"],
+            "served": sum(v is not None for v in served)}
+
+
+def xfetch_recomputes(*, requests_per_s: float = 50, ttl_s: float = 60, delta_s: float = 1.0,
+                      beta: float = 1.0, window_s: float = 10, seed: int = 7) -> pd.DataFrame:
+    """Probabilistic early expiration (XFetch), simulated with a seeded generator.
+
+    A request at ``now`` recomputes early when ``now - delta * beta * ln(u) >= expiry``
+    (``u`` uniform in (0, 1], ``delta`` the recomputation time). Rows: seconds before expiry
+    (bucketed by second over the last ``window_s``), requests, early recomputations (the first
+    one refreshes the entry, so only it counts in practice: ``first_refresh_s`` says when).
+    """
+    rng = np.random.default_rng(seed)
+    expiry = ttl_s
+    steps = int(round(window_s * requests_per_s))
+    before = (steps - np.arange(steps)) / requests_per_s  # seconds left, window_s down to > 0
+    times = expiry - before
+    draws = rng.random(steps)
+    early = times - delta_s * beta * np.log(1.0 - draws) >= expiry  # 1 - u in (0, 1]
+    buckets = np.ceil(before - 1e-9).astype(int)
+    df = pd.DataFrame({"seconds_before_expiry": buckets, "early": early})
+    table = df.groupby("seconds_before_expiry", sort=False).agg(
+        requests=("early", "size"), would_recompute=("early", "sum")).reset_index()
+    first = times[early.argmax()] if early.any() else float("nan")
+    table.attrs["first_refresh_before_expiry_s"] = expiry - first
+    return table.sort_values("seconds_before_expiry", ascending=False, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timeouts, retries, degradation
+# ---------------------------------------------------------------------------------------------
+
+
+def retry_policy(retries: int = 1, *, base_s: float = 0.01, cap_s: float = 0.05):
+    """redis-py's retry object: ``retries`` more attempts with exponential backoff."""
+    from redis.backoff import ExponentialBackoff  # noqa: PLC0415
+    from redis.retry import Retry  # noqa: PLC0415
+
+    return Retry(ExponentialBackoff(cap=cap_s, base=base_s), retries)
+
+
+def resilient_kwargs(*, socket_timeout_s: float = 0.05, retries: int = 1) -> dict[str, Any]:
+    """Client settings for a cache: short timeouts, a retry on connection errors and timeouts."""
+    return {
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": socket_timeout_s,
+        "retry": retry_policy(retries),
+        "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+    }
+
+
+def resilient_client(url: str | None = None, **settings) -> redis.Redis:
+    """A client of the course's Redis with :func:`resilient_kwargs` (no ping: it may be down)."""
+    from . import services  # noqa: PLC0415
+
+    return redis.Redis.from_url(url or services.redis_url(), **resilient_kwargs(**settings))
+
+
+def degraded_pages(engine: Engine, product_ids: Sequence[int], *, namespace: str,
+                   socket_timeout_s: float = 0.05, retries: int = 1,
+                   slow_delay_s: float = 0.25) -> pd.DataFrame:
+    """Serve the same product pages with a healthy cache, a cache slower than the client's
+    timeout, and a cache that is gone (its proxy stopped). One row per scenario: pages served,
+    cache hits, misses, errors survived, database queries and total time."""
+    from .latency import redis_via_proxy  # noqa: PLC0415
+    from .measure import count_queries  # noqa: PLC0415
+
+    client, proxy = redis_via_proxy(0.0, **resilient_kwargs(socket_timeout_s=socket_timeout_s,
+                                                             retries=retries))
+    cache = Cache(client, namespace)
+    rows = []
+    try:
+        for pid in product_ids:  # warm the cache: every scenario below could hit
+            cache.fetch(cache.key("product", pid), lambda pid=pid: product_page(engine, pid))
+        for scenario in ("healthy", f"slower than the {format_seconds(socket_timeout_s)} "
+                         "timeout", "down (proxy stopped)"):
+            if scenario.startswith("slower"):
+                proxy.delay_s = slow_delay_s
+            if scenario.startswith("down"):
+                proxy.delay_s = 0.0
+                proxy.stop()
+            cache.stats = CacheStats()
+            pages = 0
+            with count_queries(engine) as queries:
+                started = time.perf_counter()
+                for pid in product_ids:
+                    page = cache.fetch(cache.key("product", pid),
+                                       lambda pid=pid: product_page(engine, pid))
+                    pages += page["id"] == pid
+                total = time.perf_counter() - started
+            rows.append({"cache": scenario, "pages": pages, "hits": cache.stats.hits,
+                         "errors": cache.stats.errors, "db_queries": queries.count,
+                         "total_s": total})
+    finally:
+        proxy.stop()
+        cleanup = redis.Redis.from_url(_redis_url())
+        delete_pattern(cleanup, f"{namespace}:product:*")
+        cleanup.close()
+    return pd.DataFrame(rows)
+
+
+def format_seconds(seconds: float) -> str:
+    from .measure import format_duration  # noqa: PLC0415
+
+    return format_duration(seconds)
+
+
+def _redis_url() -> str:
+    from . import services  # noqa: PLC0415
+
+    return services.redis_url()
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP caching: a small Flask app, a real server, conditional requests
+# ---------------------------------------------------------------------------------------------
+
+#: Far-future caching for fingerprinted assets: the name changes whenever the content does.
+IMMUTABLE = "public, max-age=31536000, immutable"
+#: Revalidate every time (cheap with a 304) for URLs whose content can change.
+REVALIDATE = "no-cache"
+
+DEFAULT_ASSETS = {
+    "app.css": b"body { font-family: sans-serif; }\n.order { margin: 1em 0; }\n" * 40,
+    "app.js": b"document.addEventListener('DOMContentLoaded', () => {});\n" * 40,
+}
+
+
+def fingerprint(name: str, content: bytes, length: int = 8) -> str:
+    """``app.css`` -> ``app.3f2a9c1b.css``: a digest of the content in the file name."""
+    stem, dot, ext = name.rpartition(".")
+    tag = hashlib.sha256(content).hexdigest()[:length]
+    return f"{stem}.{tag}.{ext}" if dot else f"{name}.{tag}"
+
+
+def create_app(engine: Engine, assets: dict[str, bytes] | None = None):
+    """A small Flask shop API with HTTP caching.
+
+    * ``GET /users/<id>/orders``: the user's orders as JSON. A cheap query first (count and
+      newest ``created_at``) gives the ``ETag`` and ``Last-Modified``; a request whose
+      ``If-None-Match``/``If-Modified-Since`` still matches gets ``304 Not Modified`` before the
+      orders are even loaded (Rails ``stale?``/``fresh_when``).
+    * ``GET /assets/<name>``: static files. A fingerprinted name (``app.3f2a9c1b.css``) is served
+      with ``Cache-Control: public, max-age=31536000, immutable``; the plain name with
+      ``no-cache`` and an ETag. ``app.config["ASSET_URLS"]`` maps plain names to fingerprinted.
+
+    ``app.config["COUNTS"]`` counts full responses and 304s per route.
+    """
+    from flask import Flask, abort, jsonify, request  # noqa: PLC0415
+
+    assets = dict(DEFAULT_ASSETS if assets is None else assets)
+    by_fingerprint = {fingerprint(n, c): n for n, c in assets.items()}
+    app = Flask("perfcourse_ch05")
+    app.config["ASSET_URLS"] = {n: f"/assets/{fingerprint(n, c)}" for n, c in assets.items()}
+    counts: Counter[str] = Counter()
+    app.config["COUNTS"] = counts
+
+    @app.get("/users/<int:user_id>/orders")
+    def user_orders(user_id: int):
+        with engine.connect() as conn:
+            count, newest = conn.execute(sa.text(
+                "SELECT count(*), max(created_at) FROM orders WHERE user_id = :u"),
+                {"u": user_id}).one()
+            if not count:
+                abort(404)
+            if isinstance(newest, str):
+                newest = datetime.fromisoformat(newest)
+            etag = f"user-{user_id}-orders-{count}-{newest:%Y%m%d%H%M%S}"
+            if request.if_none_match.contains(etag) or (
+                    not request.if_none_match and request.if_modified_since
+                    and newest.replace(microsecond=0) <= request.if_modified_since.replace(tzinfo=None)):
+                counts["orders 304"] += 1
+                response = app.response_class(status=304)
+            else:
+                rows = conn.execute(sa.text(
+                    "SELECT id, status, total, created_at FROM orders WHERE user_id = :u "
+                    "ORDER BY id"), {"u": user_id}).all()
+                counts["orders 200"] += 1
+                response = jsonify([{"id": r.id, "status": r.status, "total": str(r.total),
+                                     "created_at": str(r.created_at)} for r in rows])
+        response.set_etag(etag)
+        response.last_modified = newest
+        response.headers["Cache-Control"] = "private, " + REVALIDATE
+        return response
+
+    @app.get("/assets/<name>")
+    def asset(name: str):
+        if name in by_fingerprint:
+            response = app.response_class(assets[by_fingerprint[name]], mimetype=_mimetype(name))
+            response.headers["Cache-Control"] = IMMUTABLE
+            counts["asset fingerprinted"] += 1
+            return response
+        if name not in assets:
+            abort(404)
+        response = app.response_class(assets[name], mimetype=_mimetype(name))
+        response.add_etag()
+        response.headers["Cache-Control"] = REVALIDATE
+        counts["asset plain"] += 1
+        return response.make_conditional(request)
+
+    return app
+
+
+def _mimetype(name: str) -> str:
+    return {"css": "text/css", "js": "text/javascript"}.get(name.rpartition(".")[2],
+                                                            "application/octet-stream")
+
+
+class BackgroundServer:
+    """A WSGI app served by werkzeug's threaded HTTP server in a background thread.
+
+    It listens on 127.0.0.1 on a port the OS picks (``.port``, ``.url``). A real HTTP server
+    (sockets, headers, keep-alive off), lighter to start inside a notebook than a gunicorn
+    process; :meth:`stop` shuts it down and joins the thread. Use as a context manager.
+    """
+
+    def __init__(self, app) -> None:
+        from werkzeug.serving import WSGIRequestHandler, make_server  # noqa: PLC0415
+
+        class QuietHandler(WSGIRequestHandler):
+            def log(self, *args, **kwargs) -> None:  # no access log lines in the notebook
+                pass
+
+        self.server = make_server("127.0.0.1", 0, app, threaded=True,
+                                  request_handler=QuietHandler)
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
+                                       name=f"ch05-http-{self.port}")
+        self.thread.start()
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.server.shutdown()
+            self.thread.join(5)
+        self.server.server_close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+@dataclass
+class HttpResult:
+    status: int
+    body_bytes: int
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def http_get(base_url: str, path: str, headers: dict[str, str] | None = None) -> HttpResult:
+    """One GET over a fresh connection (http.client, no proxies, loopback only)."""
+    host_port = base_url.split("//", 1)[1]
+    host, _, port = host_port.partition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        body = response.read()
+        return HttpResult(response.status, len(body), dict(response.getheaders()))
+    finally:
+        conn.close()
+
+
+def conditional_requests(base_url: str, paths: Sequence[str], *, revisits: int = 3,
+                         validator: str = "etag") -> pd.DataFrame:
+    """Each path fetched once, then ``revisits`` times with ``If-None-Match`` (``validator=
+    "etag"``) or ``If-Modified-Since`` (``"last-modified"``) from the first answer.
+
+    One row per kind of request: ``requests``, ``status_200``, ``status_304``, ``body_bytes``,
+    and for revisits the ``bytes_saved`` against sending the full body again.
+    """
+    first_bytes, first_headers = {}, {}
+    rows = {"first visit": Counter(), "revisit": Counter()}
+    for path in paths:
+        result = http_get(base_url, path)
+        first_bytes[path], first_headers[path] = result.body_bytes, result.headers
+        rows["first visit"].update(requests=1, **{f"status_{result.status}": 1},
+                                   body_bytes=result.body_bytes)
+    for _ in range(revisits):
+        for path in paths:
+            if validator == "etag":
+                headers = {"If-None-Match": first_headers[path]["ETag"]}
+            else:
+                headers = {"If-Modified-Since": first_headers[path]["Last-Modified"]}
+            result = http_get(base_url, path, headers)
+            saved = first_bytes[path] - result.body_bytes
+            rows["revisit"].update(requests=1, **{f"status_{result.status}": 1},
+                                   body_bytes=result.body_bytes, bytes_saved=saved)
+    table = pd.DataFrame([{"request": name, **counts} for name, counts in rows.items()])
+    for column in ("status_200", "status_304", "bytes_saved"):
+        if column not in table:
+            table[column] = 0
+    table = table.fillna(0)
+    columns = ["request", "requests", "status_200", "status_304", "body_bytes", "bytes_saved"]
+    return table[columns].astype({c: int for c in columns[1:]})
+
+
+def asset_headers(app, names: Iterable[str]) -> pd.DataFrame:
+    """``Cache-Control`` (and status) of each asset URL, through Flask's test client."""
+    client = app.test_client()
+    rows = []
+    for name in names:
+        response = client.get(f"/assets/{name}")
+        rows.append({"url": f"/assets/{name}", "status": response.status_code,
+                     "cache_control": response.headers.get("Cache-Control", ""),
+                     "etag": "yes" if response.headers.get("ETag") else "no"})
+    return pd.DataFrame(rows)
+
+
+def delete_namespace(client: redis.Redis, namespace: str = NAMESPACE) -> int:
+    """Delete every key under ``namespace:`` (SCAN + DEL). The chapter's clean-up."""
+    return delete_pattern(client, f"{namespace}:*")
+

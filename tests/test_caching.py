@@ -1,0 +1,393 @@
+"""Chapter 05 helpers: cache-aside, keys, pattern deletes, counters, stampedes, invalidation,
+fragments, degradation and HTTP caching.
+
+Redis tests use the ``redis_client`` fixture (embedded and configured servers, a unique key
+prefix deleted afterwards); database tests run on a private copy of the ``tiny`` dataset (SQLite,
+and PostgreSQL where the helper writes SQL of its own). Assertions are on counts, never on time.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+
+from perfcourse import caching, db, queries
+from perfcourse.grading import check
+from perfcourse.seed import seed_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    eng = db.engine("sqlite", scale="tiny")
+    seed_dataset(eng, "tiny", progress=False)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def seeded(any_engine):
+    seed_dataset(any_engine, "tiny", progress=False)
+    return any_engine
+
+
+@pytest.fixture
+def ns(redis_client):
+    """The fixture's unique prefix as a namespace (``test_xxx``, keys ``test_xxx:...``)."""
+    return redis_client.prefix.rstrip(":")
+
+
+@pytest.fixture
+def scratch(tiny, namespace):
+    eng = queries.scratch_copy(tiny, f"{namespace}_ch05")
+    yield eng
+    eng.dispose()
+    db.drop_namespace("sqlite", f"{namespace}_ch05")
+
+
+def _keys(client, ns):
+    return sorted(client.scan_iter(match=f"{ns}:*", count=1000))
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+
+def test_keys_are_namespaced_bounded_and_versioned():
+    assert caching.cache_key("product", 7) == "ch05:product:7"
+    assert caching.cache_key("product", 7, namespace="x") == "x:product:7"
+    long_input = "red shoes " * 50
+    key = caching.cache_key("search", long_input)
+    assert " " not in key and len(key) < 40
+    assert caching.search_key("Red  Shoes") == caching.search_key("red shoes")
+    assert caching.record_key("orders", 3, 2) != caching.record_key("orders", 3, 3)
+    assert caching.record_key("orders", 3, 2) != caching.record_key("users", 3, 2)
+    with pytest.raises(ValueError):
+        caching.cache_key()
+    with pytest.raises(ValueError):
+        caching.cache_key("")
+
+
+# --- cache-aside --------------------------------------------------------------------------
+
+
+def test_cached_counts_one_compute_per_key_and_sets_the_ttl(redis_client, ns):
+    calls = []
+
+    def compute(value):
+        return lambda: calls.append(value) or value
+
+    for value in (0, [], {"a": 1}, 0, [], {"a": 1}):
+        key = f"{ns}:v:{json.dumps(value)}"
+        assert caching.cached(redis_client, key, 30, compute(value)) == value
+    assert len(calls) == 3  # falsy cached values are hits
+    assert 0 < redis_client.pttl(f"{ns}:v:0") <= 30_000
+
+
+def test_cache_stats_and_clear(redis_client, ns):
+    cache = caching.Cache(redis_client, ns, ttl_s=30)
+    workload = caching.zipf_workload(200, 50, seed=1)
+    for item in workload:
+        cache.fetch(cache.key("item", item), lambda item=item: {"id": item})
+    assert cache.stats.misses == len(set(workload)) == cache.stats.computes
+    assert cache.stats.hits == len(workload) - len(set(workload))
+    assert cache.clear() == len(set(workload))
+    assert _keys(redis_client, ns) == []
+
+
+def test_a_dead_cache_degrades_to_compute():
+    client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    cache = caching.Cache(client, "dead")
+    assert cache.fetch("x", lambda: 42) == 42
+    assert cache.stats.errors == 1 and cache.stats.computes == 1 and cache.stats.hits == 0
+
+
+# --- counting client, pattern deletes ------------------------------------------------------
+
+
+def test_counting_client_counts_commands_and_pipelines(redis_client, ns):
+    counting = caching.CountingRedis(redis_client)
+    counting.set(f"{ns}:a", 1)
+    counting.get(f"{ns}:a")
+    with counting.pipeline(transaction=False) as pipe:
+        pipe.set(f"{ns}:b", 1)
+        pipe.set(f"{ns}:c", 1)
+        pipe.execute()
+    assert counting.calls["SET"] == 1 and counting.calls["GET"] == 1
+    assert counting.calls["PIPELINE"] == 1 and counting.pipelined["SET"] == 2
+
+
+def test_scan_and_keys_delete_the_same_keys(redis_client, ns):
+    df = caching.compare_pattern_deletes(redis_client, ns, n_keys=2500, count=500)
+    assert df.keys_deleted.tolist() == [2500, 2500]
+    assert df.keys_left.tolist() == [0, 0]
+    assert df.del_calls.tolist() == [1, 5]
+    other = f"{ns}:keep"
+    redis_client.set(other, 1)
+    caching.fill_keys(redis_client, f"{ns}:gone:", 120)
+    counting = caching.CountingRedis(redis_client)
+    assert caching.delete_pattern(counting, f"{ns}:gone:*", count=50) == 120
+    assert counting.calls["KEYS"] == 0 and counting.calls["SCAN"] >= 1
+    assert counting.calls["DEL"] == 3
+    assert redis_client.exists(other) == 1
+
+
+# --- counters, stampedes ------------------------------------------------------------------
+
+
+def test_get_set_loses_updates_incr_does_not(redis_client, ns):
+    naive = caching.counter_race(redis_client, f"{ns}:n", workers=3, rounds=10, atomic=False)
+    atomic = caching.counter_race(redis_client, f"{ns}:n", workers=3, rounds=10, atomic=True)
+    assert (naive["counted"], naive["lost"]) == (10, 20)
+    assert (atomic["counted"], atomic["lost"]) == (30, 0)
+    assert _keys(redis_client, ns) == []
+
+
+def test_stampede_counts_are_deterministic(redis_client, ns):
+    none = caching.stampede(redis_client, f"{ns}:hot", threads=6, compute_s=0.01)
+    locked = caching.stampede(redis_client, f"{ns}:hot", threads=6, protection="lock",
+                              compute_s=0.01)
+    assert none["recomputations"] == 6 and none["served"] == 6
+    assert locked["recomputations"] == 1 and locked["served"] == 6
+    assert _keys(redis_client, ns) == []
+
+
+def test_xfetch_recomputes_more_as_expiry_nears():
+    table = caching.xfetch_recomputes(window_s=5)
+    assert table.seconds_before_expiry.tolist() == [5, 4, 3, 2, 1]
+    assert table.requests.tolist() == [50] * 5
+    assert table.would_recompute.iloc[-1] > table.would_recompute.iloc[0]
+    assert table.equals(caching.xfetch_recomputes(window_s=5))
+
+
+# --- workloads and hit rates ----------------------------------------------------------------
+
+
+def test_zipf_workload_is_seeded_and_skewed():
+    a = caching.zipf_workload(5000, 1000, seed=3)
+    assert a == caching.zipf_workload(5000, 1000, seed=3)
+    assert a != caching.zipf_workload(5000, 1000, seed=4)
+    assert min(a) >= 1 and max(a) <= 1000
+    top = max(set(a), key=a.count)
+    assert a.count(top) > 5000 / 1000 * 20
+
+
+def test_hit_rates_grow_with_size_and_ttl():
+    workload = caching.zipf_workload(4000, 500, seed=2)
+    by_size = caching.hit_rates_by_size(workload, [1, 10, 100, 500])
+    assert by_size.hit_rate.is_monotonic_increasing
+    assert by_size.hits.iloc[-1] == len(workload) - len(set(workload))  # everything fits
+    assert caching.lru_hits(["a", "b", "a", "c", "b"], 2) == (1, 4)
+    by_ttl = caching.hit_rates_by_ttl(workload, [0.001, 1, 100], rate_per_s=100)
+    assert by_ttl.hit_rate.is_monotonic_increasing and by_ttl.hits.iloc[0] == 0
+    assert caching.ttl_hits(["a", "a", "a"], 1.5, rate_per_s=1) == (1, 2)
+
+
+# --- the product page, on every database -----------------------------------------------------
+
+
+def test_product_page_and_workload_queries(seeded, redis_client, ns):
+    page = caching.product_page(seeded, 5)
+    assert page["id"] == 5 and page["category"] and page["units"] >= page["orders"]
+    workload = [1, 2, 1, 3, 2, 1]
+    plain = caching.serve_workload(seeded, workload)
+    assert plain["db_queries"] == caching.PRODUCT_PAGE_QUERIES * len(workload)
+    cache = caching.Cache(redis_client, ns)
+    served = caching.serve_workload(seeded, workload, cache)
+    assert (served["hits"], served["misses"]) == (3, 3)
+    assert served["db_queries"] == caching.PRODUCT_PAGE_QUERIES * 3
+
+
+# --- invalidation, fragments -----------------------------------------------------------------
+
+
+def test_hook_removes_stale_reads(scratch, redis_client, ns):
+    cache = caching.Cache(redis_client, ns)
+    ids, changed = list(range(1, 11)), [2, 5, 9]
+    without = caching.stale_reads(scratch, cache, ids, changed, hook=False)
+    with_hook = caching.stale_reads(scratch, cache, ids, changed, hook=True)
+    assert without["stale_reads"] == 3 and without["hits"] == 10
+    assert with_hook["stale_reads"] == 0
+    assert (with_hook["hits"], with_hook["misses"]) == (7, 3)
+    assert _keys(redis_client, ns) == []
+
+
+def test_invalidation_waits_for_commit(scratch, redis_client, ns):
+    from sqlalchemy.orm import Session
+
+    from perfcourse.models import Product
+
+    cache = caching.Cache(redis_client, ns)
+    with Session(scratch) as session:
+        caching.read_product(session, cache, 3)
+    key = caching.product_key(cache, 3)
+    with caching.invalidate_on_change(cache), Session(scratch) as session:
+        session.get(Product, 3).name = "renamed"
+        session.flush()
+        assert redis_client.exists(key) == 1  # not yet: the change is not committed
+        session.rollback()
+    assert redis_client.exists(key) == 1  # rolled back: the cached entry is still right
+    with caching.invalidate_on_change(cache, after_commit=False), Session(scratch) as session:
+        session.get(Product, 3).name = "renamed"
+        session.flush()
+        assert redis_client.exists(key) == 0
+        session.rollback()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_russian_doll_renders_only_what_changed(backend, tiny, redis_client, ns, namespace,
+                                                monkeypatch):
+    if backend == "postgres":
+        monkeypatch.delenv("DATABASE_URL", raising=False)
+        eng = db.engine("postgres", namespace=f"{namespace}_doll")
+        seed_dataset(eng, "tiny", progress=False)
+    else:
+        eng = queries.scratch_copy(tiny, f"{namespace}_doll")
+    try:
+        caching.add_versions(eng)
+        caching.add_versions(eng)  # idempotent
+        fragments = caching.FragmentCache(redis_client, ns)
+        with eng.connect() as conn:
+            user_id = conn.exec_driver_sql(
+                "SELECT user_id FROM orders GROUP BY user_id HAVING count(*) >= 2 "
+                "ORDER BY user_id LIMIT 1").scalar_one()
+        steps = caching.russian_doll_steps(eng, fragments, user_id).set_index("step")
+        orders, items = steps.attrs["orders"], steps.attrs["items"]
+        assert orders >= 2
+        cold, warm = steps.loc["cold cache"], steps.loc["warm cache"]
+        assert (cold.page_renders, cold.order_renders, cold.item_renders) == (1, orders, items)
+        assert cold.queries == 2 + orders
+        assert (warm.page_renders, warm.order_renders, warm.item_renders, warm.queries) == \
+            (0, 0, 0, 1)
+        touched = steps.loc["item changed, order touched"]
+        assert (touched.page_renders, touched.order_renders, touched.item_renders) == (1, 1, 1)
+        assert not touched.stale
+        assert steps.loc["item changed, order not touched"].stale
+        assert fragments.clear() > 0
+    finally:
+        eng.dispose()
+        db.drop_namespace(backend, f"{namespace}_doll")
+
+
+# --- degradation ---------------------------------------------------------------------------
+
+
+def test_degraded_pages_serve_every_page(tiny, redis_mode, redis_client, ns):
+    df = caching.degraded_pages(tiny, [1, 2, 3], namespace=ns, socket_timeout_s=0.05,
+                                slow_delay_s=0.2)
+    assert df.pages.tolist() == [3, 3, 3]
+    assert df.hits.tolist() == [3, 0, 0]
+    assert df.errors.tolist() == [0, 3, 3]
+    assert df.db_queries.tolist() == [0, 9, 9]
+    assert _keys(redis_client, ns) == []
+
+
+# --- HTTP caching --------------------------------------------------------------------------
+
+
+def test_conditional_requests_get_304_from_a_real_server(tiny):
+    app = caching.create_app(tiny)
+    paths = [f"/users/{u}/orders" for u in (1, 2, 3)]
+    with caching.BackgroundServer(app) as server:
+        etag = caching.conditional_requests(server.url, paths, revisits=2)
+        since = caching.conditional_requests(server.url, paths, revisits=1,
+                                             validator="last-modified")
+        missing = caching.http_get(server.url, "/users/999999/orders")
+    assert not server.thread.is_alive()
+    first, revisit = etag.iloc[0], etag.iloc[1]
+    assert (first.status_200, first.status_304) == (3, 0)
+    assert (revisit.status_200, revisit.status_304, revisit.body_bytes) == (0, 6, 0)
+    assert revisit.bytes_saved == 2 * first.body_bytes
+    assert since.iloc[1].status_304 == 3
+    assert missing.status == 404
+    assert app.config["COUNTS"]["orders 304"] == 9
+
+
+def test_fingerprinted_assets_are_immutable():
+    app = caching.create_app(None, {"app.css": b"body{}"})
+    name = caching.fingerprint("app.css", b"body{}")
+    assert name != caching.fingerprint("app.css", b"body{ }")
+    assert app.config["ASSET_URLS"]["app.css"] == f"/assets/{name}"
+    headers = caching.asset_headers(app, ["app.css", name, "nope.css"]).set_index("url")
+    assert headers.loc[f"/assets/{name}", "cache_control"] == caching.IMMUTABLE
+    assert headers.loc["/assets/app.css", "cache_control"] == "no-cache"
+    assert headers.loc["/assets/app.css", "etag"] == "yes"
+    assert headers.loc["/assets/nope.css", "status"] == 404
+
+
+# --- graded questions ------------------------------------------------------------------------
+
+
+def test_practical_questions_accept_the_model_answers(redis_mode, capsys):
+    def record_cache_key(record):
+        return f"ch05:{record.table}/{record.id}-v{record.version}"
+
+    def make_invalidation_hook(client, key_for):
+        def hook(mapper, connection, target):
+            client.delete(key_for(target.id))
+        return hook
+
+    check("05.q3", caching.cached)
+    check("05.q4", record_cache_key)
+    check("05.q5", make_invalidation_hook)
+    check("05.q6", caching.delete_pattern)
+    assert capsys.readouterr().out.count("✓") == 4
+
+
+def test_practical_questions_reject_the_usual_mistakes(redis_mode):
+    def truthy_cached(client, key, ttl_s, compute):
+        raw = client.get(key)
+        value = json.loads(raw) if raw is not None else None
+        if value:
+            return value
+        value = compute()
+        client.set(key, json.dumps(value), ex=ttl_s)
+        return value
+
+    def no_ttl(client, key, ttl_s, compute):
+        raw = client.get(key)
+        if raw is not None:
+            return json.loads(raw)
+        value = compute()
+        client.set(key, json.dumps(value))
+        return value
+
+    def unversioned(record):
+        return f"ch05:{record.table}/{record.id}"
+
+    def wipe_all(client, key_for):
+        def hook(mapper, connection, target):
+            prefix = key_for(0).rsplit(":", 1)[0]
+            for key in client.scan_iter(match=prefix + ":*"):
+                client.delete(key)
+        return hook
+
+    def no_hook(client, key_for):
+        return lambda mapper, connection, target: None
+
+    def with_keys(client, pattern):
+        keys = client.keys(pattern)
+        return client.delete(*keys) if keys else 0
+
+    def one_by_one(client, pattern):
+        return sum(client.delete(key) for key in client.scan_iter(match=pattern))
+
+    for qid, answer, words in [
+        ("05.q3", truthy_cached, "is not None"),
+        ("05.q3", no_ttl, "never expire"),
+        ("05.q4", unversioned, "version"),
+        ("05.q5", wipe_all, "did not change"),
+        ("05.q5", no_hook, "old price"),
+        ("05.q6", with_keys, "KEYS"),
+        ("05.q6", one_by_one, "round trips"),
+    ]:
+        with pytest.raises(AssertionError, match=words):
+            check(qid, answer)
+    with pytest.raises(AssertionError, match="No answer yet"):
+        check("05.q3", ...)
+
+
+def test_redis_down_is_one_sentence(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    with pytest.raises(AssertionError, match="needs Redis and cannot reach it"):
+        check("05.q3", caching.cached)
