@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import threading
 import time
+import warnings
 from bisect import bisect_right
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ from sqlalchemy.orm import Session
 
 from .config import data_dir
 from .errors import BackendUnavailable
+
+# pgserver asks platformdirs for a runtime folder, which warns on machines without a login
+# session (containers, CI); its fallback is fine (as in services.py).
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 # ---------------------------------------------------------------------------------------------
 # 1. A real primary and a real streaming replica
