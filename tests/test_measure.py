@@ -436,3 +436,13 @@ def test_sqlite_plans_follow_schema_changes(sqlite_engine):
     with sqlite_engine.begin() as conn:
         conn.exec_driver_sql("DROP INDEX ix_t_x")
     assert explain(sqlite_engine, query).verdict == "full scan"
+
+
+def test_format_table_reads_rates_before_durations():
+    import pandas as pd
+
+    from perfcourse.measure import format_table
+
+    table = format_table(pd.DataFrame({"throughput_per_s": [1234.5], "median_s": [0.00123]}))
+    assert list(table.columns) == ["throughput", "median"]
+    assert table.iloc[0].tolist() == ["1,234 req/s", "1.23 ms"]

@@ -152,19 +152,28 @@ def format_ratio(x: float) -> str:
     return f"{x:.1f}x"
 
 
+def format_rate(per_second: float, unit: str = "req/s") -> str:
+    """``1234.5`` -> ``"1,234 req/s"``: a throughput, in the form the nbval sanitizer masks."""
+    return f"{per_second:,.0f} {unit}"
+
+
 def format_table(df: pd.DataFrame) -> pd.DataFrame:
     """A copy of a results table with every measured number as text with its unit.
 
-    Columns ending in ``_s`` become durations (``"1.23 ms"``), columns ending in ``_bytes``
-    sizes (``"12.3 MB"``), ``ratio`` becomes ``"12.3x"``; the suffix is dropped from the column
-    name since the unit is now in the value (``median_s`` -> ``median``). Other columns are kept.
+    Columns ending in ``_per_s`` become rates (``"1,234 req/s"``), in ``_s`` durations
+    (``"1.23 ms"``), in ``_bytes`` sizes (``"12.3 MB"``), ``ratio`` becomes ``"12.3x"``; the suffix
+    is dropped from the column name since the unit is now in the value (``median_s`` ->
+    ``median``, ``throughput_per_s`` -> ``throughput``). Other columns are kept.
     Show this in notebooks, never the raw floats: their digits change on every run.
     """
     out = df.copy()
     renames = {}
     for column in out.columns:
         name = str(column)
-        if name.endswith("_s"):
+        if name.endswith("_per_s"):
+            out[column] = out[column].map(format_rate)
+            renames[column] = name[: -len("_per_s")]
+        elif name.endswith("_s"):
             out[column] = out[column].map(format_duration)
             renames[column] = name[:-2]
         elif name.endswith("_bytes"):

@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from .config import data_dir
 from .errors import BackendUnavailable
+from .measure import format_rate  # noqa: F401 - the notebook's scaling.format_rate
 
 # pgserver asks platformdirs for a runtime folder, which warns on machines without a login
 # session (containers, CI); its fallback is fine (as in services.py).
@@ -934,11 +935,6 @@ def pool_throughput(make_engine: Callable[..., Engine], pool_sizes: Sequence[int
         finally:
             engine.dispose()
     return pd.DataFrame(rows)
-
-
-def format_rate(per_second: float, unit: str = "req/s") -> str:
-    """``1234.5`` -> ``"1,234 req/s"`` (masked by the course's nbval sanitizer)."""
-    return f"{per_second:,.0f} {unit}"
 
 
 def _backend_pid(conn) -> int:

@@ -302,12 +302,21 @@ def up() -> dict[str, str]:
 
 
 def down() -> dict[str, bool]:
-    """Stop the embedded servers (configured ones are never touched)."""
-    return {"postgres": stop_embedded_postgres(), "redis": stop_embedded_redis()}
+    """Stop the embedded servers (configured ones are never touched).
+
+    Includes chapter 03's primary/replica pair, in case a notebook was interrupted before it
+    stopped them.
+    """
+    from .scaling import replica_pair_running, stop_replica_pair  # noqa: PLC0415
+
+    stopped = {"postgres": stop_embedded_postgres(), "redis": stop_embedded_redis()}
+    if replica_pair_running():
+        stopped["replica pair"] = stop_replica_pair()
+    return stopped
 
 
 def remove_embedded_state() -> None:
     """Stop the embedded servers and delete their data folders (``make clean``)."""
     down()
-    for name in (POSTGRES_DIR, REDIS_DIR):
+    for name in (POSTGRES_DIR, REDIS_DIR, "replication"):
         shutil.rmtree(data_dir() / name, ignore_errors=True)
