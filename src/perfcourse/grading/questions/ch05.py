@@ -466,8 +466,8 @@ QUESTIONS = [
                 "request still misses together.",
             },
         ),
-        explanation="Many simultaneous misses on one hot key all recompute: the chapter counted "
-        "8 recomputations for 8 requests without protection and 1 with a SET NX lock.",
+        explanation="Simultaneous misses on one hot key all recompute: without protection the "
+        "chapter counted one recomputation per request, with a SET NX lock exactly one.",
     ),
     Question(
         id="05.q8",
