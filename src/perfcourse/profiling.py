@@ -55,7 +55,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from .measure import count_queries, rss_during, time_call, track_memory
+from .measure import count_queries, time_call, track_memory
 from .models import ORDER_STATUSES, Order, OrderItem, Product
 
 # ---------------------------------------------------------------------------------------------
@@ -174,24 +174,70 @@ def _sum_quantities(engine: Engine, stream: bool) -> int:
         return sum(row.quantity for row in conn.execute(statement))
 
 
+def _peak_rss_increase(fn: Callable[..., Any], *args: Any, interval: float = 0.002) -> tuple[Any, int]:
+    """``(fn(*args), peak RSS during the call minus RSS before)``, sampled by a thread."""
+    import threading  # noqa: PLC0415
+
+    import psutil  # noqa: PLC0415
+
+    process = psutil.Process()
+    before = peak = process.memory_info().rss
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            done.wait(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = fn(*args)
+    finally:
+        done.set()
+        sampler.join()
+    return result, max(peak, process.memory_info().rss) - before
+
+
+def _sum_quantities_in_child(url: str, namespace: str, stream: bool) -> tuple[int, int]:
+    from . import db  # noqa: PLC0415
+
+    child_engine = db.engine("postgres" if url.startswith("postgresql") else "sqlite",
+                             namespace=namespace, url=url if url.startswith("postgresql") else None)
+    try:
+        _sum_quantities(child_engine, stream)  # warm up: connection, imports, compiled SQL
+        return _peak_rss_increase(_sum_quantities, child_engine, stream)
+    finally:
+        child_engine.dispose()
+
+
 def compare_streaming_rss(engine: Engine) -> pd.DataFrame:
     """Iterate every order item with a client-side cursor and with a server-side one.
 
-    One row per cursor: ``cursor, units, peak_bytes`` (tracemalloc) and ``rss_increase_bytes``
-    (process RSS over its value before the call, sampled by memory-profiler). On PostgreSQL a
-    client-side cursor receives the whole result into libpq's C memory before the first row is
-    read: tracemalloc cannot see it, the RSS does. ``stream_results=True`` opens a server-side
-    cursor that fetches ``max_row_buffer`` rows at a time. SQLite always reads row by row.
+    One row per cursor: ``cursor, units, peak_bytes`` (tracemalloc, in this process) and
+    ``rss_increase_bytes``: how far the process RSS rose above its value before the loop, measured
+    in a fresh process (a long-lived one reuses memory it freed earlier, which hides growth). On
+    PostgreSQL a client-side cursor receives the whole result into libpq's C memory before the
+    first row is read: tracemalloc cannot see it, the RSS does. ``stream_results=True`` opens a
+    server-side cursor that fetches ``max_row_buffer`` rows at a time.
     """
+    import multiprocessing  # noqa: PLC0415
+    from concurrent.futures import ProcessPoolExecutor  # noqa: PLC0415
+
+    from . import db  # noqa: PLC0415
+
+    url = engine.url.render_as_string(hide_password=False)
+    namespace = db.namespace_of(engine)
     out = []
     for label, stream in (("client-side (default)", False), ("server-side (stream_results)", True)):
         gc.collect()
         with track_memory() as memory:
             units = _sum_quantities(engine, stream)
-        gc.collect()
-        rss = rss_during(_sum_quantities, engine, stream)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            _, increase = pool.submit(_sum_quantities_in_child, url, namespace, stream).result()
         out.append({"cursor": label, "units": units, "peak_bytes": memory.peak_bytes,
-                    "rss_increase_bytes": rss.increase_bytes})
+                    "rss_increase_bytes": increase})
     return pd.DataFrame(out)
 
 
