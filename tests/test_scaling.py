@@ -219,3 +219,164 @@ def test_fork_dispose(make_engine):
         engine.dispose()
     assert shared["same_connection"] and not own["same_connection"]
     assert own["parent_still_works"]
+
+
+# ------------------------------------------------------------------------------------------
+# Lab helpers and lab questions (03.q8-03.q10)
+
+
+class LsnSession(scaling.RoutingSession):
+    """Read-your-writes by LSN, as the lab's model answer does it."""
+
+    def __init__(self, primary, replica, cookie, **kwargs):
+        super().__init__(primary, replica, **kwargs)
+        self.cookie, self.wrote = cookie, False
+
+    def get_bind(self, mapper=None, clause=None, **kwargs):
+        if self.is_write(clause):
+            self.wrote = True
+            return self.primary
+        lsn = self.cookie.get("lsn")
+        if self.wrote or (lsn and not scaling.replica_has_replayed(self.replica, lsn)):
+            return self.primary
+        return self.replica
+
+    def commit(self):
+        super().commit()
+        if self.wrote:
+            self.cookie["lsn"] = scaling.current_lsn(self.primary)
+            self.wrote = False
+
+
+@pytest.fixture(scope="module")
+def profiles(pair):
+    primary, replica = scaling.profile_engines(pair, "t_ch03_profiles")
+    assert scaling.prepare_profiles(primary, replica, users=20) == 20
+    yield primary, replica
+    scaling.drop_profiles(primary)
+    primary.dispose()
+    replica.dispose()
+
+
+def test_running_pair_and_replayed_lsn(pair, profiles):
+    running = scaling.running_replica_pair()
+    assert running is not None and running.replica_url == pair.replica_url
+    assert running.apply_delay_ms == scaling.DEFAULT_APPLY_DELAY_MS
+    primary, replica = profiles
+    with primary.begin() as conn:
+        conn.execute(sa.update(User).where(User.id == 1).values(first_name="Lsn"))
+    lsn = scaling.current_lsn(primary)
+    assert not scaling.replica_has_replayed(replica, lsn)  # the apply delay holds it back
+    scaling.wait_for_replay(replica, lsn)
+    assert scaling.replica_has_replayed(replica, lsn)
+
+
+@pytest.mark.parametrize("make_session, stale, share", [
+    (lambda p, r, cookie: scaling.RoutingSession(p, r), "some", 1.0),
+    (lambda p, r, cookie: scaling.PrimaryOnlySession(p, r), "none", 0.0),
+    (LsnSession, "none", "most"),
+], ids=["replica", "primary", "lsn"])
+def test_read_your_writes_trial(profiles, make_session, stale, share):
+    primary, replica = profiles
+    trial = scaling.read_your_writes_trial(make_session, primary, replica, seed=7)
+    assert trial["writes"] == 3 and trial["checked"] >= 6
+    assert trial["reads"] == trial["replica_reads"] + trial["primary_reads"]
+    assert (trial["stale"] > 0) if stale == "some" else trial["stale"] == 0
+    if share == "most":
+        assert 0.5 < trial["replica_share"] < 1.0
+    else:
+        assert trial["replica_share"] == share
+
+
+def test_read_your_writes_question(pair):
+    from perfcourse.grading import check
+
+    check("03.q8", LsnSession)
+    with pytest.raises(AssertionError, match="old email"):
+        check("03.q8", lambda p, r, cookie: scaling.RoutingSession(p, r))
+    # the grader leaves a running pair as it found it
+    assert scaling.running_replica_pair().apply_delay_ms == scaling.DEFAULT_APPLY_DELAY_MS
+
+
+def test_range_router_and_the_naive_average(shards):
+    tiny, _ = shards
+    route = scaling.range_router([100, 180, None])
+    assert [route(i) for i in (1, 100, 101, 180, 181, 10**6)] == [
+        "shard_0", "shard_0", "shard_1", "shard_1", "shard_2", "shard_2"]
+    made = scaling.make_shards(tiny, 3, router=route, prefix="t_ch03_range")
+    try:
+        exact = scaling.average_total_by_status(tiny)
+        naive = scaling.average_total_by_status_naive(made)
+        assert set(naive) == set(exact)
+        assert any(abs(naive[s] - exact[s]) > 0.01 for s in exact)
+        sums, counts = {}, {}
+        for engine in made.values():
+            with engine.connect() as conn:
+                for status, total, n in conn.execute(
+                        select(Order.status, sa.func.sum(Order.total), sa.func.count())
+                        .group_by(Order.status)):
+                    sums[status] = sums.get(status, 0) + float(total)
+                    counts[status] = counts.get(status, 0) + n
+        assert all(abs(sums[s] / counts[s] - exact[s]) < 1e-6 for s in exact)
+    finally:
+        scaling.drop_shards(made, prefix="t_ch03_range")
+
+
+def test_sharded_average_question():
+    from decimal import Decimal
+
+    from perfcourse.grading import check
+
+    def gathered(shards):
+        sums, counts = {}, {}
+        for engine in shards.values():
+            with engine.connect() as conn:
+                for status, total, n in conn.execute(
+                        select(Order.status, sa.func.sum(Order.total), sa.func.count())
+                        .group_by(Order.status)):
+                    sums[status] = sums.get(status, 0) + Decimal(str(total))
+                    counts[status] = counts.get(status, 0) + n
+        return {s: sums[s] / counts[s] for s in sums}
+
+    def every_order(shards):
+        rows = []
+        for engine in shards.values():
+            with engine.connect() as conn:
+                rows += conn.execute(select(Order.status, Order.total)).all()
+        return {s: sum(float(t) for x, t in rows if x == s) / sum(x == s for x, _ in rows)
+                for s in {x for x, _ in rows}}
+
+    check("03.q9", gathered)
+    with pytest.raises(AssertionError, match="average of the shards' averages"):
+        check("03.q9", scaling.average_total_by_status_naive)
+    with pytest.raises(AssertionError, match="one row per status"):
+        check("03.q9", every_order)
+
+
+@pytest.mark.parametrize("size, overflow, expected", [
+    (2, 2, {"churn": 0, "steady_connects": 2, "burst_timeouts": 0, "kept_open": 2}),
+    (1, 3, {"churn": 3, "steady_connects": 4, "burst_timeouts": 0, "kept_open": 1}),
+    (4, 0, {"churn": 0, "steady_connects": 2, "burst_timeouts": 0, "kept_open": 4}),
+    (1, 1, {"churn": 3, "steady_connects": 4, "burst_timeouts": 2, "kept_open": 1}),
+])
+def test_pool_trial_counts(make_engine, size, overflow, expected):
+    run = scaling.pool_trial(make_engine, threads=4, steady=2, pool_size=size,
+                             max_overflow=overflow, burst_hold_s=0.3)
+    assert {k: run[k] for k in expected} == expected
+    assert run["steady_timeouts"] == 0 and run["most_open"] == size + overflow
+
+
+def test_pool_settings_question(postgres_mode):
+    import math
+
+    from perfcourse.grading import check
+
+    def settings(profile):
+        steady = math.ceil(profile["requests_per_s"] * profile["db_time_s"])
+        return {"pool_size": steady, "max_overflow": profile["threads"] - steady}
+
+    check("03.q10", settings)
+    with pytest.raises(AssertionError, match="max_connections"):
+        check("03.q10", lambda profile: {"pool_size": 5, "max_overflow": 10})
+    with pytest.raises(AssertionError, match="timed out"):
+        check("03.q10", lambda profile: (1, 1))

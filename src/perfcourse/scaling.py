@@ -14,6 +14,11 @@ Three parts, one per section of the lesson:
 * **Pooling**: :class:`PoolEvents` counts what a pool does (connects, checkouts, closes,
   timeouts); :func:`exhaust_pool`, :func:`pool_throughput`, :func:`pre_ping_demo`,
   :func:`recycle_demo` and :func:`fork_demo` are the experiments.
+* **Lab**: :func:`read_your_writes_trial` (stale reads and the replica's share of reads for a
+  browsing-and-editing sequence, one session per request, a cookie per user) with
+  :func:`replica_has_replayed`, :func:`profile_engines` and :class:`PrimaryOnlySession`;
+  :func:`range_router` and :func:`average_total_by_status_naive` (the average of shard
+  averages); :func:`pool_trial` (churn, timeouts and idle connections of one pool setting).
 """
 
 from __future__ import annotations
@@ -1052,3 +1057,290 @@ def fork_demo(engine: Engine, dispose: bool) -> dict:
     return {"dispose": dispose, "parent_backend": parent_backend, "child_backend": child_backend,
             "same_connection": child_backend == parent_backend,
             "parent_still_works": parent_after == parent_backend}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Lab helpers: read-your-writes trials, a range-sharded dashboard, pool trials
+# ---------------------------------------------------------------------------------------------
+
+#: Schema of the lab's profile table on the replica pair (the lesson uses ``public``).
+PROFILE_SCHEMA = "ch03_lab"
+
+
+def replica_has_replayed(replica: Engine | sa.Connection, lsn: str) -> bool:
+    """Whether the replica has replayed the WAL up to ``lsn`` (one query, no waiting).
+
+    ``lsn`` is a position of the primary, e.g. from :func:`current_lsn` right after a commit:
+    once the replica's ``pg_last_wal_replay_lsn()`` has passed it, a read there sees the commit.
+    """
+    if isinstance(replica, Engine):
+        with replica.connect() as conn:
+            return replica_has_replayed(conn, lsn)
+    return bool(replica.exec_driver_sql(
+        "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).scalar())
+
+
+def running_replica_pair() -> ReplicaPair | None:
+    """The pair of :func:`start_replica_pair` when both servers run (its apply delay as set
+    now), else None. Starts and changes nothing: a grader uses it to leave the pair as it was."""
+    folder = replication_dir()
+    infos = [_postmaster(folder / name) for name in ("primary", "replica")]
+    if None in infos:
+        return None
+    replica_url = _url(infos[1].socket_dir)
+    engine = sa.create_engine(replica_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            delay = _delay_ms(conn.exec_driver_sql("SHOW recovery_min_apply_delay").scalar())
+    finally:
+        engine.dispose()
+    return ReplicaPair(folder, _url(infos[0].socket_dir), replica_url, delay)
+
+
+def profile_engines(pair: ReplicaPair, schema: str = PROFILE_SCHEMA,
+                    **engine_kwargs) -> tuple[Engine, Engine]:
+    """``(primary, replica)`` engines of ``pair`` whose tables live in ``schema``.
+
+    The schema is the first of the ``search_path``, so the shop's models (``User``...) map to
+    its tables on both servers and nothing clashes with the lesson's ``public.users``.
+    """
+    options = {"connect_args": {"options": f"-csearch_path={schema}"}}
+    return (sa.create_engine(pair.primary_url, **options, **engine_kwargs),
+            sa.create_engine(pair.replica_url, **options, **engine_kwargs))
+
+
+def prepare_profiles(primary: Engine, replica: Engine, users: int = 30) -> int:
+    """(Re)create ``users`` user profiles in the engines' schema; wait until the replica has them.
+
+    The schema is the one of :func:`profile_engines` (created when missing). Returns the
+    number of rows the replica sees.
+    """
+    with primary.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{_first_schema(conn)}"')
+    return prepare_replicated_users(primary, replica, users=users)
+
+
+def drop_profiles(primary: Engine) -> None:
+    """Drop the engine's schema (the first of its ``search_path``) and everything in it.
+
+    Gives up after 10 s (``lock_timeout``) when a leaked transaction still holds the table.
+    """
+    with primary.begin() as conn:
+        conn.exec_driver_sql("SET LOCAL lock_timeout = '10s'")
+        conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{_first_schema(conn)}" CASCADE')
+
+
+def _first_schema(conn: sa.Connection) -> str:
+    return conn.exec_driver_sql("SHOW search_path").scalar().split(",")[0].strip().strip('"')
+
+
+class PrimaryOnlySession(RoutingSession):
+    """Every statement on the primary: never stale, and the replica does nothing."""
+
+    def get_bind(self, mapper=None, clause=None, **kwargs):
+        if kwargs.get("bind") is not None:
+            return kwargs["bind"]
+        return self.primary
+
+
+def _profile_reads(counter) -> int:
+    return sum(1 for s in counter.statements if s.kind == "SELECT" and "users" in s.sql)
+
+
+def read_your_writes_trial(make_session: Callable[..., Session], primary: Engine,
+                           replica: Engine, seed: int = 0, rounds: int = 1) -> dict:
+    """Browse and edit profiles like a web app's users, through sessions ``make_session`` makes.
+
+    Every request (one page) gets a new session, ``make_session(primary, replica, cookie)``:
+    ``cookie`` is a dict of the requesting user's own, kept between their requests (like a
+    signed session cookie), empty at first. Each round, from ``random.Random(seed)``:
+
+    1. 12 page views: a user opens their own profile, someone else's, or the premium list;
+    2. 3 users edit their email (``session.get``, change, ``commit``) and read it back in the same
+       request, then are redirected to their profile (a new request), then one of them opens
+       their profile once more while the change may not be on the replica yet;
+    3. the trial waits until the replica has replayed the primary's WAL (its own probe);
+    4. 9 page views, each editor's own profile among them.
+
+    A read of a user's *own* profile after they edited it must show their last email: otherwise
+    it is a **stale read**. Reads of other people's profiles may lag. Statements are counted on
+    each engine (``SELECT`` statements on ``users``; probes like ``pg_last_wal_replay_lsn()`` do
+    not count as reads). Returns ``reads, checked`` (own-profile reads after an edit),
+    ``stale, replica_reads, primary_reads, replica_share, writes``.
+    """
+    import random  # noqa: PLC0415
+    import uuid  # noqa: PLC0415
+
+    from .measure import count_queries  # noqa: PLC0415
+    from .models import User  # noqa: PLC0415
+
+    rng = random.Random(seed)
+    with primary.connect() as conn:
+        ids = [row[0] for row in conn.execute(sa.select(User.id).order_by(User.id))]
+    cookies: dict[int, dict] = {i: {} for i in ids}
+    latest: dict[int, str] = {}
+    tally = {"checked": 0, "stale": 0, "writes": 0}
+
+    def own_check(user_id: int, seen: str) -> None:
+        if user_id in latest:
+            tally["checked"] += 1
+            tally["stale"] += seen != latest[user_id]
+
+    def view(viewer: int, target: int) -> None:
+        with make_session(primary, replica, cookies[viewer]) as session:
+            seen = session.scalars(sa.select(User.email).where(User.id == target)).one()
+        if viewer == target:
+            own_check(viewer, seen)
+
+    def premium_list(viewer: int) -> None:
+        with make_session(primary, replica, cookies[viewer]) as session:
+            session.scalars(sa.select(User.id).where(User.premium.is_(True))).all()
+
+    def browse(times: int, must_include: Sequence[int] = ()) -> None:
+        owners = list(must_include)
+        for _ in range(times - len(owners)):
+            owners.append(-1)
+        rng.shuffle(owners)
+        for owner in owners:
+            if owner != -1:
+                view(owner, owner)
+                continue
+            viewer, roll = rng.choice(ids), rng.random()
+            if roll < 0.4:
+                view(viewer, viewer)
+            elif roll < 0.85:
+                view(viewer, rng.choice(ids))
+            else:
+                premium_list(viewer)
+
+    def edit(user_id: int, tag: str) -> None:
+        # unique in every trial: a value an earlier trial wrote would look fresh on the replica
+        email = f"{tag}.{user_id}.{uuid.uuid4().hex[:12]}@example.com"
+        with make_session(primary, replica, cookies[user_id]) as session:
+            user = session.get(User, user_id)
+            user.email = email
+            session.commit()
+            tally["writes"] += 1
+            latest[user_id] = email
+            own_check(user_id, session.scalars(
+                sa.select(User.email).where(User.id == user_id)).one())
+
+    with count_queries(primary) as on_primary, count_queries(replica) as on_replica:
+        for round_ in range(rounds):
+            browse(12)
+            editors = rng.sample(ids, 3)
+            for user_id in editors:
+                edit(user_id, f"r{round_}")
+                view(user_id, user_id)  # the redirect after the form
+            again = rng.choice(editors)
+            view(again, again)
+            wait_for_replay(replica, current_lsn(primary), timeout_s=30)
+            browse(9, must_include=editors)
+    replica_reads, primary_reads = _profile_reads(on_replica), _profile_reads(on_primary)
+    reads = replica_reads + primary_reads
+    return {"reads": reads, "checked": tally["checked"], "stale": tally["stale"],
+            "replica_reads": replica_reads, "primary_reads": primary_reads,
+            "replica_share": replica_reads / reads if reads else 0.0, "writes": tally["writes"]}
+
+
+def range_router(upper_bounds: Sequence[int]) -> Callable[[int], str]:
+    """Range sharding: ``shard_i`` holds the ids up to ``upper_bounds[i]`` (the last: the rest).
+
+    New users get the highest ids, so the newest shard fills up last: a common way to add
+    capacity without moving anyone, and a source of very unequal shards.
+    """
+    names = shard_names(len(upper_bounds))
+
+    def route(key: int) -> str:
+        for name, bound in zip(names, upper_bounds):
+            if bound is None or int(key) <= bound:
+                return name
+        return names[-1]
+
+    return route
+
+
+def _average_by_status_statement():
+    from .models import Order  # noqa: PLC0415
+
+    return (sa.select(Order.status, sa.func.avg(Order.total).label("average"),
+                      sa.func.count().label("orders"))
+            .group_by(Order.status).order_by(Order.status))
+
+
+def average_total_by_status(engine: Engine) -> dict[str, float]:
+    """``{status: average order total}`` on one database (statuses with orders only)."""
+    with engine.connect() as conn:
+        return {status: float(average) for status, average, _ in
+                conn.execute(_average_by_status_statement())}
+
+
+def average_total_by_status_naive(shards: dict[str, Engine]) -> dict[str, float]:
+    """The dashboard's bug: the average of each shard's averages (one query per shard).
+
+    Every shard weighs the same whatever its number of orders, so a small shard with unusual
+    orders moves the result as much as a big one. Kept to be measured, not copied.
+    """
+    per_status: dict[str, list[float]] = {}
+    for engine in shards.values():
+        for status, average in average_total_by_status(engine).items():
+            per_status.setdefault(status, []).append(average)
+    return {status: sum(values) / len(values) for status, values in sorted(per_status.items())}
+
+
+def pool_trial(make_engine: Callable[..., Engine], threads: int, steady: int, pool_size: int,
+               max_overflow: int, rounds: int = 3, hold_s: float = 0.02,
+               burst_hold_s: float = 0.5, pool_timeout: float = 0.1) -> dict:
+    """One process's pool under a steady load and a burst, counted.
+
+    * Steady: ``rounds`` rounds in which ``steady`` threads hold a connection at the same moment
+      (``hold_s``), then all return it. A pool smaller than ``steady`` opens the missing
+      connections as overflow and closes them on return, every round (churn).
+    * Burst: all ``threads`` threads check out at once and hold ``burst_hold_s``, longer than
+      ``pool_timeout``: a thread that finds the pool exhausted times out.
+
+    Returns ``pool_size, max_overflow, steady_connects, churn`` (connections closed during the
+    steady phase), ``steady_timeouts, burst_timeouts, kept_open`` (idle connections the pool
+    holds afterwards) and ``most_open`` (``pool_size + max_overflow``, what this process may
+    open on the server).
+    """
+    engine = make_engine(pool_size=pool_size, max_overflow=max_overflow,
+                         pool_timeout=pool_timeout)
+    lock = threading.Lock()
+    timeouts = {"steady": 0, "burst": 0}
+
+    def run(workers: int, hold: float, phase: str, together: threading.Barrier | None) -> None:
+        start = threading.Barrier(workers)
+
+        def worker():
+            start.wait()
+            try:
+                with engine.connect() as conn:
+                    conn.exec_driver_sql("SELECT 1")
+                    if together is not None:
+                        together.wait()  # every steady thread holds a connection now
+                    time.sleep(hold)
+            except sa.exc.TimeoutError:
+                with lock:
+                    timeouts[phase] += 1
+                if together is not None:
+                    together.wait()
+
+        pool = [threading.Thread(target=worker) for _ in range(workers)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+
+    try:
+        with PoolEvents(engine) as steady_events:
+            for _ in range(rounds):
+                run(steady, hold_s, "steady", threading.Barrier(steady))
+        run(threads, burst_hold_s, "burst", None)
+        kept_open = engine.pool.checkedin()
+    finally:
+        engine.dispose()
+    return {"pool_size": pool_size, "max_overflow": max_overflow,
+            "steady_connects": steady_events.connects, "churn": steady_events.closes,
+            "steady_timeouts": timeouts["steady"], "burst_timeouts": timeouts["burst"],
+            "kept_open": kept_open, "most_open": pool_size + max_overflow}

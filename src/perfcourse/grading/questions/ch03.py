@@ -3,12 +3,20 @@
 Practical questions are graded by behaviour the learner cannot hard-code: which engine each
 statement went to (``count_queries`` on each of two private in-memory databases) for a hidden
 sequence of reads and writes, and how many hidden keys move when a shard is added or removed.
+
+The lab's questions (03.q8-03.q10): stale reads and the replica's share of reads for a hidden
+browsing and editing sequence on the real primary/replica pair (in a schema of the grader's);
+a cross-shard average on hidden shard contents, with the statements and rows each shard sent;
+pool settings for hidden request profiles, run against the course's PostgreSQL with counted
+connects, closes and timeouts.
 """
 
 from __future__ import annotations
 
 import random
+import sqlite3
 from datetime import datetime
+from decimal import Decimal
 
 from ..bank import Question
 from ..checkers import Checker, Choice, Incorrect, Number, call_learner, short_repr, type_name
@@ -195,6 +203,329 @@ class _ShardFunctionCheck(Checker):
 
 
 # --------------------------------------------------------------------------------------------
+# 03.q8 (lab): read-your-writes on the real replica pair
+
+
+class _ReadYourWritesCheck(Checker):
+    schema = "ch03_grader"
+    apply_delay_ms = 1000  # a read right after a commit is stale on any machine
+    min_replica_share = 0.5
+    seed, rounds = 308, 2
+
+    def grade(self, answer):
+        import sqlalchemy as sa
+
+        from perfcourse import scaling
+
+        if not callable(answer):
+            raise Incorrect("Pass your session class itself: check(\"03.q8\", "
+                            f"ReadYourWritesSession) (got a {type_name(answer)}).")
+        before = scaling.running_replica_pair()
+        pair = scaling.start_replica_pair(self.apply_delay_ms)
+        primary, replica = scaling.profile_engines(pair, self.schema)
+        try:
+            scaling.prepare_profiles(primary, replica, users=30)
+            trial = call_learner(scaling.read_your_writes_trial, answer, primary, replica,
+                                 self.seed, self.rounds)
+        finally:
+            try:
+                scaling.drop_profiles(primary)
+            except sa.exc.DBAPIError:
+                pass  # a transaction the learner's session leaked holds the table: leave it
+            finally:
+                primary.dispose()
+                replica.dispose()
+                if before is None:
+                    scaling.stop_replica_pair()
+                else:
+                    scaling.set_apply_delay(pair, before.apply_delay_ms)
+        if trial["stale"]:
+            raise Incorrect(
+                f"{trial['stale']} of the {trial['checked']} reads of a user's own profile after "
+                "their edit showed the old email: the replica had not replayed the edit yet. "
+                "After a commit, keep the primary's LSN in the cookie; read from the primary "
+                "until scaling.replica_has_replayed(self.replica, lsn) is true.")
+        if trial["replica_share"] < self.min_replica_share:
+            raise Incorrect(
+                f"No stale read, but only {trial['replica_reads']} of the {trial['reads']} reads "
+                f"went to the replica ({trial['replica_share']:.0%}; at least "
+                f"{self.min_replica_share:.0%} should): send a read to the primary only while "
+                "this user's last write has not reached the replica.")
+
+    def model_answer(self):
+        return (
+            "class ReadYourWritesSession(scaling.RoutingSession):\n"
+            "    def __init__(self, primary, replica, cookie, **kwargs):\n"
+            "        super().__init__(primary, replica, **kwargs)\n"
+            "        self.cookie = cookie\n"
+            "        self.wrote = False\n\n"
+            "    def get_bind(self, mapper=None, clause=None, **kwargs):\n"
+            "        if kwargs.get(\"bind\") is not None:\n"
+            "            return kwargs[\"bind\"]\n"
+            "        if self.is_write(clause):\n"
+            "            self.wrote = True\n"
+            "            return self.primary\n"
+            "        lsn = self.cookie.get(\"lsn\")\n"
+            "        if self.wrote or (lsn and not scaling.replica_has_replayed(self.replica, lsn)):\n"
+            "            return self.primary\n"
+            "        return self.replica\n\n"
+            "    def commit(self):\n"
+            "        super().commit()\n"
+            "        if self.wrote:\n"
+            "            self.cookie[\"lsn\"] = scaling.current_lsn(self.primary)\n"
+            "            self.wrote = False")
+
+
+# --------------------------------------------------------------------------------------------
+# 03.q9 (lab): an average across shards
+
+
+class _CountingCursor(sqlite3.Cursor):
+    """A cursor that adds every row it hands out to its connection's ``rows_fetched``."""
+
+    def _count(self, rows: int) -> None:
+        self.connection.rows_fetched += rows
+
+    def fetchone(self):
+        row = super().fetchone()
+        if row is not None:
+            self._count(1)
+        return row
+
+    def fetchmany(self, *args, **kwargs):
+        rows = super().fetchmany(*args, **kwargs)
+        self._count(len(rows))
+        return rows
+
+    def fetchall(self):
+        rows = super().fetchall()
+        self._count(len(rows))
+        return rows
+
+    def __next__(self):
+        row = super().__next__()
+        self._count(1)
+        return row
+
+
+class _CountingConnection(sqlite3.Connection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rows_fetched = 0
+
+    def cursor(self, factory=_CountingCursor):
+        return super().cursor(factory)
+
+
+def _order_shards(rng: random.Random):
+    """3-5 in-memory SQLite shards of very unequal size and spending; one empty, statuses missing.
+
+    Returns ``(engines, connections, orders)``: ``orders`` is every ``(shard, status, total)``.
+    """
+    import sqlalchemy as sa
+    from sqlalchemy.pool import StaticPool
+
+    from perfcourse.models import ORDER_STATUSES, Base, Order, User
+
+    n = rng.randint(3, 5)
+    sizes = [0, rng.randint(5, 15), rng.randint(60, 120), rng.randint(400, 700),
+             rng.randint(150, 300)][:n]
+    rng.shuffle(sizes)
+    engines, connections, orders = {}, [], []
+    next_id = 1
+    for i, size in enumerate(sizes):
+        connection = sqlite3.connect(":memory:", factory=_CountingConnection,
+                                     check_same_thread=False)
+        engine = sa.create_engine("sqlite://", creator=lambda c=connection: c,
+                                  poolclass=StaticPool)
+        Base.metadata.create_all(engine, tables=[User.__table__, Order.__table__])
+        statuses = rng.sample(ORDER_STATUSES, rng.randint(2, len(ORDER_STATUSES)))
+        spend = rng.choice([0.4, 1.0, 3.0, 8.0])  # shards of big and small accounts
+        rows = []
+        for _ in range(size):
+            status = rng.choice(statuses)
+            total = (Decimal(rng.randint(500, 20000)) * Decimal(str(spend)) / 100
+                     ).quantize(Decimal("0.01"))
+            rows.append({"id": next_id, "user_id": rng.randint(1, 999), "status": status,
+                         "total": total, "created_at": datetime(2025, 3, 1)})
+            orders.append((f"shard_{i}", status, total))
+            next_id += 1
+        if rows:
+            with engine.begin() as conn:
+                conn.execute(Order.__table__.insert(), rows)
+        connection.rows_fetched = 0
+        engines[f"shard_{i}"] = engine
+        connections.append(connection)
+    return engines, connections, orders
+
+
+def _exact_averages(orders) -> dict[str, float]:
+    sums, counts = {}, {}
+    for _, status, total in orders:
+        sums[status] = sums.get(status, Decimal(0)) + total
+        counts[status] = counts.get(status, 0) + 1
+    return {status: float(sums[status] / counts[status]) for status in sorted(sums)}
+
+
+def _as_float(value):
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class _ShardedAverageCheck(Checker):
+    def grade(self, answer):
+        import math
+
+        from perfcourse import scaling
+        from perfcourse.measure import count_queries
+
+        if not callable(answer):
+            raise Incorrect("Pass your function itself: check(\"03.q9\", "
+                            f"average_total_by_status) (got a {type_name(answer)}).")
+        for seed in (309, 310, 311):
+            engines, connections, orders = _order_shards(random.Random(seed))
+            try:
+                expected = _exact_averages(orders)
+                naive = scaling.average_total_by_status_naive(engines)
+                for connection in connections:
+                    connection.rows_fetched = 0  # count only the learner's rows
+                counters = {name: count_queries(e).start() for name, e in engines.items()}
+                try:
+                    got = call_learner(answer, dict(engines))
+                finally:
+                    for counter in counters.values():
+                        counter.stop()
+                if not isinstance(got, dict):
+                    raise Incorrect("Return a dict {status: average order total} "
+                                    f"(got a {type_name(got)}).")
+                if set(got) != set(expected):
+                    raise Incorrect(
+                        f"Your dict has the statuses {sorted(map(str, got))}, the shards' "
+                        f"orders have {sorted(expected)}: one key per status that has orders.")
+                for status, value in expected.items():
+                    number = _as_float(got[status])
+                    if number is None:
+                        raise Incorrect(f"The average for {status!r} is a "
+                                        f"{type_name(got[status])}: return numbers.")
+                    if not math.isclose(number, value, rel_tol=1e-9, abs_tol=0.006):
+                        if math.isclose(number, naive.get(status, math.nan), rel_tol=1e-6):
+                            raise Incorrect(
+                                f"For {status!r} you return {number:.2f}, the average of the "
+                                f"shards' averages; the average of all its orders is {value:.2f}. "
+                                "A shard with 10 orders must not weigh as much as one with "
+                                "500: gather each shard's SUM and COUNT, then divide the totals.")
+                        raise Incorrect(f"For {status!r} you return {number:.2f}, the average "
+                                        f"of all its orders is {value:.2f}.")
+                for (name, counter), connection in zip(counters.items(), connections):
+                    if counter.count > 1:
+                        raise Incorrect(
+                            f"Right averages, but {name} received {counter.count} queries: one "
+                            "query per shard (GROUP BY status) is enough.")
+                    with_orders = len({s for shard, s, _ in orders if shard == name})
+                    if connection.rows_fetched > with_orders:
+                        raise Incorrect(
+                            f"Right averages, but {name} sent {connection.rows_fetched} rows "
+                            f"for its {with_orders} statuses: aggregate on the shard (SUM, "
+                            "COUNT, GROUP BY) and send one row per status, not the orders.")
+            finally:
+                for engine in engines.values():
+                    engine.dispose()
+                for connection in connections:
+                    connection.close()
+
+    def model_answer(self):
+        return (
+            "def average_total_by_status(shards):\n"
+            "    sums, counts = {}, {}\n"
+            "    query = (select(Order.status, func.sum(Order.total), func.count())\n"
+            "             .group_by(Order.status))\n"
+            "    for engine in shards.values():            # scatter: one query per shard\n"
+            "        with engine.connect() as conn:\n"
+            "            for status, total, n in conn.execute(query):\n"
+            "                sums[status] = sums.get(status, 0) + Decimal(str(total))\n"
+            "                counts[status] = counts.get(status, 0) + n\n"
+            "    return {s: sums[s] / counts[s] for s in sorted(sums)}   # gather: divide totals")
+
+
+# --------------------------------------------------------------------------------------------
+# 03.q10 (lab): pool settings from a request profile
+
+#: Hidden request profiles: threads of one process, steady requests/s, seconds on a connection.
+_POOL_PROFILES = (
+    {"threads": 6, "requests_per_s": 130, "db_time_s": 0.018},
+    {"threads": 9, "requests_per_s": 350, "db_time_s": 0.013},
+    {"threads": 5, "requests_per_s": 90, "db_time_s": 0.016},
+)
+
+
+def _settings(value) -> tuple[int, int]:
+    if isinstance(value, dict):
+        if set(value) != {"pool_size", "max_overflow"}:
+            raise Incorrect("Return a dict with exactly the keys 'pool_size' and 'max_overflow' "
+                            f"(got the keys {sorted(map(str, value))}).")
+        value = (value["pool_size"], value["max_overflow"])
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise Incorrect("Return {'pool_size': ..., 'max_overflow': ...} "
+                        f"(got {short_repr(value, 60)}).")
+    size, overflow = value
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, overflow)):
+        raise Incorrect("pool_size and max_overflow are whole numbers (use math.ceil, int): "
+                        f"got {short_repr(size, 20)} and {short_repr(overflow, 20)}.")
+    if not (1 <= size <= 50 and 0 <= overflow <= 50):
+        raise Incorrect(f"pool_size={size}, max_overflow={overflow}: keep 1 <= pool_size <= 50 "
+                        "and 0 <= max_overflow <= 50 (the server has max_connections to share).")
+    return size, overflow
+
+
+class _PoolSettingsCheck(Checker):
+    def grade(self, answer):
+        import math
+
+        from perfcourse import scaling
+
+        if not callable(answer):
+            raise Incorrect("Pass your function itself: check(\"03.q10\", pool_settings) "
+                            f"(got a {type_name(answer)}).")
+        for profile in _POOL_PROFILES:
+            size, overflow = _settings(call_learner(answer, dict(profile)))
+            threads = profile["threads"]
+            steady = math.ceil(profile["requests_per_s"] * profile["db_time_s"])
+            shown = (f"For {threads} threads, {profile['requests_per_s']} requests/s and "
+                     f"{profile['db_time_s'] * 1000:g} ms on a connection, pool_size={size}, "
+                     f"max_overflow={overflow}: ")
+            run = scaling.pool_trial(scaling.postgres_engine, threads, steady, size, overflow)
+            timeouts = run["steady_timeouts"] + run["burst_timeouts"]
+            if timeouts:
+                raise Incorrect(
+                    shown + f"{timeouts} checkouts timed out when all {threads} threads needed "
+                    "a connection at once. pool_size + max_overflow must cover every thread.")
+            if run["churn"]:
+                raise Incorrect(
+                    shown + f"the steady load made the pool open and close {run['churn']} "
+                    "overflow connections. pool_size must hold the connections busy at once in "
+                    "steady state: Little's law, requests/s × time on a connection, rounded up.")
+            if run["most_open"] > threads:
+                raise Incorrect(
+                    shown + f"no timeouts, but the pool may open {run['most_open']} connections "
+                    f"and only {threads} threads can use one: the rest count against the "
+                    "server's max_connections for nothing.")
+            if run["kept_open"] > steady:
+                raise Incorrect(
+                    shown + f"the pool keeps {run['kept_open']} idle connections open after a "
+                    f"burst; the steady load keeps {steady} busy. Put the rest in max_overflow.")
+
+    def model_answer(self):
+        return ("def pool_settings(profile):\n"
+                "    steady = math.ceil(profile[\"requests_per_s\"] * profile[\"db_time_s\"])\n"
+                "    return {\"pool_size\": steady,\n"
+                "            \"max_overflow\": profile[\"threads\"] - steady}")
+
+
+# --------------------------------------------------------------------------------------------
 
 QUESTIONS = [
     Question(
@@ -327,5 +658,50 @@ QUESTIONS = [
         "queries, and the slowest shard sets the latency. Each shard computes its part (SUM per "
         "day); the application adds the parts. Choose the shard key so the frequent queries "
         "name it.",
+    ),
+    Question(
+        id="03.q8",
+        title="Lab: read-your-writes on a real replica",
+        checker=_ReadYourWritesCheck(),
+        explanation="A commit reaches a replica only when the replica replays it. Remember where "
+        "the user's last write ended (pg_current_wal_lsn() after the commit) in something that "
+        "outlives the request, like the session cookie; on each read, ask the replica whether "
+        "pg_last_wal_replay_lsn() has passed it. Until it has, that user's reads go to the "
+        "primary; then they return to the replica. No stale read, and every other user's reads "
+        "stay on the replica. A time window (Rails' DatabaseSelector, 2 s) is simpler but only "
+        "works while the lag stays below the window.",
+        hints=("Override commit(): call super().commit(), then, if this session wrote, store "
+               "scaling.current_lsn(self.primary) in self.cookie.",
+               "In get_bind, a read goes to the primary while the session has written or while "
+               "the cookie's LSN is not replayed: scaling.replica_has_replayed(self.replica, lsn)."),
+        time_limit=60.0,
+    ),
+    Question(
+        id="03.q9",
+        title="Lab: an average across shards",
+        checker=_ShardedAverageCheck(),
+        explanation="An average is not decomposable, a sum and a count are: each shard returns "
+        "SUM(total) and COUNT(*) per status (one small query, one row per status), and the "
+        "application adds the sums and the counts before dividing. Averaging the shards' "
+        "averages weighs a shard of 10 orders like one of 10,000. The same goes for ratios and "
+        "percentiles: gather what can be added (or a histogram), never the finished figure.",
+        hints=("Per shard: select(Order.status, func.sum(Order.total), func.count())"
+               ".group_by(Order.status). Add up sums and counts per status over the shards, "
+               "then divide.",),
+        time_limit=30.0,
+    ),
+    Question(
+        id="03.q10",
+        title="Lab: size a pool from a request profile",
+        checker=_PoolSettingsCheck(),
+        explanation="Little's law gives the connections busy at once in steady state: requests/s "
+        "× seconds on a connection, rounded up. That is pool_size: the connections worth keeping "
+        "open (a smaller pool opens and closes overflow connections all the time). A burst can "
+        "have every thread of the process holding a connection: pool_size + max_overflow = "
+        "threads, so no checkout waits past pool_timeout, and not more, since every promised "
+        "connection counts against the server's max_connections across all processes.",
+        hints=("Little's law: connections busy at once = requests/s × seconds on a connection; "
+               "round up (math.ceil). Whatever the burst needs beyond that is max_overflow.",),
+        time_limit=10.0,
     ),
 ]
