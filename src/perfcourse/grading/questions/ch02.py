@@ -8,7 +8,6 @@ learner has not seen, by query counts, result equality and query plans.
 from __future__ import annotations
 
 import random
-import sqlite3
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 
@@ -24,34 +23,10 @@ from ..checkers import (
     short_repr,
     type_name,
 )
+from ..datasets import private_dataset
 
 # --------------------------------------------------------------------------------------------
 # Private databases of the grader
-
-
-def _memory_copy(indexes: tuple[str, ...] = ()):
-    """A fresh in-memory SQLite copy of the tiny dataset (seeded first if missing)."""
-    import sqlalchemy as sa
-    from sqlalchemy.pool import StaticPool
-
-    from perfcourse import db
-    from perfcourse.seed import seed_dataset
-
-    source = db.engine("sqlite", scale="tiny")
-    seed_dataset(source, "tiny", progress=False)
-    source.dispose()
-    memory = sqlite3.connect(":memory:", check_same_thread=False)
-    disk = sqlite3.connect(db.sqlite_path(db.namespace_for("tiny")))
-    try:
-        disk.backup(memory)
-    finally:
-        disk.close()
-    for ddl in indexes:
-        memory.execute(ddl)
-    memory.commit()
-    engine = sa.create_engine("sqlite://", creator=lambda: memory, poolclass=StaticPool)
-    engine.perfcourse_namespace = "grader_memory"
-    return engine
 
 
 def _empty_schema():
@@ -98,7 +73,7 @@ def _orders_page(users):
 
 def _q3_cases():
     rng = random.Random(2002)
-    engine = _memory_copy()
+    engine = private_dataset()
     yield QueryCheck(reference=_users_with_orders_reference, engine=engine, max_queries=2,
                      use=_orders_page, args=([3, 1, 2],),
                      hint="Add a loader option for User.orders to the users query.")
@@ -144,7 +119,7 @@ class _SargableCheck(Checker):
         if not callable(answer):
             raise Incorrect("Pass your function itself: check(\"02.q5\", orders_on) "
                             f"(got a {type_name(answer)}).")
-        engine = _memory_copy((f"CREATE INDEX {self.index} ON orders (created_at)",))
+        engine = private_dataset((f"CREATE INDEX {self.index} ON orders (created_at)",))
         try:
             with engine.connect() as conn:
                 days = [row[0] for row in conn.exec_driver_sql(
@@ -234,7 +209,7 @@ class _ReportCheck(Checker):
         if not callable(answer):
             raise Incorrect("Pass your function itself: check(\"02.q8\", fast_report) "
                             f"(got a {type_name(answer)}).")
-        engine = _memory_copy()
+        engine = private_dataset()
         try:
             for since, top, recent in _lab_cases():
                 checker = QueryCheck(
@@ -270,7 +245,7 @@ class _LabIndexCheck(Checker):
         if not changes or not all(isinstance(c, str) for c in changes):
             raise Incorrect("Answer with a list of CREATE INDEX statements (strings), "
                             f"got {short_repr(answer, 60)}.")
-        engine = _memory_copy()
+        engine = private_dataset()
         try:
             def apply():
                 with engine.begin() as conn:

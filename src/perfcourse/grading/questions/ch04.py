@@ -24,7 +24,7 @@ from ..checkers import (
     short_repr,
     type_name,
 )
-from .ch02 import _memory_copy
+from ..datasets import private_dataset
 
 # --------------------------------------------------------------------------------------------
 # 04.q3: a streaming CSV export
@@ -131,7 +131,7 @@ class _HeavyUsersCheck(Checker):
         if not callable(answer):
             raise Incorrect("Pass your function itself: check(\"04.q4\", users_with_more_than) "
                             f"(got a {type_name(answer)}).")
-        engine = _memory_copy()
+        engine = private_dataset()
         try:
             rng = random.Random(2044)
             for k in (0, 7, rng.randint(2, 5), rng.randint(8, 11), 1000):
@@ -258,7 +258,7 @@ class _StatusCountsCheck(Checker):
         if not callable(answer):
             raise Incorrect("Pass your function itself: check(\"04.q6\", status_counts) "
                             f"(got a {type_name(answer)}).")
-        engine = _memory_copy()
+        engine = private_dataset()
         try:
             with engine.begin() as conn:  # hidden data: move some orders to another status
                 conn.exec_driver_sql("UPDATE orders SET status = 'cancelled' WHERE id % 11 = 3")

@@ -220,7 +220,6 @@ class _HookCheck(Checker):
         import sqlalchemy as sa
         from sqlalchemy.orm import Session
 
-        from perfcourse.caching import cached
         from perfcourse.models import Category, Product
 
         _need_function(answer, 'check("05.q5", make_invalidation_hook)')
