@@ -1,0 +1,112 @@
+"""Chapter 07 helpers: gunicorn started and always stopped, load generator, balancer, sizing.
+
+Counts only, never wall time. Every test starts its servers in ``with`` blocks and checks that
+the process group is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from perfcourse import infra
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_serve_answers_every_endpoint_and_stops_the_group():
+    with infra.serve(workers=2) as server:
+        assert server.running()
+        status, headers, body = infra.get(server.port, "/health")
+        assert (status, body) == (200, b"ok") and headers["X-Worker-Pid"].isdigit()
+        assert infra.get(server.port, "/io?ms=1")[0] == 200
+        assert infra.get(server.port, "/cpu?n=1000")[2] == f'{{"result": {infra.cpu_work(1000)}}}'.encode()
+        status, _, body = infra.get(server.port, "/orders?user=3")
+        assert status == 200 and b'"orders"' in body
+        assert infra.get(server.port, "/nope")[0] == 404
+        pid = server.pid
+    assert not server.running() and _gone(pid)
+
+
+def test_serve_stops_the_server_when_the_block_raises():
+    with pytest.raises(ZeroDivisionError):
+        with infra.serve() as server:
+            pid = server.pid
+            1 / 0
+    assert _gone(pid)
+
+
+def test_run_load_is_bounded_and_records_pids():
+    with infra.serve(workers=2) as server:
+        result = infra.run_load(server.port, "/io?ms=5", requests=30, concurrency=4)
+    assert result.ok == 30 and len(result.samples) == 30
+    assert sum(result.by_pid().values()) == 30
+    summary = result.summary()
+    assert summary["served"] == 30 and summary["throughput_per_s"] > 0
+
+
+def test_run_load_refuses_other_hosts():
+    with pytest.raises(ValueError):
+        infra.run_load(80, "/", requests=1, concurrency=1, host="example.com")
+
+
+def test_throughput_by_server_one_row_per_case():
+    df = infra.throughput_by_server(
+        [{"case": "1 worker", "workers": 1}, {"case": "gthread", "worker_class": "gthread", "threads": 2}],
+        "/cpu?n=2000", requests=10, concurrency=2)
+    assert list(df.case) == ["1 worker", "gthread"] and list(df.served) == [10, 10]
+    assert list(df.threads) == [1, 2]
+
+
+def test_preload_shares_the_master_connection_unless_disposed_after_fork():
+    plain = infra.connection_origins(preload=False, requests=10)
+    shared = infra.connection_origins(preload=True, requests=10)
+    disposed = infra.connection_origins(preload=True, hooks=infra.POST_FORK_DISPOSE, requests=10)
+    assert (plain["inherited_connection"], plain["own_connection"]) == (0, 10)
+    assert (shared["inherited_connection"], shared["own_connection"]) == (10, 0)
+    assert (disposed["inherited_connection"], disposed["own_connection"]) == (0, 10)
+    assert "preload_app = True" in disposed["config"] and "def post_fork" in disposed["config"]
+
+
+def test_round_robin_counts_and_health_checks():
+    with infra.serve() as a, infra.serve() as b:
+        with infra.RoundRobinBalancer({"a": a.port, "b": b.port}) as lb:
+            result = infra.run_load(lb.port, "/health", requests=20, concurrency=4)
+            assert result.ok == 20 and lb.served == {"a": 10, "b": 10}
+            assert result.by_backend() == {"a": 10, "b": 10}
+            b.stop()
+            # No health check yet: the first request to b fails, marks it down, goes to a.
+            sequential = infra.run_load(lb.port, "/health", requests=10, concurrency=1)
+            assert sequential.ok == 10 and lb.rerouted == 1
+            assert lb.served == {"a": 20, "b": 10} and lb.health() == {"a": True, "b": False}
+            assert lb.check_health() == {"a": True, "b": False}
+        assert not lb.running()
+
+
+def test_balancer_without_backends_answers_503():
+    with infra.RoundRobinBalancer({"dead": infra.free_port()}) as lb:
+        status, _, _ = infra.get(lb.port, "/health")
+    assert status == 503 and lb.unavailable == 1 and lb.rerouted == 1
+
+
+@pytest.mark.parametrize(("healthy", "previous", "expected"), [
+    ([True, True, True], -1, 0), ([True, True, True], 0, 1), ([True, True, True], 2, 0),
+    ([True, False, True], 0, 2), ([False, False, True], 2, 2), ([False, False], 0, -1),
+])
+def test_next_healthy(healthy, previous, expected):
+    assert infra.next_healthy(healthy, previous) == expected
+
+
+@pytest.mark.parametrize(("cores", "io_fraction", "expected"), [
+    (2, 0.0, (2, 1)), (2, 0.5, (2, 2)), (4, 0.9, (4, 10)), (1, 0.99, (1, 32)), (8, 1.0, (8, 32)),
+    (0, 0.75, (1, 4)),
+])
+def test_workers_and_threads(cores, io_fraction, expected):
+    assert infra.workers_and_threads(cores, io_fraction) == expected
