@@ -93,6 +93,11 @@ def test_forwards_bytes_exactly_in_both_directions(echo_server):
             client.join()
         assert all(results[i] == payload for i in range(3))
         assert proxy.connections == 3
+        # The proxy thread adds to its counters just after each send, so the clients can have
+        # every byte a moment before the last addition: wait for the counters to settle.
+        deadline = time.monotonic() + 10
+        while proxy.bytes_to_client < 3 * len(payload) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert proxy.bytes_to_server == proxy.bytes_to_client == 3 * len(payload)
 
 

@@ -379,11 +379,17 @@ class StickyRoutingSession(RoutingSession):
 
 
 def current_lsn(primary: Engine | sa.Connection) -> str:
-    """The primary's WAL position now (``pg_current_wal_lsn()``), e.g. ``'0/3003748'``."""
+    """The primary's WAL position now: the end of the last record written, e.g. ``'0/3003748'``.
+
+    ``pg_current_wal_insert_lsn()`` rather than ``pg_current_wal_lsn()``: the latter is how far
+    WAL has been written out, which can be a page boundary past the last record. A replica
+    replays records, so it reaches the end of the last record but may not reach that boundary
+    until more WAL arrives, and a read-your-writes wait on it could stall on an idle primary.
+    """
     if isinstance(primary, Engine):
         with primary.connect() as conn:
             return current_lsn(conn)
-    return primary.exec_driver_sql("SELECT pg_current_wal_lsn()::text").scalar_one()
+    return primary.exec_driver_sql("SELECT pg_current_wal_insert_lsn()::text").scalar_one()
 
 
 def replay_lsn(replica: Engine | sa.Connection) -> str:

@@ -549,10 +549,10 @@ QUESTIONS = [
             },
         ),
         explanation="Replication is asynchronous: a replica shows a commit only after it has "
-        "replayed it (here 300 ms later). Read-your-writes needs the writer's reads to go where "
+        "replayed it (in the lesson, a second later). Read-your-writes needs the writer's reads to go where "
         "the write is: the primary for a while (sticky, Rails' DatabaseSelector with its 2 s "
         "delay), or a replica once pg_last_wal_replay_lsn() has passed the write's "
-        "pg_current_wal_lsn().",
+        "pg_current_wal_insert_lsn().",
     ),
     Question(
         id="03.q2",
@@ -664,7 +664,7 @@ QUESTIONS = [
         title="Lab: read-your-writes on a real replica",
         checker=_ReadYourWritesCheck(),
         explanation="A commit reaches a replica only when the replica replays it. Remember where "
-        "the user's last write ended (pg_current_wal_lsn() after the commit) in something that "
+        "the user's last write ended (pg_current_wal_insert_lsn() after the commit) in something that "
         "outlives the request, like the session cookie; on each read, ask the replica whether "
         "pg_last_wal_replay_lsn() has passed it. Until it has, that user's reads go to the "
         "primary; then they return to the replica. No stale read, and every other user's reads "
