@@ -110,3 +110,17 @@ def test_next_healthy(healthy, previous, expected):
 ])
 def test_workers_and_threads(cores, io_fraction, expected):
     assert infra.workers_and_threads(cores, io_fraction) == expected
+
+
+def test_horizontal_vs_vertical_serves_everything_and_splits_evenly():
+    df = infra.horizontal_vs_vertical("/cpu?n=2000", requests=20, concurrency=4)
+    assert list(df.served) == [20, 20] and df.per_backend[1] == "a: 10 / b: 10"
+    assert infra.running_servers() == 0
+
+
+def test_failover_phases_are_deterministic():
+    df = infra.failover(requests=10, concurrency=4)
+    assert df[["served", "to_a", "to_b", "rerouted"]].values.tolist() == [
+        [10, 5, 5, 0], [10, 10, 0, 1], [10, 10, 0, 0]]
+    assert df.health.tolist()[-1] == "a: up, b: down"
+    assert infra.running_servers() == 0

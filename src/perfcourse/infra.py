@@ -197,6 +197,15 @@ class Server:
         _stop_group(self.process, timeout_s)
 
 
+#: gunicorn masters started by :func:`serve` in this process and not stopped yet.
+_RUNNING: set[subprocess.Popen] = set()
+
+
+def running_servers() -> int:
+    """How many gunicorn servers started here are still running (0 after every ``with`` block)."""
+    return sum(1 for p in list(_RUNNING) if p.poll() is None)
+
+
 def _stop_group(process: subprocess.Popen, timeout_s: float = 5.0) -> None:
     if process.poll() is None:
         try:
@@ -275,19 +284,23 @@ def serve(*, workers: int = 1, threads: int = 1, worker_class: str = "sync", pre
                     cwd=tmp, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     env={**os.environ, **(env or {})}, start_new_session=True)
             server = Server(port, process, config, log_path, workers)
+            _RUNNING.add(process)
             try:
                 _wait_ready(server, startup_timeout_s)
             except RuntimeError as exc:  # exited: maybe the port was taken; try another
                 last_error = exc
                 _stop_group(process)
+                _RUNNING.discard(process)
                 continue
             except BaseException:
                 _stop_group(process)
+                _RUNNING.discard(process)
                 raise
             try:
                 yield server
             finally:
                 _stop_group(process)
+                _RUNNING.discard(process)
             return
         raise RuntimeError(f"gunicorn did not start: {last_error}")
 
@@ -548,6 +561,49 @@ class RoundRobinBalancer:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def horizontal_vs_vertical(path: str, *, requests: int, concurrency: int):
+    """The same load on one server with 2 workers (vertical) and on two 1-worker servers behind
+    the round-robin balancer (horizontal). One row per case, with requests per backend."""
+    import pandas as pd
+
+    rows = []
+    with serve(workers=2) as server:
+        result = run_load(server.port, path, requests=requests, concurrency=concurrency)
+    rows.append({"case": "vertical: 1 server, 2 workers", "servers": 1, "processes": 2,
+                 **result.summary(), "per_backend": "-"})
+    with serve() as a, serve() as b, RoundRobinBalancer({"a": a.port, "b": b.port}) as lb:
+        result = run_load(lb.port, path, requests=requests, concurrency=concurrency)
+        per_backend = " / ".join(f"{name}: {lb.served[name]}" for name in ("a", "b"))
+    rows.append({"case": "horizontal: 2 servers, balanced", "servers": 2, "processes": 2,
+                 **result.summary(), "per_backend": per_backend})
+    return pd.DataFrame(rows)
+
+
+def failover(path: str = "/health", *, requests: int = 20, concurrency: int = 4):
+    """Two backends behind the balancer; backend b is stopped halfway. Phases, one row each:
+    both up (concurrent), b stopped without a health check yet (sequential), after a health
+    check (concurrent). Requests per backend and rerouted requests are counted per phase and
+    are deterministic."""
+    import pandas as pd
+
+    rows = []
+    with serve() as a, serve() as b, RoundRobinBalancer({"a": a.port, "b": b.port}) as lb:
+        def phase(name, conc):
+            before, rerouted = Counter(lb.served), lb.rerouted
+            result = run_load(lb.port, path, requests=requests, concurrency=conc)
+            served = lb.served - before
+            rows.append({"phase": name, "requests": requests, "served": result.ok,
+                         "to_a": served["a"], "to_b": served["b"], "rerouted": lb.rerouted - rerouted,
+                         "health": ", ".join(f"{k}: {'up' if v else 'down'}" for k, v in lb.health().items())})
+
+        phase("both backends up", concurrency)
+        b.stop()
+        phase("b stopped, before any health check", 1)
+        lb.check_health()
+        phase("after the health check", concurrency)
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------------------------
