@@ -124,3 +124,39 @@ def test_failover_phases_are_deterministic():
         [10, 5, 5, 0], [10, 10, 0, 1], [10, 10, 0, 0]]
     assert df.health.tolist()[-1] == "a: up, b: down"
     assert infra.running_servers() == 0
+
+
+def _good_hook(server, worker):
+    from perfcourse import infra
+    if infra.ENGINE is not None:
+        infra.ENGINE.dispose(close=False)
+
+
+def _empty_hook(server, worker):
+    pass
+
+
+def _failing_hook(server, worker):
+    raise ZeroDivisionError("boom")
+
+
+def test_post_fork_question_runs_a_real_gunicorn():
+    from perfcourse.grading import check
+
+    check("07.q6", _good_hook)
+    with pytest.raises(AssertionError, match="12 of 12 requests were still answered"):
+        check("07.q6", _empty_hook)
+    with pytest.raises(AssertionError, match="ZeroDivisionError: boom"):
+        check("07.q6", _failing_hook)
+    assert infra.running_servers() == 0
+
+
+def test_choose_backend_question_replays_hidden_health_sequences():
+    from perfcourse.grading import check
+
+    check("07.q4", infra.next_healthy)
+    with pytest.raises(AssertionError, match="round robin chooses"):
+        check("07.q4", lambda healthy, previous: (previous + 1) % len(healthy))
+    check("07.q3", infra.workers_and_threads)
+    with pytest.raises(AssertionError):
+        check("07.q3", lambda cores, f: (cores, 1))

@@ -416,13 +416,14 @@ def throughput_by_server(cases: Sequence[dict], path: str, *, requests: int, con
     return pd.DataFrame(rows)
 
 
-def connection_origins(*, preload: bool, hooks: str = "", workers: int = 2, requests: int = 40) -> dict:
+def connection_origins(*, preload: bool, hooks: str = "", workers: int = 2, requests: int = 40,
+                       startup_timeout_s: float = 30.0) -> dict:
     """Run gunicorn whose app connects to the database at boot; count requests per connection origin.
 
     Returns how many of ``requests`` sequential ``/db`` requests were answered over a connection
     opened by another process (inherited through fork) and over one the worker opened itself.
     """
-    with serve(workers=workers, preload=preload, hooks=hooks,
+    with serve(workers=workers, preload=preload, hooks=hooks, startup_timeout_s=startup_timeout_s,
                app="perfcourse.infra:create_app(connect_at_boot=True)") as server:
         inherited = own = 0
         for i in range(requests):

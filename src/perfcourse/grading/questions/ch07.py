@@ -10,10 +10,23 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import Counter
 
 from ..bank import Question
-from ..checkers import Checker, Choice, FunctionCheck, Incorrect, MultiChoice, call_learner, short_repr, type_name
+from ..checkers import (
+    NOT_WRITTEN,
+    Checker,
+    Choice,
+    FunctionCheck,
+    Incorrect,
+    MultiChoice,
+    NoAnswer,
+    call_learner,
+    short_repr,
+    shorten,
+    type_name,
+)
 
 # --------------------------------------------------------------------------------------------
 # 07.q3: workers and threads from cores and the I/O fraction
@@ -104,6 +117,55 @@ class _ChooseBackendCheck(Checker):
                 "        if healthy[index]:\n"
                 "            return index\n"
                 "    return -1\n")
+
+
+# --------------------------------------------------------------------------------------------
+# 07.q6: a post_fork hook, run in a real gunicorn
+
+
+class _PostForkCheck(Checker):
+    requests = 12
+
+    def grade(self, answer):
+        import inspect
+        import textwrap
+
+        from perfcourse import infra
+
+        if not callable(answer):
+            raise Incorrect(f'Pass your hook itself: check("07.q6", post_fork) (got a {type_name(answer)}).')
+        try:
+            source = textwrap.dedent(inspect.getsource(answer))
+        except (OSError, TypeError):
+            raise Incorrect("The grader cannot read your hook's source: define it with `def` in a cell "
+                            "and run that cell.") from None
+        if "NotImplementedError" in source:
+            raise NoAnswer(NOT_WRITTEN)
+        if getattr(answer, "__name__", "") != "post_fork":
+            source += f"\npost_fork = {answer.__name__}\n"
+        try:
+            origins = infra.connection_origins(preload=True, hooks=source, requests=self.requests,
+                                               startup_timeout_s=15.0)
+        except (RuntimeError, TimeoutError) as exc:
+            lines = str(exc).strip().splitlines()
+            errors = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b", line)]
+            raise Incorrect("gunicorn's workers did not boot with your hook: "
+                            + shorten(errors[-1] if errors else lines[-1], 200)) from None
+        inherited, own = origins["inherited_connection"], origins["own_connection"]
+        if inherited:
+            raise Incorrect(f"{inherited} of {self.requests} requests were still answered over the connection "
+                            "the master opened before fork: the workers' pool was not reset.")
+        if own != self.requests:
+            raise Incorrect(f"Only {own} of {self.requests} requests were answered.")
+
+    def model_answer(self):
+        return _hook_source()
+
+
+def _hook_source() -> str:
+    from perfcourse import infra
+
+    return infra.POST_FORK_DISPOSE.strip() + "\n"
 
 
 QUESTIONS = [
@@ -210,5 +272,17 @@ QUESTIONS = [
         "forked from it. dispose(close=False) in post_fork drops the inherited pool without "
         "closing what the master uses; the worker's first query opens its own connection "
         "(Rails: establish_connection in on_worker_boot).",
+    ),
+    Question(
+        id="07.q6",
+        title="A post_fork hook that resets the inherited pool",
+        checker=_PostForkCheck(),
+        explanation="gunicorn calls post_fork(server, worker) in each new worker. Disposing the "
+        "engine's pool there drops the connections copied from the master; close=False leaves "
+        "the master's own connections intact (closing them from a child would end the master's "
+        "session on a shared socket). The worker's first query opens its own connection.",
+        hints=("Import the module that holds the engine (from perfcourse import infra); if "
+               "infra.ENGINE is not None, call infra.ENGINE.dispose(close=False).",),
+        time_limit=60.0,
     ),
 ]
