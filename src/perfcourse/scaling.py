@@ -199,6 +199,9 @@ _PRIMARY_SETTINGS = """
 wal_level = replica
 max_wal_senders = 4
 hot_standby = on
+# (inherited by the replica) report the replica's oldest snapshot to the primary, so cleanup
+# there never removes rows a replica query still reads: no "conflict with recovery" cancels
+hot_standby_feedback = on
 listen_addresses = ''
 max_connections = 40
 shared_buffers = 16MB
@@ -408,7 +411,10 @@ def wait_for_replay(replica: Engine, lsn: str, timeout_s: float = 5.0,
     so the polls are not counted as the replica's queries). Raises ``TimeoutError`` after
     ``timeout_s``: the caller then reads from the primary instead.
     """
-    probe = sa.create_engine(replica.url, poolclass=sa.pool.NullPool)
+    # AUTOCOMMIT: each poll is its own transaction. One long transaction would keep a snapshot
+    # open on the replica, and replay can stall behind it (a recovery conflict) while we wait.
+    probe = sa.create_engine(replica.url, poolclass=sa.pool.NullPool,
+                             isolation_level="AUTOCOMMIT")
     started = time.perf_counter()
     try:
         with probe.connect() as conn:
