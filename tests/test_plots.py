@@ -108,3 +108,17 @@ def test_draws_on_a_given_axes():
     fig, (left, right) = plt.subplots(1, 2)
     assert plots.bar_cases(_bench_table(), ax=left) is left
     assert plots.histogram_latency([0.001, 0.002, 0.003], ax=right) is right
+
+
+def test_rates_are_not_durations():
+    import pandas as pd
+
+    from perfcourse.plots import bar_cases, lines_over
+
+    df = pd.DataFrame({"case": ["1 worker", "2 workers"], "throughput_per_s": [120.0, 240.0],
+                       "workers": [1, 2]})
+    ax = bar_cases(df, value="throughput_per_s")
+    assert ax.get_xlabel() == "throughput (per s)"
+    assert [t.get_text() for t in ax.texts] == ["120 /s", "240 /s"]
+    ax = lines_over(df, x="workers", y="throughput_per_s")
+    assert ax.get_ylabel() == "throughput (per s)"

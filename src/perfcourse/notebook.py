@@ -20,7 +20,18 @@ def setup(backend: str = "sqlite", scale: str | None = None, *, quiet: bool = Fa
 
     install_notebook_handler()
     plots.use_course_style()
+    _table_display()
     return dataset(backend, scale, quiet=quiet)
+
+
+def _table_display() -> None:
+    """Tables print on one line per row, never wrapped at 80 columns: where pandas wraps depends
+    on the width of the values, so a timing that grew a digit would move the break (and fail the
+    notebook checks, which compare outputs line by line)."""
+    import pandas as pd  # noqa: PLC0415
+
+    pd.set_option("display.expand_frame_repr", False)
+    pd.set_option("display.max_columns", 30)
 
 
 def dataset(backend: str = "sqlite", scale: str | None = None, *, quiet: bool = False) -> Engine:

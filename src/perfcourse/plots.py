@@ -24,7 +24,7 @@ import pandas as pd
 from cycler import cycler
 from matplotlib.axes import Axes
 
-from .measure import BYTE_UNITS, format_bytes, format_duration, format_ratio, time_unit
+from .measure import BYTE_UNITS, format_bytes, format_duration, format_rate, format_ratio, time_unit
 
 __all__ = ["use_course_style", "COURSE_STYLE", "COLORS", "bar_cases", "lines_over",
            "histogram_latency"]
@@ -67,6 +67,8 @@ def use_course_style() -> None:
 
 
 def _kind(column: str) -> str:
+    if column.endswith("_per_s"):
+        return "rate"
     if column.endswith("_s"):
         return "time"
     if column.endswith("_bytes"):
@@ -86,6 +88,8 @@ def _scale(values: Sequence[float], kind: str) -> tuple[str, float]:
             if largest >= factor:
                 unit, size = name, factor
         return unit, size
+    if kind == "rate":
+        return "per s", 1.0
     return "", 1.0
 
 
@@ -94,16 +98,19 @@ def _format(value: float, kind: str) -> str:
         return format_duration(value)
     if kind == "bytes":
         return format_bytes(value)
+    if kind == "rate":
+        return format_rate(value, "/s")
     return f"{value:g}"
 
 
 def _axis_label(column: str, unit: str) -> str:
     name = column
-    for suffix in ("_s", "_bytes"):
+    for suffix in ("_per_s", "_s", "_bytes"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
+            break
     name = name.replace("_", " ")
-    if column.endswith("_s"):
+    if column.endswith("_s") and not column.endswith("_per_s"):
         name = f"{name} time" if name in ("min", "median", "mean", "p95", "p99", "max") else name
     return f"{name} ({unit})" if unit else name
 
