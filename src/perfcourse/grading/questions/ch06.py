@@ -35,6 +35,14 @@ class _PrivateRedis:
         return self
 
     def __exit__(self, *exc_info):
+        from rq import Queue
+
+        for member in self.client.smembers("rq:queues"):
+            name = member.decode(errors="replace")
+            if f"grader06-{self.run}-" in name:
+                Queue(name.removeprefix("rq:queue:"), connection=self.client).delete(
+                    delete_jobs=True)
+                self.client.srem("rq:queues", member)
         for pattern in (self.prefix + "*", f"rq:*grader06-{self.run}*"):
             keys = list(self.client.scan_iter(match=pattern, count=1000))
             for start in range(0, len(keys), 500):
