@@ -140,3 +140,24 @@ def redis_client(redis_mode):
     for key in client.scan_iter(match=client.prefix + "*", count=500):
         client.delete(key)
     client.close()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The course's tiny SQLite dataset (shop_tiny), seeded once per module; read it, never change it."""
+    from perfcourse import db
+    from perfcourse.seed import seed_dataset
+
+    eng = db.engine("sqlite", scale="tiny")
+    seed_dataset(eng, "tiny", progress=False)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def seeded(any_engine):
+    """The tiny dataset in a namespace of its own: SQLite, PostgreSQL embedded and configured."""
+    from perfcourse.seed import seed_dataset
+
+    seed_dataset(any_engine, "tiny", progress=False)
+    return any_engine

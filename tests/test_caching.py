@@ -18,20 +18,6 @@ from perfcourse.grading import check
 from perfcourse.seed import seed_dataset
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    eng = db.engine("sqlite", scale="tiny")
-    seed_dataset(eng, "tiny", progress=False)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def seeded(any_engine):
-    seed_dataset(any_engine, "tiny", progress=False)
-    return any_engine
-
-
 @pytest.fixture
 def ns(redis_client):
     """The fixture's unique prefix as a namespace (``test_xxx``, keys ``test_xxx:...``)."""

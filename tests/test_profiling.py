@@ -14,24 +14,8 @@ import math
 import pytest
 import sqlalchemy as sa
 
-from perfcourse import db, profiling
+from perfcourse import profiling
 from perfcourse.measure import count_queries, track_memory
-from perfcourse.seed import seed_dataset
-
-
-@pytest.fixture
-def seeded(any_engine):
-    """The tiny dataset in a namespace of its own: SQLite, PostgreSQL embedded and configured."""
-    seed_dataset(any_engine, "tiny", progress=False)
-    return any_engine
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    eng = db.engine("sqlite", scale="tiny")
-    seed_dataset(eng, "tiny", progress=False)
-    yield eng
-    eng.dispose()
 
 
 def _order_count(engine) -> int:

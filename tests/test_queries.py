@@ -17,15 +17,6 @@ from sqlalchemy.orm import Session
 
 from perfcourse import db, queries
 from perfcourse.measure import count_queries, explain
-from perfcourse.seed import seed_dataset
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    eng = db.engine("sqlite", scale="tiny")
-    seed_dataset(eng, "tiny", progress=False)
-    yield eng
-    eng.dispose()
 
 
 @pytest.fixture
@@ -35,13 +26,6 @@ def scratch(tiny):
     yield eng
     eng.dispose()
     db.drop_namespace("sqlite", namespace)
-
-
-@pytest.fixture
-def seeded(any_engine):
-    """The tiny dataset in a namespace of its own: SQLite, PostgreSQL embedded and configured."""
-    seed_dataset(any_engine, "tiny", progress=False)
-    return any_engine
 
 
 @pytest.fixture

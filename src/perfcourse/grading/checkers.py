@@ -215,6 +215,12 @@ def short_repr(value: Any, limit: int = 120) -> str:
     return shorten(text, limit)
 
 
+def need_function(answer: Any, example: str) -> None:
+    """Raise :class:`Incorrect` unless ``answer`` is callable, showing how to pass a function."""
+    if not callable(answer):
+        raise Incorrect(f"Pass your function itself, e.g. {example} (got a {type_name(answer)}).")
+
+
 def type_name(value: Any) -> str:
     return "None" if value is None else type(value).__name__
 

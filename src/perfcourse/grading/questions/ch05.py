@@ -19,7 +19,16 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from ..bank import Question
-from ..checkers import Checker, Choice, Incorrect, MultiChoice, call_learner, short_repr, type_name
+from ..checkers import (
+    Checker,
+    Choice,
+    Incorrect,
+    MultiChoice,
+    call_learner,
+    need_function,
+    short_repr,
+    type_name,
+)
 
 # --------------------------------------------------------------------------------------------
 # The grader's Redis: a private prefix, always cleaned up
@@ -49,11 +58,6 @@ class _PrivateRedis:
         self.client.close()
 
 
-def _need_function(answer, example: str) -> None:
-    if not callable(answer):
-        raise Incorrect(f"Pass your function itself, e.g. {example} (got a {type_name(answer)}).")
-
-
 # --------------------------------------------------------------------------------------------
 # 05.q3: cache-aside
 
@@ -68,7 +72,7 @@ class _CachedCheck(Checker):
     def grade(self, answer):
         from perfcourse.caching import CountingRedis
 
-        _need_function(answer, 'check("05.q3", cached)')
+        need_function(answer, 'check("05.q3", cached)')
         rng = random.Random(5003)
         names = list(_VALUES)
         sequence = names + [rng.choice(names) for _ in range(30)]
@@ -161,7 +165,7 @@ def _records() -> list[_Record]:
 
 class _KeyCheck(Checker):
     def grade(self, answer):
-        _need_function(answer, 'check("05.q4", record_cache_key)')
+        need_function(answer, 'check("05.q4", record_cache_key)')
         records = _records()
         seen: dict[str, _Record] = {}
         for record in records:
@@ -222,7 +226,7 @@ class _HookCheck(Checker):
 
         from perfcourse.models import Category, Product
 
-        _need_function(answer, 'check("05.q5", make_invalidation_hook)')
+        need_function(answer, 'check("05.q5", make_invalidation_hook)')
         rng = random.Random(5005)
         engine = _shop_memory_engine()
         with Session(engine) as session:
@@ -305,7 +309,7 @@ class _DeletePatternCheck(Checker):
     def grade(self, answer):
         from perfcourse.caching import CountingRedis, fill_keys
 
-        _need_function(answer, 'check("05.q6", delete_pattern)')
+        need_function(answer, 'check("05.q6", delete_pattern)')
         with _PrivateRedis() as redis_:
             fill_keys(redis_.client, redis_.prefix + "session:", self.matching)
             fill_keys(redis_.client, redis_.prefix + "user:", self.others)

@@ -13,7 +13,16 @@ import random
 import uuid
 
 from ..bank import Question
-from ..checkers import Checker, Choice, Incorrect, MultiChoice, call_learner, short_repr, type_name
+from ..checkers import (
+    Checker,
+    Choice,
+    Incorrect,
+    MultiChoice,
+    call_learner,
+    need_function,
+    short_repr,
+    type_name,
+)
 
 
 class _PrivateRedis:
@@ -50,18 +59,13 @@ class _PrivateRedis:
         self.client.close()
 
 
-def _need_function(answer, example: str) -> None:
-    if not callable(answer):
-        raise Incorrect(f"Pass your function itself, e.g. {example} (got a {type_name(answer)}).")
-
-
 # --------------------------------------------------------------------------------------------
 # 06.q2: an idempotent charge
 
 
 class _ChargeOnceCheck(Checker):
     def grade(self, answer):
-        _need_function(answer, 'check("06.q2", charge_once)')
+        need_function(answer, 'check("06.q2", charge_once)')
         rng = random.Random(6002)
         orders = {rng.randint(1000, 99_999): rng.randint(100, 50_000) for _ in range(8)}
         # Every order delivered 1 to 4 times, interleaved: retries and duplicate deliveries.
@@ -122,7 +126,7 @@ class _BackoffCheck(Checker):
     base_s, cap_s = 1.0, 60.0
 
     def grade(self, answer):
-        _need_function(answer, 'check("06.q3", retry_delay)')
+        need_function(answer, 'check("06.q3", retry_delay)')
         for attempt in (1, 2, 3, 4, 5, 6, 7, 9, 12, 20):
             ceiling = min(self.cap_s, self.base_s * 2 ** (attempt - 1))
             delays = []
@@ -185,7 +189,7 @@ class _RouteCheck(Checker):
 
         from perfcourse.jobs import process_task
 
-        _need_function(answer, 'check("06.q4", enqueue_routed)')
+        need_function(answer, 'check("06.q4", enqueue_routed)')
         with _PrivateRedis() as redis_:
             queues = {name: Queue(f"grader06-{redis_.run}-{name}", connection=redis_.client)
                       for name in ("high", "default", "low")}

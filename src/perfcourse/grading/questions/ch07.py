@@ -62,12 +62,9 @@ def _same_pair(got, expected):
 
 
 def _next_healthy(healthy, previous):
-    n = len(healthy)
-    for step in range(1, n + 1):
-        index = (previous + step) % n
-        if healthy[index]:
-            return index
-    return -1
+    from perfcourse.infra import next_healthy  # noqa: PLC0415 - the lesson's own balancer rule
+
+    return next_healthy(healthy, previous)
 
 
 def _health_sequences(rng):
