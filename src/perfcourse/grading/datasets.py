@@ -1,8 +1,13 @@
-"""Private data for checkers: copies of the tiny dataset the learner's code cannot reach."""
+"""Private data for checkers: what the learner's code runs against, never the course's own.
+
+``private_dataset`` is an in-memory copy of the tiny shop dataset; :class:`PrivateRedis` is the
+course's Redis under a fresh key prefix, emptied when the check ends.
+"""
 
 from __future__ import annotations
 
 import sqlite3
+import uuid
 
 
 def private_dataset(indexes: tuple[str, ...] = ()):
@@ -32,3 +37,45 @@ def private_dataset(indexes: tuple[str, ...] = ()):
     engine = sa.create_engine("sqlite://", creator=lambda: memory, poolclass=StaticPool)
     engine.perfcourse_namespace = "grader_memory"
     return engine
+
+
+class PrivateRedis:
+    """The course's Redis with a fresh key prefix ``<label>:<run>:``; its keys go on exit.
+
+    Subclasses clean up more in :meth:`cleanup` (RQ queues named after :attr:`run`, say). A
+    Redis that cannot be reached fails the check with one sentence, as a wrong answer would.
+    """
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __enter__(self):
+        from perfcourse import services  # noqa: PLC0415
+        from perfcourse.errors import BackendUnavailable  # noqa: PLC0415
+
+        from .checkers import Incorrect  # noqa: PLC0415
+
+        try:
+            self.client = services.redis_client()
+        except BackendUnavailable as exc:
+            raise Incorrect(f"This check needs Redis and cannot reach it. {exc}") from None
+        self.run = uuid.uuid4().hex[:10]
+        self.prefix = f"{self.label}:{self.run}:"
+        return self
+
+    def keys(self, pattern: str | None = None) -> list[bytes]:
+        return list(self.client.scan_iter(match=pattern or self.prefix + "*", count=1000))
+
+    def delete_matching(self, pattern: str) -> None:
+        keys = self.keys(pattern)
+        for start in range(0, len(keys), 500):
+            self.client.delete(*keys[start:start + 500])
+
+    def cleanup(self) -> None:
+        self.delete_matching(self.prefix + "*")
+
+    def __exit__(self, *exc_info):
+        try:
+            self.cleanup()
+        finally:
+            self.client.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -29,33 +28,14 @@ from ..checkers import (
     short_repr,
     type_name,
 )
+from ..datasets import PrivateRedis
 
 # --------------------------------------------------------------------------------------------
 # The grader's Redis: a private prefix, always cleaned up
 
 
-class _PrivateRedis:
-    """The course's Redis with a fresh key prefix; every key under it is deleted on exit."""
-
-    def __enter__(self):
-        from perfcourse import services
-        from perfcourse.errors import BackendUnavailable
-
-        try:
-            self.client = services.redis_client()
-        except BackendUnavailable as exc:
-            raise Incorrect(f"This check needs Redis and cannot reach it. {exc}") from None
-        self.prefix = f"grader05:{uuid.uuid4().hex[:10]}:"
-        return self
-
-    def keys(self) -> list[bytes]:
-        return list(self.client.scan_iter(match=self.prefix + "*", count=1000))
-
-    def __exit__(self, *exc_info):
-        keys = self.keys()
-        for start in range(0, len(keys), 500):
-            self.client.delete(*keys[start:start + 500])
-        self.client.close()
+def _PrivateRedis():
+    return PrivateRedis("grader05")
 
 
 # --------------------------------------------------------------------------------------------

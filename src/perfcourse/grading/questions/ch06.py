@@ -10,7 +10,6 @@ attempts and seeds (bounds and spread), and the queue each hidden task landed in
 from __future__ import annotations
 
 import random
-import uuid
 
 from ..bank import Question
 from ..checkers import (
@@ -23,27 +22,16 @@ from ..checkers import (
     short_repr,
     type_name,
 )
+from ..datasets import PrivateRedis
 
 
-class _PrivateRedis:
-    """The course's Redis with a fresh key prefix; every key under it is deleted on exit."""
+class _PrivateRedis(PrivateRedis):
+    """A private prefix, plus the RQ queues (and their jobs) named after this run."""
 
-    def __init__(self, pattern_extra: tuple[str, ...] = ()):
-        self.pattern_extra = pattern_extra
+    def __init__(self):
+        super().__init__("grader06")
 
-    def __enter__(self):
-        from perfcourse import services
-        from perfcourse.errors import BackendUnavailable
-
-        try:
-            self.client = services.redis_client()
-        except BackendUnavailable as exc:
-            raise Incorrect(f"This check needs Redis and cannot reach it. {exc}") from None
-        self.run = uuid.uuid4().hex[:10]
-        self.prefix = f"grader06:{self.run}:"
-        return self
-
-    def __exit__(self, *exc_info):
+    def cleanup(self) -> None:
         from rq import Queue
 
         for member in self.client.smembers("rq:queues"):
@@ -52,11 +40,8 @@ class _PrivateRedis:
                 Queue(name.removeprefix("rq:queue:"), connection=self.client).delete(
                     delete_jobs=True)
                 self.client.srem("rq:queues", member)
-        for pattern in (self.prefix + "*", f"rq:*grader06-{self.run}*"):
-            keys = list(self.client.scan_iter(match=pattern, count=1000))
-            for start in range(0, len(keys), 500):
-                self.client.delete(*keys[start:start + 500])
-        self.client.close()
+        super().cleanup()
+        self.delete_matching(f"rq:*grader06-{self.run}*")
 
 
 # --------------------------------------------------------------------------------------------
