@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session
 
 from .config import data_dir
 from .errors import BackendUnavailable
+from .services import file_lock
 from .measure import format_rate  # noqa: F401 - the notebook's scaling.format_rate
 
 # pgserver asks platformdirs for a runtime folder, which warns on machines without a login
@@ -177,19 +178,6 @@ def _alive_pid(pgdata: Path) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _lock(folder: Path):
-    import fcntl  # noqa: PLC0415 - POSIX only, like the servers
-
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def replication_dir() -> Path:
     return data_dir() / REPLICATION_DIR
 
@@ -223,7 +211,7 @@ def start_replica_pair(apply_delay_ms: int = DEFAULT_APPLY_DELAY_MS) -> ReplicaP
     folder = replication_dir()
     primary_dir, replica_dir = folder / "primary", folder / "replica"
     user = _system_user()
-    with _lock(folder):
+    with file_lock(folder / ".lock"):
         if not (primary_dir / "PG_VERSION").exists():
             shutil.rmtree(primary_dir, ignore_errors=True)
             shutil.rmtree(replica_dir, ignore_errors=True)

@@ -161,10 +161,11 @@ def _redis_executable() -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive lock across processes (two kernels starting the server at once)."""
+def file_lock(path: Path):
+    """An exclusive lock across processes (two kernels starting the same server at once)."""
     import fcntl  # noqa: PLC0415 - POSIX only, like the embedded servers
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -179,7 +180,7 @@ def start_embedded_redis() -> str:
     state = embedded.read_state()
     if state:
         return state["url"]
-    with _file_lock(embedded.folder / ".start.lock"):
+    with file_lock(embedded.folder / ".start.lock"):
         state = embedded.read_state()  # another process may have started it meanwhile
         if state:
             return state["url"]
