@@ -18,7 +18,7 @@ CONFIGURED_DATABASE_URL ?= postgresql://127.0.0.1:5432/test
 CONFIGURED_REDIS_URL    ?= redis://127.0.0.1:6379/0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lab test test-package test-notebooks test-grading test-configured bench \
+.PHONY: help setup lab lint test test-package test-notebooks test-grading test-configured bench \
         assign outputs grade doctor services-down clean lock
 
 help: ## list the targets
@@ -41,7 +41,11 @@ lab: setup ## set up, then open the course in JupyterLab (token auth, 127.0.0.1)
 	$(BIN)/jupyter lab --ServerApp.ip=$(LAB_IP) --ServerApp.port=$(LAB_PORT) \
 		--ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/$(START) $(ROOT_FLAG)
 
-test: setup test-package test-notebooks test-grading ## set up, then the whole suite
+lint: $(STAMP) ## style (ruff over the package, tests and notebooks) and the package's floors (import-linter)
+	$(BIN)/ruff check src tests solutions notebooks labs
+	$(BIN)/lint-imports --no-cache
+
+test: setup lint test-package test-notebooks test-grading ## set up, then lint and the whole suite
 	@echo "make test: all suites passed"
 
 test-package: $(STAMP) ## package tests (both backends, embedded and configured servers)
@@ -90,5 +94,5 @@ clean: ## stop embedded servers, delete generated data and the virtualenv
 
 lock: ## re-pin requirements.lock from pyproject.toml (maintainers)
 	rm -rf /tmp/perfcourse-lock && $(PYTHON) -m venv /tmp/perfcourse-lock
-	/tmp/perfcourse-lock/bin/pip install --quiet ".[lab]"
+	/tmp/perfcourse-lock/bin/pip install --quiet ".[lab,dev]"
 	/tmp/perfcourse-lock/bin/pip freeze --exclude perfcourse > requirements.lock

@@ -14,8 +14,8 @@ from perfcourse.authoring import (
     assign,
     learner_path,
     main_assign,
-    stub_code,
     strip_markdown,
+    stub_code,
 )
 
 
@@ -61,7 +61,8 @@ def test_block_in_function_body_raises_not_implemented():
 
 
 def test_block_nested_deeper_in_function_keeps_marker_indentation():
-    src = "def f(xs):\n    for x in xs:\n        ### BEGIN SOLUTION\n        print(x)\n        ### END SOLUTION\n    return 1"
+    src = ("def f(xs):\n    for x in xs:\n        ### BEGIN SOLUTION\n        print(x)\n"
+           "        ### END SOLUTION\n    return 1")
     assert stub_code(src) == (
         'def f(xs):\n    for x in xs:\n        raise NotImplementedError("Your code here")\n    return 1'
     )
@@ -111,7 +112,8 @@ def test_unbalanced_markers_are_errors():
 
 
 def test_markdown_solution_removed_and_stub_kept():
-    src = "Question?\n<!-- BEGIN SOLUTION -->\nThe answer.\n<!-- STUB: *Your answer here.* -->\n<!-- END SOLUTION -->\nAfter."
+    src = ("Question?\n<!-- BEGIN SOLUTION -->\nThe answer.\n<!-- STUB: *Your answer here.* -->\n"
+           "<!-- END SOLUTION -->\nAfter.")
     assert strip_markdown(src) == "Question?\n*Your answer here.*\nAfter."
 
 

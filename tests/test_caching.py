@@ -13,8 +13,10 @@ import json
 import pytest
 import redis
 
-from perfcourse import caching, db, queries
+from perfcourse import db, web
+from perfcourse.chapters import caching
 from perfcourse.grading import check
+from perfcourse.scratch import scratch_copy
 from perfcourse.seed import seed_dataset
 
 
@@ -26,7 +28,7 @@ def ns(redis_client):
 
 @pytest.fixture
 def scratch(tiny, namespace):
-    eng = queries.scratch_copy(tiny, f"{namespace}_ch05")
+    eng = scratch_copy(tiny, f"{namespace}_ch05")
     yield eng
     eng.dispose()
     db.drop_namespace("sqlite", f"{namespace}_ch05")
@@ -227,7 +229,7 @@ def test_russian_doll_renders_only_what_changed(backend, tiny, redis_client, ns,
         eng = db.engine("postgres", namespace=f"{namespace}_doll")
         seed_dataset(eng, "tiny", progress=False)
     else:
-        eng = queries.scratch_copy(tiny, f"{namespace}_doll")
+        eng = scratch_copy(tiny, f"{namespace}_doll")
     try:
         caching.add_versions(eng)
         caching.add_versions(eng)  # idempotent
@@ -273,11 +275,11 @@ def test_degraded_pages_serve_every_page(tiny, redis_mode, redis_client, ns):
 def test_conditional_requests_get_304_from_a_real_server(tiny):
     app = caching.create_app(tiny)
     paths = [f"/users/{u}/orders" for u in (1, 2, 3)]
-    with caching.BackgroundServer(app) as server:
+    with web.BackgroundServer(app) as server:
         etag = caching.conditional_requests(server.url, paths, revisits=2)
         since = caching.conditional_requests(server.url, paths, revisits=1,
                                              validator="last-modified")
-        missing = caching.http_get(server.url, "/users/999999/orders")
+        missing = web.get(server.url, "/users/999999/orders")
     assert not server.thread.is_alive()
     first, revisit = etag.iloc[0], etag.iloc[1]
     assert (first.status_200, first.status_304) == (3, 0)

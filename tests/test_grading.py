@@ -27,7 +27,6 @@ from perfcourse.grading import (
     check,
     graded_ids,
     load_bank,
-    question,
     questions,
     register,
     reveal,

@@ -1,4 +1,4 @@
-"""Tests of perfcourse.measure: statistics, formatting, query counting, EXPLAIN and memory."""
+"""Tests of the measurement modules: units, timing, statements, explain and memory."""
 
 from __future__ import annotations
 
@@ -11,20 +11,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload
 
-from perfcourse import measure
-from perfcourse.measure import (
-    Benchmark,
-    count_queries,
-    explain,
-    format_bytes,
-    format_duration,
-    format_ratio,
-    format_table,
-    slow_query_log,
-    time_call,
-    track_memory,
-)
+from perfcourse import memory
+from perfcourse import timing as timing_module
+from perfcourse.explain import explain
+from perfcourse.memory import track_memory
 from perfcourse.models import Base, Order, User
+from perfcourse.statements import count_queries, slow_query_log
+from perfcourse.timing import Benchmark, time_call
+from perfcourse.units import format_bytes, format_duration, format_ratio, format_table
 
 # The masks of the notebooks' nbval sanitize file: every displayed figure must match one.
 DURATION = re.compile(r"^-?\d+(?:\.\d+)?\s?(?:ns|[µμu]s|ms|s|min|h)$")
@@ -48,7 +42,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch):
     fake = FakeClock()
-    monkeypatch.setattr(measure.time, "perf_counter", fake)
+    monkeypatch.setattr(timing_module.time, "perf_counter", fake)
     return fake
 
 
@@ -395,7 +389,7 @@ def test_track_memory_nested_keeps_outer_peak():
 
 
 def test_process_rss_and_rss_during():
-    assert measure.process_rss() > 1_000_000
+    assert memory.process_rss() > 1_000_000
 
     def allocate(megabytes):
         block = bytearray(megabytes * 1_000_000)
@@ -403,7 +397,7 @@ def test_process_rss_and_rss_during():
         time.sleep(0.3)
         return len(block)
 
-    usage = measure.rss_during(allocate, 60, interval=0.01)
+    usage = memory.rss_during(allocate, 60, interval=0.01)
     assert usage.result == 60_000_000
     assert usage.increase_bytes >= 30_000_000
     assert usage.peak_bytes >= usage.before_bytes
@@ -411,7 +405,7 @@ def test_process_rss_and_rss_during():
 
 
 def test_statement_kind_reads_through_common_table_expressions():
-    from perfcourse.measure import StatementRecord
+    from perfcourse.statements import StatementRecord
 
     def kind(sql):
         return StatementRecord(sql=sql, parameters=(), duration_s=0.0).kind
@@ -423,7 +417,7 @@ def test_statement_kind_reads_through_common_table_expressions():
 
 def test_sqlite_plans_follow_schema_changes(sqlite_engine):
     """A plan is never served from a statement cached before an index came or went."""
-    from perfcourse.measure import explain
+    from perfcourse.explain import explain
 
     with sqlite_engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY, x INT)")
@@ -441,7 +435,7 @@ def test_sqlite_plans_follow_schema_changes(sqlite_engine):
 def test_format_table_reads_rates_before_durations():
     import pandas as pd
 
-    from perfcourse.measure import format_table
+    from perfcourse.units import format_table
 
     table = format_table(pd.DataFrame({"throughput_per_s": [1234.5], "median_s": [0.00123]}))
     assert list(table.columns) == ["throughput", "median"]

@@ -6,13 +6,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
 
-from perfcourse import plots  # noqa: E402
-from perfcourse.measure import Timing, timings_table  # noqa: E402
+from perfcourse import plots
+from perfcourse.timing import Timing, timings_table
 
 
 @pytest.fixture(autouse=True)

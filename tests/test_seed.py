@@ -15,10 +15,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from perfcourse import db
-from tests.conftest import DATABASES, database_engine
 from perfcourse.config import get_scale
 from perfcourse.models import Order, OrderItem, User
 from perfcourse.seed import expected_rows, generate, read_manifest, row_counts, seed_dataset
+from tests.conftest import DATABASES, database_engine
 
 
 def test_generation_is_deterministic_and_consistent():

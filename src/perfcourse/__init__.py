@@ -5,9 +5,24 @@ Notebooks start with::
     from perfcourse import setup
     engine = setup()            # SQLite dataset, plot style, readable errors
 
-Modules: ``config`` (paths, scales), ``db`` (engines), ``services`` (embedded PostgreSQL and
-Redis), ``models`` (shop schema), ``seed`` (dataset), ``measure`` (timing, query counting,
-EXPLAIN, memory), ``latency`` (delay-injecting proxy), ``plots``, ``grading``, ``doctor``.
+The package has floors, and imports only go down (``make lint`` holds this with import-linter)::
+
+    tooling    cli > authoring | bench | doctor        the `perfcourse` command, masters -> learners
+    grading    grading (bank, checkers, runner, questions/chNN)   keyed NN.qK, public names only
+    chapters   chapters.performance_fundamentals | query_optimization | database_scaling |
+               memory_and_cpu | caching | background_jobs | infrastructure_scaling
+               (one module per chapter, each independent of the others)
+    platform   notebook                                setup(), dataset(), say()
+               plots | export | proxy | scratch | web | profiler
+               seed | load                             the dataset; the load generator
+               db                                      engines, namespaces, scales
+               models | services                       the shop schema; PostgreSQL and Redis
+               replicas | timing | statements | explain | memory
+               units | stats | locks | net             formatting, percentiles, locks, ports
+               config > errors
+
+A chapter module holds the harness of its experiments (servers, threads, tables); the technique
+it teaches is written in the notebook. Anything two chapters need lives on the platform, once.
 """
 
 from .errors import BackendUnavailable, CourseError

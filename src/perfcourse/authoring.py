@@ -52,12 +52,51 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import os
 import re
 import sys
+import tempfile
 import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError, CellTimeoutError
+
+from .config import course_root as find_course_root
+from .grading.runner import nocolor_ipython_dir
+
+__all__ = [
+    "BEGIN",
+    "CELL_ID",
+    "END",
+    "MASTER_NAME",
+    "MD_BEGIN",
+    "MD_END",
+    "MD_STUB",
+    "NOT_IMPLEMENTED",
+    "SOLUTION_ONLY_CODE",
+    "SOLUTION_ONLY_MD",
+    "SOLUTION_ONLY_TAG",
+    "STUB",
+    "all_masters",
+    "assign",
+    "AssignResult",
+    "AuthoringError",
+    "clean_metadata",
+    "course_root",
+    "learner_notebook",
+    "learner_path",
+    "main_assign",
+    "main_outputs",
+    "refresh_outputs",
+    "render",
+    "strip_markdown",
+    "stub_code",
+    "StubWarning",
+]
 
 BEGIN = re.compile(r"^(?P<indent>[ \t]*)### BEGIN SOLUTION[ \t]*$")
 END = re.compile(r"^[ \t]*### END SOLUTION[ \t]*$")
@@ -267,7 +306,6 @@ def clean_metadata(nb, name: str, keep_cell_ids: bool = True) -> None:
 
 def learner_notebook(master_path: Path):
     """Build (in memory) the learner version of the master at ``master_path``."""
-    import nbformat
 
     nb = nbformat.read(str(master_path), as_version=4)
     cells = []
@@ -289,7 +327,6 @@ def learner_notebook(master_path: Path):
 
 def render(nb) -> str:
     """The exact text written for a notebook (nbformat's layout, one trailing newline)."""
-    import nbformat
 
     nbformat.validate(nb)
     return nbformat.writes(nb, version=4).rstrip("\n") + "\n"
@@ -305,15 +342,9 @@ def learner_path(master_path: Path) -> Path:
 
 
 def course_root(start: Path | None = None) -> Path:
-    """The folder holding ``solutions/``: the current directory or a parent, else the checkout."""
-    here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "solutions").is_dir():
-            return folder
-    from .config import repo_root
-
-    root = repo_root()
-    if root is None:
+    """The course checkout (see :func:`perfcourse.config.course_root`); an error outside one."""
+    root = find_course_root(start)
+    if root is None or not (root / "solutions").is_dir():
         raise AuthoringError("No solutions/ folder here or above: run this in the course checkout")
     return root
 
@@ -405,24 +436,9 @@ def main_assign(argv: list[str] | None = None) -> int:
 # Refreshing the masters' outputs
 
 
-def nocolor_ipython_dir(parent: Path) -> Path:
-    """An IPYTHONDIR whose default profile turns colours off (clean tracebacks and hints)."""
-    profile = Path(parent) / "ipython" / "profile_default"
-    profile.mkdir(parents=True, exist_ok=True)
-    (profile / "ipython_config.py").write_text(
-        'c = get_config()  # noqa: F821\nc.InteractiveShell.colors = "nocolor"\n', encoding="utf-8"
-    )
-    return profile.parent
-
-
 def refresh_outputs(master: Path, timeout: int = 120, kernel_name: str = "python3") -> None:
     """Execute ``master`` top to bottom in a fresh kernel and write it back with its outputs."""
-    import os
-    import tempfile
 
-    import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
     master = Path(master)
     nb = nbformat.read(str(master), as_version=4)

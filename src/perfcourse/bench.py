@@ -26,11 +26,25 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+import nbformat
 import sqlalchemy as sa
+from nbclient import NotebookClient
 
 from . import db
 from .config import get_scale
 from .seed import _ddl, generate, seed_dataset
+
+__all__ = [
+    "BENCH_NAMESPACE",
+    "NOTEBOOK_BYTES",
+    "NOTEBOOK_SECONDS",
+    "RAW_NAMESPACE",
+    "execute_notebook",
+    "main",
+    "print_notebooks",
+    "run",
+    "run_notebooks",
+]
 
 BENCH_NAMESPACE = "bench_seed"
 RAW_NAMESPACE = "bench_raw"
@@ -114,8 +128,6 @@ def execute_notebook(path: Path) -> dict:
     Call it in a process of its own: ``ru_maxrss`` of RUSAGE_CHILDREN is the largest child this
     process has waited for, here the kernel.
     """
-    import nbformat  # noqa: PLC0415
-    from nbclient import NotebookClient  # noqa: PLC0415
 
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(

@@ -3,41 +3,101 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import socket
 import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from .errors import CourseError
 
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+__all__ = [
+    "DELEGATED",
+    "build_parser",
+    "main",
+]
+
+# The commands import what they need when they run: the database stack is slow to import, and
+# `perfcourse doctor` must still run (and say what to install) when a package is broken.
+
+#: What to do when a server failed in the middle of a command (one sentence, after the reason).
+_POSTGRES_FIX = (
+    "Check DATABASE_URL (or unset it to use the embedded server), or restart the embedded "
+    "server with `perfcourse services down`, then run the command again."
+)
+_REDIS_FIX = (
+    "Check REDIS_URL (or unset it to use the embedded server), or restart the embedded server "
+    "with `perfcourse services down`, then run the command again."
+)
+_SERVER_FIX = (
+    "Check DATABASE_URL and REDIS_URL (or unset them to use the embedded servers), or restart "
+    "the embedded servers with `perfcourse services down`, then run the command again."
+)
+_UNREACHABLE = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                errno.ETIMEDOUT}
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+@contextlib.contextmanager
+def _database(backend: str, **kwargs) -> Iterator[Engine]:
+    """An engine from :func:`perfcourse.db.engine`, disposed afterwards.
+
+    A PostgreSQL server is reached first, so an unreachable one fails in one sentence with the
+    fix before anything starts (no progress bar, no half-done step). SQLite is not opened here:
+    looking must not create an empty dataset file.
+    """
+    from .db import check_connection, engine  # noqa: PLC0415 - slow; this command only
+
+    eng = engine(backend, **kwargs)
+    try:
+        if backend == "postgres":
+            check_connection(eng)
+        yield eng
+    finally:
+        eng.dispose()
+
 
 def _seed(args) -> int:
-    from .db import engine  # noqa: PLC0415
-    from .seed import read_manifest, seed_dataset  # noqa: PLC0415
+    from .seed import read_manifest, seed_dataset  # noqa: PLC0415 - slow; this command only
 
     for backend in args.backend or ["sqlite"]:
-        eng = engine(backend, scale=args.scale)
-        before = read_manifest(eng)
-        counts = seed_dataset(eng, args.scale, force=args.force)
-        after = read_manifest(eng)
+        with _database(backend, scale=args.scale) as eng:
+            before = read_manifest(eng)
+            counts = seed_dataset(eng, args.scale, force=args.force)
+            after = read_manifest(eng)
         state = "already up to date" if before == after else f"loaded in {after['load_seconds']:.1f}s"
         summary = ", ".join(f"{table} {n:,}" for table, n in counts.items())
         print(f"{backend} {after['scale']}: {state} ({summary})")
-        eng.dispose()
     return 0
 
 
 def _drop(args) -> int:
-    from .db import drop_namespace, namespace_for  # noqa: PLC0415
+    from .db import drop_namespace, namespace_for  # noqa: PLC0415 - slow; this command only
 
     for backend in args.backend or ["sqlite"]:
-        drop_namespace(backend, namespace_for(args.scale))
-        print(f"{backend}: dropped {namespace_for(args.scale)}")
+        namespace = namespace_for(args.scale)
+        with _database(backend, namespace=namespace):
+            drop_namespace(backend, namespace)
+        print(f"{backend}: dropped {namespace}")
     return 0
 
 
 def _services(args) -> int:
-    from . import services  # noqa: PLC0415
+    from . import services  # noqa: PLC0415 - slow; this command only
 
     if args.action == "up":
-        for name, url in services.up().items():
+        started = services.up()
+        # A configured server is only named by its variable, not started: reach both once, so
+        # `up` never lists a server that does not answer.
+        with _database("postgres"):
+            pass
+        services.redis_client().close()
+        for name, url in started.items():
             print(f"{name}: {url}")
     elif args.action == "down":
         for name, was_running in services.down().items():
@@ -49,16 +109,17 @@ def _services(args) -> int:
 
 
 def _export(args) -> int:
-    from .db import engine  # noqa: PLC0415
-    from .export import export_parquet  # noqa: PLC0415
+    from .export import export_parquet  # noqa: PLC0415 - slow; this command only
 
-    for table, path in export_parquet(engine(args.backend, scale=args.scale)).items():
+    with _database(args.backend, scale=args.scale) as eng:
+        paths = export_parquet(eng)
+    for table, path in paths.items():
         print(f"{table}: {path}")
     return 0
 
 
 def _doctor(_args) -> int:
-    from .doctor import main  # noqa: PLC0415
+    from .doctor import main  # noqa: PLC0415 - runs even when a package it checks is broken
 
     return main()
 
@@ -73,7 +134,7 @@ DELEGATED = {
 
 
 def _delegate(name: str, argv: list[str]) -> int:
-    import importlib  # noqa: PLC0415
+    import importlib  # noqa: PLC0415 - only the delegated commands load modules by name
 
     module, function, _ = DELEGATED[name]
     return int(getattr(importlib.import_module(module), function)(argv) or 0)
@@ -112,7 +173,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _backend_failure(exc: BaseException) -> str | None:
+    """One line for an error raised by a database, Redis or the disk: the reason and the fix.
+
+    None for anything else, which is a bug and keeps its traceback. Errors are recognised by
+    the module of the driver's own error, so nothing is imported here: a psycopg, sqlite3 or
+    redis error exists only if the command imported that package.
+    """
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None:
+        exc = exc.orig  # SQLAlchemy's wrapper adds the statement; the driver says what happened
+    package = type(exc).__module__.partition(".")[0]
+    lines = str(exc).strip().splitlines()
+    reason = (lines[0] if lines else type(exc).__name__).rstrip(".")
+    if package == "psycopg":
+        return f"PostgreSQL failed: {reason}. {_POSTGRES_FIX}"
+    if package == "redis":
+        return f"Redis failed: {reason}. {_REDIS_FIX}"
+    if package == "sqlite3":
+        if (getattr(exc, "sqlite_errorname", None) or "").startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+            return (
+                f"The SQLite dataset is damaged ({reason}). Run `perfcourse seed --force` to "
+                "rebuild it."
+            )
+        return (
+            f"SQLite failed: {reason}. Check that the data folder (PERFCOURSE_DATA, default "
+            "data/) is writable and has free space, then run the command again."
+        )
+    if isinstance(exc, OSError):
+        unreachable = isinstance(exc, ConnectionError | TimeoutError | socket.gaierror)
+        if unreachable or exc.errno in _UNREACHABLE:
+            return f"A server did not answer ({reason}). {_SERVER_FIX}"
+        if exc.errno in _DISK_FULL:
+            return (
+                f"The disk is full ({reason}). Free some space, or point PERFCOURSE_DATA at a "
+                "folder on a disk with room, then run the command again."
+            )
+        if exc.errno in _NOT_WRITABLE and exc.filename:
+            return (
+                f"Not allowed to write there ({reason}). Make that folder writable, or point "
+                "PERFCOURSE_DATA at one that is, then run the command again."
+            )
+        if exc.filename:
+            return f"{reason}. Check that path, then run the command again."
+        return f"{reason}. Run `perfcourse doctor`: it checks the setup and says what to fix."
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a `perfcourse` command; return its exit status.
+
+    A failure the learner can fix (a course error, a server or disk error) is one line on
+    stderr, ``error: <what went wrong>. <what to do>``, and status 2, never a traceback.
+    """
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] in DELEGATED:
@@ -125,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing half-done was kept; run the command again.", file=sys.stderr)
         return 130
+    except Exception as exc:
+        message = _backend_failure(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -19,6 +19,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InvalidChoice
+
+__all__ = [
+    "DATASET_SEED",
+    "SCALES",
+    "SCHEMA_VERSION",
+    "course_root",
+    "data_dir",
+    "default_scale",
+    "get_scale",
+    "repo_root",
+    "Scale",
+]
+
 #: Seed of the deterministic dataset generator.
 DATASET_SEED = 20240601
 
@@ -54,6 +68,17 @@ def repo_root() -> Path | None:
     return None
 
 
+def course_root(start: Path | None = None) -> Path | None:
+    """The course checkout a command works on: the first folder from ``start`` (default: the
+    current directory) upwards that holds ``solutions/``, ``notebooks/`` or ``labs/``; else the
+    checkout this package was installed from; else None."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if any((folder / name).is_dir() for name in ("solutions", "notebooks", "labs")):
+            return folder
+    return repo_root()
+
+
 def data_dir() -> Path:
     """Folder for generated data and embedded-server state; created on first use."""
     configured = os.environ.get("PERFCOURSE_DATA")
@@ -74,7 +99,6 @@ def default_scale() -> str:
 
 def get_scale(name: str) -> Scale:
     """Look a scale up by name, with an error that lists the valid ones."""
-    from .errors import InvalidChoice  # noqa: PLC0415
 
     try:
         return SCALES[name]

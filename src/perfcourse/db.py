@@ -19,6 +19,20 @@ from sqlalchemy.engine import Engine
 
 from .config import data_dir, default_scale, get_scale
 from .errors import BackendUnavailable, InvalidChoice
+from .services import postgres_url
+
+__all__ = [
+    "BACKENDS",
+    "backend_of",
+    "check_backend",
+    "check_connection",
+    "drop_namespace",
+    "engine",
+    "namespace_for",
+    "namespace_of",
+    "scale_of",
+    "sqlite_path",
+]
 
 BACKENDS = ("sqlite", "postgres")
 _NAMESPACE = re.compile(r"^[a-z_][a-z0-9_]{0,50}$")
@@ -75,7 +89,6 @@ def engine(
         eng = sa.create_engine(f"sqlite:///{sqlite_path(namespace)}", echo=echo, **engine_kwargs)
         sa.event.listen(eng, "connect", _sqlite_pragmas)
     else:
-        from .services import postgres_url  # noqa: PLC0415 - starts a server: only when asked
 
         connect_args = dict(engine_kwargs.pop("connect_args", {}))
         connect_args.setdefault("options", f"-csearch_path={namespace},public")
@@ -85,6 +98,7 @@ def engine(
             url or postgres_url(), echo=echo, connect_args=connect_args, **engine_kwargs
         )
     eng.perfcourse_namespace = namespace  # type: ignore[attr-defined]
+    eng.perfcourse_scale = get_scale(scale or default_scale()).name  # type: ignore[attr-defined]
     return eng
 
 
@@ -92,6 +106,15 @@ def namespace_of(eng: Engine) -> str:
     """The namespace an engine from :func:`engine` points at."""
     try:
         return eng.perfcourse_namespace  # type: ignore[attr-defined]
+    except AttributeError:
+        raise ValueError("This engine was not made by perfcourse.db.engine().") from None
+
+
+def scale_of(eng: Engine) -> str:
+    """The scale of the dataset an engine from :func:`engine` points at (scratch copies keep
+    their source's)."""
+    try:
+        return eng.perfcourse_scale  # type: ignore[attr-defined]
     except AttributeError:
         raise ValueError("This engine was not made by perfcourse.db.engine().") from None
 

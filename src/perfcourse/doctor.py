@@ -12,7 +12,24 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import psutil
+import sqlalchemy as sa
+
 from .config import data_dir
+from .db import check_connection, engine, namespace_for
+from .errors import CourseError
+from .seed import read_manifest
+from .services import redis_client
+
+__all__ = [
+    "MIN_FREE_DISK",
+    "MIN_FREE_RAM",
+    "PACKAGES",
+    "Check",
+    "main",
+    "render",
+    "run_checks",
+]
 
 #: (import name, distribution name, why the course needs it)
 PACKAGES = (
@@ -60,7 +77,7 @@ def _packages() -> list[Check]:
                 importlib.import_module(module)
             version = metadata.version(dist)
             checks.append(Check(f"package {dist}", True, f"{version} ({why})"))
-        except Exception as exc:  # noqa: BLE001 - any import failure is a finding
+        except Exception as exc:
             checks.append(
                 Check(f"package {dist}", False, f"not importable: {exc}", "Run `make setup`.")
             )
@@ -68,8 +85,6 @@ def _packages() -> list[Check]:
 
 
 def _sqlite() -> Check:
-    from .db import engine, namespace_for  # noqa: PLC0415
-    from .seed import read_manifest  # noqa: PLC0415
 
     manifest = read_manifest(engine("sqlite"))
     detail = f"SQLite {sqlite3.sqlite_version}"
@@ -84,7 +99,6 @@ def _sqlite() -> Check:
 
 def _service(label: str, variable: str, probe) -> Check:
     """Probe a server (configured by ``variable`` or embedded); ✗ with the fix on failure."""
-    from .errors import CourseError  # noqa: PLC0415
 
     configured = bool(os.environ.get(variable))
     name = f"{label}, {f'configured ({variable})' if configured else 'embedded'}"
@@ -101,9 +115,7 @@ def _service(label: str, variable: str, probe) -> Check:
 
 
 def _postgres_version() -> str:
-    import sqlalchemy as sa  # noqa: PLC0415
 
-    from .db import check_connection, engine  # noqa: PLC0415
 
     eng = engine("postgres")
     try:
@@ -115,7 +127,6 @@ def _postgres_version() -> str:
 
 
 def _redis_version() -> str:
-    from .services import redis_client  # noqa: PLC0415
 
     client = redis_client()
     try:
@@ -125,7 +136,6 @@ def _redis_version() -> str:
 
 
 def _resources() -> list[Check]:
-    import psutil  # noqa: PLC0415
 
     free_ram = psutil.virtual_memory().available
     free_disk = shutil.disk_usage(data_dir()).free

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+__all__ = [
+    "BackendUnavailable",
+    "CourseError",
+    "install_notebook_handler",
+    "InvalidChoice",
+]
+
 
 class CourseError(RuntimeError):
     """Base of the course's own errors. Its message is meant to be read by a learner as is."""
@@ -21,7 +28,7 @@ def install_notebook_handler() -> None:
     Called by :func:`perfcourse.notebook.setup`; harmless outside IPython.
     """
     try:
-        from IPython import get_ipython
+        from IPython import get_ipython  # noqa: PLC0415 - IPython is slow to import; only notebooks need it
     except ImportError:  # pragma: no cover - IPython is always there in the course
         return
     shell = get_ipython()

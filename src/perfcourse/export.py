@@ -23,6 +23,12 @@ from .errors import CourseError
 from .models import TABLES, Base
 from .seed import read_manifest
 
+__all__ = [
+    "BATCH_ROWS",
+    "arrow_schema",
+    "export_parquet",
+]
+
 BATCH_ROWS = 100_000
 
 

@@ -13,6 +13,17 @@ from decimal import Decimal
 from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, Numeric, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+__all__ = [
+    "ORDER_STATUSES",
+    "TABLES",
+    "Base",
+    "Category",
+    "Order",
+    "OrderItem",
+    "Product",
+    "User",
+]
+
 ORDER_STATUSES = ("pending", "paid", "shipped", "delivered", "cancelled")
 
 

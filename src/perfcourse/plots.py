@@ -24,7 +24,7 @@ import pandas as pd
 from cycler import cycler
 from matplotlib.axes import Axes
 
-from .measure import BYTE_UNITS, format_bytes, format_duration, format_rate, format_ratio, time_unit
+from .units import BYTE_UNITS, format_bytes, format_duration, format_rate, format_ratio, time_unit
 
 __all__ = ["use_course_style", "COURSE_STYLE", "COLORS", "bar_cases", "lines_over",
            "histogram_latency"]
@@ -136,7 +136,7 @@ def bar_cases(
     title: str | None = None,
     ax: Axes | None = None,
 ) -> Axes:
-    """One horizontal bar per row (first row on top), e.g. a :class:`~perfcourse.measure.Benchmark`
+    """One horizontal bar per row (first row on top), e.g. a :class:`~perfcourse.timing.Benchmark`
     table. The value axis is scaled to a unit named in its label; each bar is annotated with
     its value (``"1.23 ms"``) and, when the table has a ``ratio`` column, the ratio
     (``"12.3x"``). ``error`` names a column drawn as error bars (e.g. ``"stdev_s"``).

@@ -14,6 +14,11 @@ How it stays safe: the dataset is built *beside* the live one (a ``.loading`` fi
 (seed, scale, schema version, row counts) written last. An interrupted load leaves the previous
 dataset untouched, and the next run starts the build again. A dataset whose manifest matches is
 not rebuilt.
+
+How it stays shared: processes seeding the same dataset at once (two notebooks opened together on
+a fresh machine) take turns under a lock, and the one that waited finds the dataset ready. A
+SQLite file that is no longer a database (overwritten, truncated) is moved aside, never deleted,
+and rebuilt.
 """
 
 from __future__ import annotations
@@ -23,21 +28,36 @@ import json
 import os
 import queue
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from .config import DATASET_SEED, SCHEMA_VERSION, Scale, default_scale, get_scale
+from .config import DATASET_SEED, SCHEMA_VERSION, Scale, data_dir, default_scale, get_scale
 from .db import backend_of, namespace_of, sqlite_path
+from .locks import file_lock
 from .models import ORDER_STATUSES, TABLES, Base
+
+__all__ = [
+    "MANIFEST_TABLE",
+    "ORDERS_PER_CHUNK",
+    "Chunk",
+    "expected_rows",
+    "generate",
+    "prefetch",
+    "read_manifest",
+    "row_counts",
+    "seed_dataset",
+]
 
 MANIFEST_TABLE = "perfcourse_manifest"
 ORDERS_PER_CHUNK = 50_000
@@ -216,7 +236,7 @@ def prefetch(chunks: Iterator[Chunk], depth: int = 2) -> Iterator[Chunk]:
                     return
                 buffer.put(chunk)
             buffer.put(done)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+        except BaseException as exc:  # handed to the consumer, which raises it
             buffer.put(exc)
 
     thread = threading.Thread(target=produce, name="perfcourse-seed-generator", daemon=True)
@@ -250,23 +270,92 @@ def _manifest(scale: Scale, seed: int, counts: dict[str, int], seconds: float) -
         "scale": scale.name,
         "schema_version": SCHEMA_VERSION,
         "counts": counts,
-        "loaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "loaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "load_seconds": round(seconds, 3),
     }
 
 
-def read_manifest(engine: Engine) -> dict | None:
-    """The manifest of the dataset behind ``engine``, or None when there is no complete one."""
-    if backend_of(engine) == "sqlite" and not sqlite_path(namespace_of(engine)).exists():
-        return None  # do not create an empty file just by looking
+class _DamagedFileError(Exception):
+    """The SQLite file of a dataset is not a database any more (overwritten, truncated)."""
+
+
+#: SQLite's result codes for a file that is not (or no longer) a valid database.
+_DAMAGE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+#: The first bytes of every SQLite database file (an empty file is an empty database too).
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _read_manifest(engine: Engine) -> dict | None:
+    """:func:`read_manifest`, raising :class:`_DamagedFileError` for a damaged SQLite file."""
+    sqlite = backend_of(engine) == "sqlite"
+    if sqlite:
+        # The header is checked before SQLite opens the file: closing a file it cannot read,
+        # SQLite deletes its -wal and -shm, and those are part of what is kept.
+        try:
+            with open(sqlite_path(namespace_of(engine)), "rb") as file:
+                header = file.read(len(_SQLITE_HEADER))
+        except FileNotFoundError:
+            return None  # do not create an empty file just by looking
+        if header and header != _SQLITE_HEADER:
+            raise _DamagedFileError("file is not a database")
     try:
         with engine.connect() as conn:
             if not sa.inspect(conn).has_table(MANIFEST_TABLE):
                 return None
             value = conn.execute(sa.text(f"select body from {MANIFEST_TABLE}")).scalar()
-    except sa.exc.OperationalError:
-        return None
+    except sa.exc.DatabaseError as exc:
+        # "file is not a database" and "database disk image is malformed" are about the file
+        # itself; "no such table" and the like (OperationalError) only mean there is no
+        # manifest. An extended result code carries the primary one in its low byte.
+        code = getattr(exc.orig, "sqlite_errorcode", None)
+        if sqlite and code is not None and code & 0xFF in _DAMAGE_CODES:
+            raise _DamagedFileError(str(exc.orig)) from exc
+        if isinstance(exc, sa.exc.OperationalError):
+            return None
+        raise
     return json.loads(value) if value else None
+
+
+def read_manifest(engine: Engine) -> dict | None:
+    """The manifest of the dataset behind ``engine``, or None when there is no complete one.
+
+    A damaged SQLite file has none either. Looking changes nothing: :func:`seed_dataset` keeps
+    the damaged file aside and rebuilds the dataset.
+    """
+    try:
+        return _read_manifest(engine)
+    except _DamagedFileError:
+        return None
+
+
+def _set_aside(engine: Engine, reason: str) -> Path:
+    """Move a damaged SQLite dataset and its journal files aside, say so, return the kept copy.
+
+    Renamed, never deleted: the file may be the only trace of what damaged it. The journal files
+    keep SQLite's naming next to the copy, so opening the copy sees exactly what was there.
+    """
+    engine.dispose()  # pooled connections still point at the damaged file
+    path = sqlite_path(namespace_of(engine))
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    kept = path.with_name(f"{path.name}.damaged-{stamp}")
+    attempt = 1
+    while kept.exists():  # damaged twice within a second
+        attempt += 1
+        kept = path.with_name(f"{path.name}.damaged-{stamp}-{attempt}")
+    # Journal files first: if this stops half-way, the damaged file is still in place and the
+    # next run sets it aside again, rather than the load deleting journal files left behind.
+    for suffix in ("-wal", "-shm", "-journal", ""):
+        source = path.with_name(path.name + suffix)
+        if source.exists():
+            os.replace(source, kept.with_name(kept.name + suffix))
+    print(
+        f"warning: the dataset file {path} was damaged ({reason}), so it was kept as "
+        f"{kept.name} and the dataset is being rebuilt; delete that copy when you no longer "
+        "need it.",
+        file=sys.stderr,
+        flush=True,
+    )
+    return kept
 
 
 def _is_current(manifest: dict | None, scale: Scale, seed: int) -> bool:
@@ -276,6 +365,57 @@ def _is_current(manifest: dict | None, scale: Scale, seed: int) -> bool:
         and manifest.get("scale") == scale.name
         and manifest.get("schema_version") == SCHEMA_VERSION
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# One loader at a time
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _dataset_lock(engine: Engine) -> Iterator[None]:
+    """Hold the dataset behind ``engine`` (a SQLite file, a PostgreSQL schema) for one loader.
+
+    Without it, two processes that both find no dataset both build it: on SQLite they write the
+    same ``.loading`` file and one of them fails renaming it; on PostgreSQL they create the same
+    staging schema. The lock is an ``flock`` on ``<data_dir>/.<namespace>.<backend>.lock``,
+    which the kernel releases when its holder exits, even killed. The file is never deleted: a
+    process still waiting on a deleted lock file would hold a lock nobody else sees.
+    """
+    backend = backend_of(engine)
+    namespace = namespace_of(engine)
+    with file_lock(data_dir() / f".{namespace}.{backend}.lock"):
+        if backend == "postgres":
+            with _advisory_lock(engine, f"perfcourse.seed:{namespace}"):
+                yield
+        else:
+            yield
+
+
+@contextlib.contextmanager
+def _advisory_lock(engine: Engine, key: str) -> Iterator[None]:
+    """Hold the PostgreSQL advisory lock named ``key`` (in this database) for the block.
+
+    The file lock only orders processes sharing a data folder, but one server may serve several
+    machines (a workshop's DATABASE_URL) or data folders (the tests), so PostgreSQL loads lock
+    on the server too. It is taken after the file lock, always in that order, so processes of
+    one machine queue without holding a server connection each.
+    """
+    lock = sa.text("select pg_advisory_lock(hashtextextended(:key, 0))")
+    unlock = sa.text("select pg_advisory_unlock(hashtextextended(:key, 0))")
+    with engine.connect() as conn:
+        conn.execute(lock, {"key": key})
+        conn.commit()  # the lock belongs to the session: no transaction stays open meanwhile
+        try:
+            yield
+        finally:
+            try:
+                conn.execute(unlock, {"key": key})
+                conn.commit()
+            except sa.exc.DBAPIError:
+                # A broken session has lost its locks already; closing it for good makes sure a
+                # pooled connection never carries the lock on to its next user.
+                conn.invalidate()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,7 +436,7 @@ def _ddl(dialect) -> tuple[list[str], list[str]]:
 def _progress(total: int, enabled: bool, label: str):
     if not enabled:
         return None
-    from tqdm.auto import tqdm  # noqa: PLC0415 - the notebook flavour inside Jupyter
+    from tqdm.auto import tqdm  # noqa: PLC0415 - slow import; the notebook flavour inside Jupyter
 
     return tqdm(total=total, unit=" rows", unit_scale=True, desc=label, leave=False)
 
@@ -409,19 +549,39 @@ def seed_dataset(
     Does nothing (and returns the recorded counts) when the manifest says the same seed, scale
     and schema version are already loaded, unless ``force``. ``engine`` comes from
     :func:`perfcourse.db.engine`; its namespace (file or schema) receives the data.
+
+    Processes seeding the same dataset at once wait for each other, and one that waited returns
+    the dataset the other built. A damaged SQLite file is kept aside (a one-line warning on
+    stderr names the copy) and the dataset rebuilt.
     """
     scale_ = get_scale(scale or default_scale())
-    manifest = read_manifest(engine)
-    if not force and _is_current(manifest, scale_, seed):
-        return dict(manifest["counts"])
-    bar = _progress(expected_rows(scale_), progress, f"seeding {scale_.name} ({backend_of(engine)})")
-    try:
+    # First without the lock: an up-to-date dataset is the common case (every notebook opens
+    # with this call), and the swap is atomic, so a reader never sees a half-built dataset.
+    seen = read_manifest(engine)
+    if not force and _is_current(seen, scale_, seed):
+        return dict(seen["counts"])
+    with _dataset_lock(engine):
+        # Again under the lock: another process may have built the dataset while this one
+        # waited. Even with ``force`` that build is as fresh as the one asked for. A pooled
+        # SQLite connection would still read the file that build replaced, so none is reused.
         if backend_of(engine) == "sqlite":
-            return _load_sqlite(engine, scale_, seed, bar)
-        return _load_postgres(engine, scale_, seed, bar)
-    finally:
-        if bar is not None:
-            bar.close()
+            engine.dispose()
+        try:
+            manifest = _read_manifest(engine)
+        except _DamagedFileError as exc:
+            _set_aside(engine, str(exc))
+            manifest = None
+        if _is_current(manifest, scale_, seed) and (not force or manifest != seen):
+            return dict(manifest["counts"])
+        label = f"seeding {scale_.name} ({backend_of(engine)})"
+        bar = _progress(expected_rows(scale_), progress, label)
+        try:
+            if backend_of(engine) == "sqlite":
+                return _load_sqlite(engine, scale_, seed, bar)
+            return _load_postgres(engine, scale_, seed, bar)
+        finally:
+            if bar is not None:
+                bar.close()
 
 
 def row_counts(engine: Engine) -> dict[str, int]:

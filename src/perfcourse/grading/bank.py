@@ -25,6 +25,23 @@ from .checkers import (
     time_limit,
 )
 
+__all__ = [
+    "GRADED_CALL",
+    "QUESTION_ID",
+    "RIGHT_MARK",
+    "check",
+    "graded_ids",
+    "GraderError",
+    "load_bank",
+    "Question",
+    "question",
+    "questions",
+    "register",
+    "reveal",
+    "UnknownQuestion",
+    "unregister",
+]
+
 QUESTION_ID = re.compile(r"^(?P<chapter>\d{2})\.q(?P<number>\d+)$")
 #: Printed first when an answer is right; the grade runner looks for it.
 RIGHT_MARK = "✓"
@@ -174,7 +191,7 @@ def check(qid: str, answer) -> None:
     limit is reported in that message. A failure of the grader itself raises
     :class:`GraderError` ("grader error in NN.qK, please report: ...").
     """
-    __tracebackhide__ = True  # noqa: F841 - IPython and pytest hide this frame
+    __tracebackhide__ = True
     q = question(qid)
     hint = internal = None
     try:
@@ -194,7 +211,7 @@ def check(qid: str, answer) -> None:
         hint = f"Not yet. Your code was stopped after its time limit of {q.time_limit:g} s."
     except KeyboardInterrupt:
         raise
-    except Exception as exc:  # noqa: BLE001 - never show the learner the grader's traceback
+    except Exception as exc:
         internal = f"grader error in {qid}, please report: {type(exc).__name__}: {exc}"
     if internal is not None:
         raise GraderError(internal) from None

@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import inspect
 import math
 import numbers
+import random
 import re
 import signal
 import threading
@@ -45,6 +47,38 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from perfcourse.explain import explain as explain_statement
+from perfcourse.statements import count_queries
+
+__all__ = [
+    "NO_ANSWER",
+    "NOT_WRITTEN",
+    "Args",
+    "call_learner",
+    "Checker",
+    "Choice",
+    "describe_exception",
+    "ExplainCheck",
+    "FunctionCheck",
+    "Incorrect",
+    "LearnerTimeout",
+    "MultiChoice",
+    "need_function",
+    "NoAnswer",
+    "Number",
+    "QueryCheck",
+    "short_repr",
+    "shorten",
+    "time_limit",
+    "type_name",
+    "Value",
+    "values_equal",
+]
 
 #: Shown when the answer is still the stub of the learner version.
 NO_ANSWER = "No answer yet: replace the `...` with your answer, then run this cell again."
@@ -128,7 +162,7 @@ def call_learner(fn: Callable, *args, **kwargs):
         raise NoAnswer(NOT_WRITTEN) from None
     except Incorrect:
         raise
-    except Exception as exc:  # noqa: BLE001 - any learner error is reported, not raised
+    except Exception as exc:
         raise Incorrect(f"Your code raised {describe_exception(exc)}") from None
     finally:
         if budget is not None and budget.seconds is not None:
@@ -181,7 +215,7 @@ def _run_in_thread(fn, args, kwargs, seconds):
     def target():
         try:
             outcome["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed back to the caller's thread
+        except BaseException as exc:
             outcome["error"] = exc
 
     worker = threading.Thread(target=target, name="perfcourse-learner-code", daemon=True)
@@ -210,7 +244,7 @@ def shorten(text: str, limit: int = 120) -> str:
 def short_repr(value: Any, limit: int = 120) -> str:
     try:
         text = repr(value)
-    except Exception:  # noqa: BLE001 - a learner object with a broken __repr__
+    except Exception:
         text = f"<{type(value).__name__} object>"
     return shorten(text, limit)
 
@@ -256,7 +290,7 @@ def values_equal(got: Any, expected: Any, rel_tol: float = 1e-9, abs_tol: float 
         )
     try:
         return bool(got == expected)
-    except Exception:  # noqa: BLE001 - an ambiguous comparison is simply not equal
+    except Exception:
         return False
 
 
@@ -478,7 +512,6 @@ class FunctionCheck(Checker):
     show_expected: bool = True
 
     def grade(self, answer):
-        import random
 
         if not callable(answer):
             raise Incorrect(
@@ -510,7 +543,6 @@ class FunctionCheck(Checker):
                 )
 
     def model_answer(self):
-        import inspect
 
         try:
             return inspect.getsource(self.reference)
@@ -523,16 +555,8 @@ class FunctionCheck(Checker):
 
 
 def _resolve_engine(engine):
-    from sqlalchemy.engine import Engine
 
     return engine if isinstance(engine, Engine) else engine()
-
-
-def _measure():
-    # Imported lazily: measure pulls in the profilers, and a question bank must load without it.
-    from perfcourse import measure
-
-    return measure
 
 
 def _repeated_statement_hint(statements) -> str:
@@ -554,7 +578,7 @@ class QueryCheck(Checker):
     triggered by it count, and its return value (plain data) is what is compared. ``engine`` is an
     Engine or a callable returning one (the grader's own data, not the learner's). At most
     ``max_queries`` statements may run. ``counter`` defaults to
-    :func:`perfcourse.measure.count_queries` (a context manager yielding an object with
+    :func:`perfcourse.statements.count_queries` (a context manager yielding an object with
     ``.count`` and ``.statements``).
     """
 
@@ -568,7 +592,6 @@ class QueryCheck(Checker):
     hint: str = ""
 
     def grade(self, answer):
-        from sqlalchemy.orm import Session
 
         if not callable(answer):
             raise Incorrect(
@@ -576,11 +599,11 @@ class QueryCheck(Checker):
                 f"(got a {type_name(answer)})."
             )
         engine = _resolve_engine(self.engine)
-        count_queries = self.counter or _measure().count_queries
+        counter = self.counter or count_queries
         with Session(engine) as session:
             expected = self.use(self.reference(session, *self.args))
         with Session(engine) as session:
-            with count_queries(engine) as counted:
+            with counter(engine) as counted:
                 got = call_learner(lambda: self.use(answer(session, *self.args)))
             count, statements = counted.count, list(getattr(counted, "statements", []))
         if not (self.compare or values_equal)(got, expected):
@@ -609,7 +632,7 @@ class ExplainCheck(Checker):
     ``answer(engine)`` that makes the change, or a list of those. ``engine`` must be a callable
     returning a *fresh* engine without the index (each check applies the change again).
     ``statement`` is SQL text, a SQLAlchemy statement, or a callable ``statement(engine)``. The
-    plan (:func:`perfcourse.measure.explain`, with ``.uses_index``, ``.index`` and ``.verdict``)
+    plan (:func:`perfcourse.explain.explain`, with ``.uses_index``, ``.index`` and ``.verdict``)
     must use an index; ``index`` (a name or a tuple of names) and ``verdicts`` narrow that down.
     ``params`` are bound to ``:name`` parameters of a SQL text statement.
     """
@@ -623,7 +646,6 @@ class ExplainCheck(Checker):
     hint: str = ""
 
     def _apply(self, engine, change):
-        import sqlalchemy as sa
 
         if isinstance(change, str):
             def run_ddl():
@@ -649,7 +671,7 @@ class ExplainCheck(Checker):
             changes = answer if isinstance(answer, (list, tuple)) else [answer]
             for change in changes:
                 self._apply(engine, change)
-            explain = self.explain or _measure().explain
+            explain = self.explain or explain_statement
             statement = self.statement(engine) if callable(self.statement) else self.statement
             plan = explain(engine, statement, self.params) if self.params else explain(engine, statement)
         finally:

@@ -6,8 +6,18 @@ course's Redis under a fresh key prefix, emptied when the check ends.
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
+
+from perfcourse.errors import BackendUnavailable
+from perfcourse.scratch import memory_copy
+from perfcourse.services import redis_client
+
+from .checkers import Incorrect
+
+__all__ = [
+    "private_dataset",
+    "PrivateRedis",
+]
 
 
 def private_dataset(indexes: tuple[str, ...] = ()):
@@ -16,27 +26,7 @@ def private_dataset(indexes: tuple[str, ...] = ()):
     Checkers run learner code against it: nothing the learner does reaches the course's data,
     and ``indexes`` (CREATE INDEX statements) prepare the schema a question starts from.
     """
-    import sqlalchemy as sa
-    from sqlalchemy.pool import StaticPool
-
-    from perfcourse import db
-    from perfcourse.seed import seed_dataset
-
-    source = db.engine("sqlite", scale="tiny")
-    seed_dataset(source, "tiny", progress=False)
-    source.dispose()
-    memory = sqlite3.connect(":memory:", check_same_thread=False)
-    disk = sqlite3.connect(db.sqlite_path(db.namespace_for("tiny")))
-    try:
-        disk.backup(memory)
-    finally:
-        disk.close()
-    for ddl in indexes:
-        memory.execute(ddl)
-    memory.commit()
-    engine = sa.create_engine("sqlite://", creator=lambda: memory, poolclass=StaticPool)
-    engine.perfcourse_namespace = "grader_memory"
-    return engine
+    return memory_copy("tiny", indexes)
 
 
 class PrivateRedis:
@@ -50,13 +40,10 @@ class PrivateRedis:
         self.label = label
 
     def __enter__(self):
-        from perfcourse import services  # noqa: PLC0415
-        from perfcourse.errors import BackendUnavailable  # noqa: PLC0415
 
-        from .checkers import Incorrect  # noqa: PLC0415
 
         try:
-            self.client = services.redis_client()
+            self.client = redis_client()
         except BackendUnavailable as exc:
             raise Incorrect(f"This check needs Redis and cannot reach it. {exc}") from None
         self.run = uuid.uuid4().hex[:10]

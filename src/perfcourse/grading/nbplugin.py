@@ -18,6 +18,13 @@ import pytest
 
 from .bank import graded_ids
 
+__all__ = [
+    "REPORT_ENV",
+    "pytest_collectreport",
+    "pytest_runtest_makereport",
+    "pytest_sessionfinish",
+]
+
 REPORT_ENV = "PERFCOURSE_GRADE_REPORT"
 
 _records: dict[str, dict] = {}
@@ -26,7 +33,7 @@ _errors: list[dict] = []
 
 def _is_cell(item) -> bool:
     try:
-        from nbval.plugin import IPyNbCell
+        from nbval.plugin import IPyNbCell  # noqa: PLC0415 - nbval registers itself when pytest loads it
     except ImportError:  # pragma: no cover - nbval is a dependency of grading
         return False
     return isinstance(item, IPyNbCell)

@@ -21,6 +21,7 @@ Run serially: the plugin is not xdist-safe.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -31,8 +32,27 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import nbformat
+
+from ..config import course_root
 from .bank import RIGHT_MARK, graded_ids, load_bank
 from .nbplugin import REPORT_ENV
+
+__all__ = [
+    "DEFAULT_CELL_TIMEOUT",
+    "SAVE_REMINDER",
+    "default_notebooks",
+    "format_result",
+    "format_summary",
+    "full_problems",
+    "grade_notebook",
+    "main_grade",
+    "nocolor_ipython_dir",
+    "NotebookResult",
+    "QuestionResult",
+    "sanitize_file",
+    "untouched_problems",
+]
 
 DEFAULT_CELL_TIMEOUT = 300
 SAVE_REMINDER = "Grading the saved files: save your notebook first (Ctrl+S / Cmd+S in Jupyter)."
@@ -66,17 +86,18 @@ class NotebookResult:
         return sum(q.right for q in self.questions), len(self.questions)
 
 
-def _course_root(start: Path) -> Path | None:
-    for folder in (start.resolve(), *start.resolve().parents):
-        if (folder / "notebooks").is_dir() or (folder / "labs").is_dir():
-            return folder
-    from ..config import repo_root
-
-    return repo_root()
+def nocolor_ipython_dir(parent: Path) -> Path:
+    """An IPYTHONDIR whose default profile turns colours off (clean tracebacks and hints)."""
+    profile = Path(parent) / "ipython" / "profile_default"
+    profile.mkdir(parents=True, exist_ok=True)
+    (profile / "ipython_config.py").write_text(
+        'c = get_config()  # noqa: F821\nc.InteractiveShell.colors = "nocolor"\n', encoding="utf-8"
+    )
+    return profile.parent
 
 
 def default_notebooks() -> list[Path]:
-    root = _course_root(Path.cwd())
+    root = course_root()
     if root is None:
         return []
     return sorted((root / "notebooks").glob("*.ipynb")) + sorted((root / "labs").glob("*.ipynb"))
@@ -88,7 +109,6 @@ def _master_of(path: Path) -> Path | None:
 
 
 def _master_qids(master: Path) -> list[str]:
-    import nbformat
 
     nb = nbformat.read(str(master), as_version=4)
     found: list[str] = []
@@ -99,7 +119,6 @@ def _master_qids(master: Path) -> list[str]:
 
 
 def _run_pytest(path: Path, timeout: int, tmp: Path, verbose: bool) -> tuple[dict | None, str]:
-    from ..authoring import nocolor_ipython_dir
 
     report = tmp / "report.json"
     ini = tmp / "pytest.ini"
@@ -187,7 +206,7 @@ def grade_notebook(path: Path, *, timeout: int = DEFAULT_CELL_TIMEOUT,
         return NotebookResult(path, error=f"no such notebook: {path}")
     try:
         titles = {qid: q.title for qid, q in load_bank().items()}
-    except Exception as exc:  # noqa: BLE001 - a broken bank is reported, grading goes on
+    except Exception as exc:
         titles = {}
         print(f"warning: the question bank did not load: {exc}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="perfcourse-grade-") as tmp:
@@ -311,7 +330,6 @@ def main_grade(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="show pytest's output too")
     args = parser.parse_args(argv)
 
-    import importlib.util
 
     if not all(importlib.util.find_spec(m) for m in ("pytest", "nbval")):
         print("perfcourse grade needs pytest and nbval: pip install \"perfcourse[test]\" "

@@ -5,3 +5,5 @@ with the module's chapter number. Every module here is loaded by
 :func:`perfcourse.grading.load_bank`; nothing else needs registering. Reference solutions and
 hidden-input generators stay private to the module (names starting with ``_``).
 """
+
+__all__: list[str] = []

@@ -5,6 +5,10 @@ from __future__ import annotations
 from ..bank import Question
 from ..checkers import Choice, FunctionCheck
 
+__all__ = [
+    "QUESTIONS",
+]
+
 
 def _mean_latency_ms(samples_s):
     return sum(samples_s) / len(samples_s) * 1000

@@ -6,10 +6,25 @@ the lab (solutions/01-performance-fundamentals-lab.ipynb).
 
 from __future__ import annotations
 
+import inspect
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any
+
+import sqlalchemy as sa
+
+from perfcourse.chapters.performance_fundamentals import (
+    favourite_category,
+    as_money,
+    user_items,
+    customer_report,
+    latency_log,
+)
+from perfcourse.notebook import dataset
+from perfcourse.statements import count_queries
+from perfcourse.stats import percentile
 
 from ..bank import Question
 from ..checkers import (
@@ -23,6 +38,10 @@ from ..checkers import (
     call_learner,
     short_repr,
 )
+
+__all__ = [
+    "QUESTIONS",
+]
 
 
 @dataclass
@@ -44,7 +63,6 @@ class _ComputedNumber(Checker):
 
 
 def _checkout_p99_ms() -> float:
-    from perfcourse.fundamentals import latency_log, percentile
 
     log = latency_log()
     return round(percentile(log.loc[log.endpoint == "POST /checkout", "duration_s"], 99) * 1000, 1)
@@ -95,12 +113,10 @@ def _request_log_cases(rng):
 
 def _customer_report_fast(engine, user_ids):
     """The fix: every category in one query (a dict), so the loop issues no queries."""
-    import sqlalchemy as sa
 
-    from perfcourse.fundamentals import _favourite, _money, _user_items
 
     with engine.connect() as conn:
-        rows = _user_items(conn, user_ids)
+        rows = user_items(conn, user_ids)
         category_of = dict(conn.execute(sa.text(
             "SELECT p.id, c.name FROM products p JOIN categories c ON c.id = p.category_id"
         )).all())
@@ -108,9 +124,9 @@ def _customer_report_fast(engine, user_ids):
     for user_id, product_id, quantity, unit_price in rows:
         spent = per_user.setdefault(user_id, {})
         category = category_of[product_id]
-        spent[category] = spent.get(category, Decimal(0)) + quantity * _money(unit_price)
+        spent[category] = spent.get(category, Decimal(0)) + quantity * as_money(unit_price)
     return [
-        {"user_id": u, "spent": sum(s.values(), Decimal(0)), "favourite": _favourite(s)}
+        {"user_id": u, "spent": sum(s.values(), Decimal(0)), "favourite": favourite_category(s)}
         for u, s in sorted(per_user.items())
     ]
 
@@ -126,7 +142,7 @@ def _same_report(got: Any, expected: list[dict]) -> str | None:
             return f"Each row is a dict with keys user_id, spent, favourite (got {short_repr(row, 80)})."
         try:
             spent_ok = round(Decimal(str(row["spent"])), 2) == round(want["spent"], 2)
-        except Exception:  # noqa: BLE001 - a spent that is not a number
+        except Exception:
             spent_ok = False
         if row["user_id"] != want["user_id"] or not spent_ok or row["favourite"] != want["favourite"]:
             return (f"For user {want['user_id']} customer_report gives {short_repr(want, 90)}, "
@@ -137,15 +153,12 @@ def _same_report(got: Any, expected: list[dict]) -> str | None:
 @dataclass
 class _FasterReport(Checker):
     """The learner's ``customer_report_fast(engine, user_ids)``: same rows as
-    :func:`perfcourse.fundamentals.customer_report` on hidden users, in at most ``max_queries``."""
+    :func:`perfcourse.chapters.performance_fundamentals.customer_report` on hidden users, in at most ``max_queries``."""
 
     max_queries: int = 2
     seed: int = 20240601
 
     def grade(self, answer):
-        from perfcourse.fundamentals import customer_report
-        from perfcourse.measure import count_queries
-        from perfcourse.notebook import dataset
 
         if not callable(answer):
             raise Incorrect("Pass your function itself: check(\"01.q8\", customer_report_fast).")
@@ -169,7 +182,6 @@ class _FasterReport(Checker):
                 )
 
     def model_answer(self):
-        import inspect
 
         return inspect.getsource(_customer_report_fast)
 
@@ -283,11 +295,11 @@ QUESTIONS = [
     Question(
         id="01.q7",
         title="Lab: the bottleneck of customer_report",
-        checker=Value("lookup_category", also=("perfcourse.fundamentals.lookup_category",
+        checker=Value("lookup_category", also=("perfcourse.chapters.performance_fundamentals.lookup_category",
                                                "lookup_category()")),
         explanation="lookup_category runs one query per order item: almost all of the report's "
         "time is spent in it, below it in SQLAlchemy and the driver, waiting for round trips.",
-        hints=("Give the name of a function of perfcourse.fundamentals, as a string: the one "
+        hints=("Give the name of a function of perfcourse.chapters.performance_fundamentals, as a string: the one "
                "under customer_report that holds most of the time in the profile.",),
     ),
     Question(
@@ -296,13 +308,13 @@ QUESTIONS = [
         checker=_FasterReport(max_queries=2),
         answer="def customer_report_fast(engine, user_ids):\n"
         "    with engine.connect() as conn:\n"
-        "        rows = _user_items(conn, user_ids)              # query 1: the users' items\n"
+        "        rows = user_items(conn, user_ids)              # query 1: the users' items\n"
         "        category_of = dict(conn.execute(CATEGORIES))    # query 2: product id -> category\n"
         "    ...the same loop, with category_of[product_id] instead of lookup_category(...)",
         explanation="Load every product's category once (one query, a dict) instead of one query "
         "per item: the report then costs 2 queries whatever the number of users, and gives the "
         "same rows. Measured by the query count, which does not depend on the machine.",
-        hints=("Keep _user_items (one query); replace the per-item lookup_category calls by a "
+        hints=("Keep user_items (one query); replace the per-item lookup_category calls by a "
                "single query that maps product id to category name.",),
         time_limit=30.0,
     ),

@@ -11,6 +11,16 @@ import random
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 
+import sqlalchemy as sa
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.pool import StaticPool
+
+from perfcourse.chapters.query_optimization import explain_recorded, top_customers_report
+from perfcourse.explain import explain
+from perfcourse.models import Base, Order, User
+from perfcourse.statements import count_queries
+
 from ..bank import Question
 from ..checkers import (
     Checker,
@@ -25,16 +35,18 @@ from ..checkers import (
 )
 from ..datasets import private_dataset
 
+__all__ = [
+    "LAB_QUERY_BUDGET",
+    "QUESTIONS",
+]
+
 # --------------------------------------------------------------------------------------------
 # Private databases of the grader
 
 
 def _empty_schema():
     """A fresh in-memory SQLite database with the shop schema and no rows: plans only."""
-    import sqlalchemy as sa
-    from sqlalchemy.pool import StaticPool
 
-    from perfcourse.models import Base
 
     engine = sa.create_engine("sqlite://", poolclass=StaticPool,
                               connect_args={"check_same_thread": False})
@@ -47,10 +59,7 @@ def _empty_schema():
 
 
 def _users_with_orders_reference(session, user_ids):
-    from sqlalchemy import select
-    from sqlalchemy.orm import selectinload
 
-    from perfcourse.models import User
 
     return session.scalars(
         select(User).where(User.id.in_(user_ids)).order_by(User.id)
@@ -99,9 +108,7 @@ class _LoaderCheck(Checker):
 
 
 def _orders_on_reference(day):
-    from sqlalchemy import select
 
-    from perfcourse.models import Order
 
     start = datetime(day.year, day.month, day.day)
     return select(Order.id).where(Order.created_at >= start,
@@ -114,7 +121,6 @@ class _SargableCheck(Checker):
     index = "ix_orders_created_at"
 
     def grade(self, answer):
-        from perfcourse.measure import explain
 
         if not callable(answer):
             raise Incorrect("Pass your function itself: check(\"02.q5\", orders_on) "
@@ -132,7 +138,7 @@ class _SargableCheck(Checker):
                 try:
                     with engine.connect() as conn:
                         got = sorted(conn.execute(statement).scalars())
-                except Exception as exc:  # noqa: BLE001 - reported as the learner's error
+                except Exception as exc:
                     raise Incorrect(
                         f"Running your statement for {day} failed: {type(exc).__name__}. Return "
                         "a select() of Order.id.") from None
@@ -204,7 +210,6 @@ def _lab_cases():
 
 class _ReportCheck(Checker):
     def grade(self, answer):
-        from perfcourse.queries import top_customers_report
 
         if not callable(answer):
             raise Incorrect("Pass your function itself: check(\"02.q8\", fast_report) "
@@ -236,10 +241,7 @@ class _LabIndexCheck(Checker):
     """The learner's DDL must make every table access of the reference report an index access."""
 
     def grade(self, answer):
-        from sqlalchemy.orm import Session
 
-        from perfcourse.measure import count_queries
-        from perfcourse.queries import explain_recorded, top_customers_report
 
         changes = answer if isinstance(answer, (list, tuple)) else [answer]
         if not changes or not all(isinstance(c, str) for c in changes):
@@ -414,7 +416,7 @@ QUESTIONS = [
         id="02.q8",
         title="Lab: the report within the query budget",
         checker=_ReportCheck(),
-        answer="See perfcourse.queries.top_customers_report: 3 queries (GROUP BY in SQL, the "
+        answer="See perfcourse.chapters.query_optimization.top_customers_report: 3 queries (GROUP BY in SQL, the "
         "leaders' orders, units per category with joins).",
         explanation="Aggregating in the database and loading only the leaders' rows turns "
         "hundreds of round trips into a handful, whatever the number of customers.",

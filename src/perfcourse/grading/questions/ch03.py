@@ -13,23 +13,35 @@ connects, closes and timeouts.
 
 from __future__ import annotations
 
+import math
 import random
 import sqlite3
 from datetime import datetime
 from decimal import Decimal
 
+import sqlalchemy as sa
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import StaticPool
+
+from perfcourse import replicas
+from perfcourse.chapters import database_scaling as scaling
+from perfcourse.models import ORDER_STATUSES, Base, Order, User
+from perfcourse.statements import count_queries
+
 from ..bank import Question
 from ..checkers import Checker, Choice, Incorrect, Number, call_learner, short_repr, type_name
+
+__all__ = [
+    "QUESTIONS",
+]
 
 # --------------------------------------------------------------------------------------------
 # 03.q2: a Session that routes writes to the primary and reads to the replica
 
 
 def _memory_users(rows: list[dict]):
-    import sqlalchemy as sa
-    from sqlalchemy.pool import StaticPool
 
-    from perfcourse.models import User
 
     engine = sa.create_engine("sqlite://", poolclass=StaticPool,
                               connect_args={"check_same_thread": False})
@@ -47,10 +59,7 @@ def _users(rng: random.Random, n: int) -> list[dict]:
 
 def _routing_scenario(session_class, primary, replica, rng: random.Random) -> list[str]:
     """Run a hidden mix of reads and writes; return what each step expects ('p' or 'r')."""
-    import sqlalchemy as sa
-    from sqlalchemy import select
 
-    from perfcourse.models import User
 
     expected = []
     with session_class(primary, replica) as session:
@@ -86,9 +95,7 @@ def _routing_scenario(session_class, primary, replica, rng: random.Random) -> li
 
 class _RoutingCheck(Checker):
     def grade(self, answer):
-        from sqlalchemy.orm import Session
 
-        from perfcourse.measure import count_queries
 
         if not (isinstance(answer, type) and issubclass(answer, Session)):
             raise Incorrect("Pass your Session subclass itself: check(\"03.q2\", "
@@ -213,15 +220,13 @@ class _ReadYourWritesCheck(Checker):
     seed, rounds = 308, 2
 
     def grade(self, answer):
-        import sqlalchemy as sa
 
-        from perfcourse import scaling
 
         if not callable(answer):
             raise Incorrect("Pass your session class itself: check(\"03.q8\", "
                             f"ReadYourWritesSession) (got a {type_name(answer)}).")
-        before = scaling.running_replica_pair()
-        pair = scaling.start_replica_pair(self.apply_delay_ms)
+        before = replicas.running_replica_pair()
+        pair = replicas.start_replica_pair(self.apply_delay_ms)
         primary, replica = scaling.profile_engines(pair, self.schema)
         try:
             scaling.prepare_profiles(primary, replica, users=30)
@@ -236,9 +241,9 @@ class _ReadYourWritesCheck(Checker):
                 primary.dispose()
                 replica.dispose()
                 if before is None:
-                    scaling.stop_replica_pair()
+                    replicas.stop_replica_pair()
                 else:
-                    scaling.set_apply_delay(pair, before.apply_delay_ms)
+                    replicas.set_apply_delay(pair, before.apply_delay_ms)
         if trial["stale"]:
             raise Incorrect(
                 f"{trial['stale']} of the {trial['checked']} reads of a user's own profile after "
@@ -322,10 +327,7 @@ def _order_shards(rng: random.Random):
 
     Returns ``(engines, connections, orders)``: ``orders`` is every ``(shard, status, total)``.
     """
-    import sqlalchemy as sa
-    from sqlalchemy.pool import StaticPool
 
-    from perfcourse.models import ORDER_STATUSES, Base, Order, User
 
     n = rng.randint(3, 5)
     sizes = [0, rng.randint(5, 15), rng.randint(60, 120), rng.randint(400, 700),
@@ -378,10 +380,7 @@ def _as_float(value):
 
 class _ShardedAverageCheck(Checker):
     def grade(self, answer):
-        import math
 
-        from perfcourse import scaling
-        from perfcourse.measure import count_queries
 
         if not callable(answer):
             raise Incorrect("Pass your function itself: check(\"03.q9\", "
@@ -483,9 +482,7 @@ def _settings(value) -> tuple[int, int]:
 
 class _PoolSettingsCheck(Checker):
     def grade(self, answer):
-        import math
 
-        from perfcourse import scaling
 
         if not callable(answer):
             raise Incorrect("Pass your function itself: check(\"03.q10\", pool_settings) "

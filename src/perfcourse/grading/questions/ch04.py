@@ -8,9 +8,25 @@ fixed workload: a count of bytes, never a time).
 
 from __future__ import annotations
 
+import gc
 import random
 from datetime import datetime, timedelta
 from decimal import Decimal
+
+import sqlalchemy as sa
+from sqlalchemy.pool import StaticPool
+
+from perfcourse.chapters.memory_and_cpu import (
+    ORDER_CSV_COLUMNS,
+    CountingSink,
+    lru_misses,
+    more_than_statement,
+    status_counts_filter,
+)
+from perfcourse.memory import track_memory
+from perfcourse.models import ORDER_STATUSES, Order
+from perfcourse.statements import count_queries
+from perfcourse.units import format_bytes
 
 from ..bank import Question
 from ..checkers import (
@@ -26,6 +42,12 @@ from ..checkers import (
 )
 from ..datasets import private_dataset
 
+__all__ = [
+    "EXPORT_PEAK_LIMIT_BYTES",
+    "EXPORT_ROWS",
+    "QUESTIONS",
+]
+
 # --------------------------------------------------------------------------------------------
 # 04.q3: a streaming CSV export
 
@@ -36,10 +58,7 @@ EXPORT_PEAK_LIMIT_BYTES = 4_000_000
 
 def _generated_orders():
     """An in-memory SQLite database whose ``orders`` table holds EXPORT_ROWS generated orders."""
-    import sqlalchemy as sa
-    from sqlalchemy.pool import StaticPool
 
-    from perfcourse.models import ORDER_STATUSES, Order
 
     engine = sa.create_engine("sqlite://", poolclass=StaticPool,
                               connect_args={"check_same_thread": False})
@@ -57,10 +76,7 @@ def _generated_orders():
 
 class _ExportCheck(Checker):
     def grade(self, answer):
-        import gc
 
-        from perfcourse.measure import format_bytes, track_memory
-        from perfcourse.profiling import ORDER_CSV_COLUMNS, CountingSink
 
         if not callable(answer):
             raise Incorrect("Pass your function itself: check(\"04.q3\", export_orders_csv) "
@@ -111,7 +127,6 @@ class _ExportCheck(Checker):
 
 
 def _more_than_reference(session, k):
-    from perfcourse.profiling import more_than_statement
 
     return list(session.execute(more_than_statement(k)).scalars())
 
@@ -151,7 +166,6 @@ class _HeavyUsersCheck(Checker):
                             "users with MORE than k orders (every status counts), as ids.") \
                             from None
                     raise
-            from perfcourse.measure import count_queries
 
             with count_queries(engine) as counted:
                 call_learner(answer, engine, 3)
@@ -189,7 +203,6 @@ def _price(product_id, currency):
 
 class _MemoCheck(Checker):
     def grade(self, answer):
-        from perfcourse.profiling import lru_misses
 
         if not callable(answer):
             raise Incorrect("Pass your function itself: check(\"04.q5\", make_cached) "
@@ -239,7 +252,6 @@ class _MemoCheck(Checker):
 
 
 def _status_counts_reference(session):
-    from perfcourse.profiling import status_counts_filter
 
     return status_counts_filter(session.get_bind())
 

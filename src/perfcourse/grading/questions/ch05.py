@@ -17,6 +17,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import StaticPool
+
+from perfcourse.chapters.caching import CountingRedis, cached, fill_keys
+from perfcourse.models import Base, Category, Product
+
 from ..bank import Question
 from ..checkers import (
     Checker,
@@ -29,6 +36,10 @@ from ..checkers import (
     type_name,
 )
 from ..datasets import PrivateRedis
+
+__all__ = [
+    "QUESTIONS",
+]
 
 # --------------------------------------------------------------------------------------------
 # The grader's Redis: a private prefix, always cleaned up
@@ -50,7 +61,6 @@ class _CachedCheck(Checker):
     ttl_s = 60
 
     def grade(self, answer):
-        from perfcourse.caching import CountingRedis
 
         need_function(answer, 'check("05.q3", cached)')
         rng = random.Random(5003)
@@ -186,10 +196,7 @@ class _KeyCheck(Checker):
 
 
 def _shop_memory_engine():
-    import sqlalchemy as sa
-    from sqlalchemy.pool import StaticPool
 
-    from perfcourse.models import Base
 
     engine = sa.create_engine("sqlite://", poolclass=StaticPool,
                               connect_args={"check_same_thread": False})
@@ -201,10 +208,7 @@ class _HookCheck(Checker):
     products = 12
 
     def grade(self, answer):
-        import sqlalchemy as sa
-        from sqlalchemy.orm import Session
 
-        from perfcourse.models import Category, Product
 
         need_function(answer, 'check("05.q5", make_invalidation_hook)')
         rng = random.Random(5005)
@@ -240,10 +244,7 @@ class _HookCheck(Checker):
                             "delete only the key of the product the event is about.")
 
     def _scenario(self, engine, client, key_for, rng):
-        from sqlalchemy.orm import Session
 
-        from perfcourse.caching import cached
-        from perfcourse.models import Product
 
         def read(session, pid):
             def load():
@@ -287,7 +288,6 @@ class _DeletePatternCheck(Checker):
     others = 300
 
     def grade(self, answer):
-        from perfcourse.caching import CountingRedis, fill_keys
 
         need_function(answer, 'check("05.q6", delete_pattern)')
         with _PrivateRedis() as redis_:

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import random
 
+from rq import Queue
+
+from perfcourse.chapters.background_jobs import process_task
+
 from ..bank import Question
 from ..checkers import (
     Checker,
@@ -24,6 +28,10 @@ from ..checkers import (
 )
 from ..datasets import PrivateRedis
 
+__all__ = [
+    "QUESTIONS",
+]
+
 
 class _PrivateRedis(PrivateRedis):
     """A private prefix, plus the RQ queues (and their jobs) named after this run."""
@@ -32,7 +40,6 @@ class _PrivateRedis(PrivateRedis):
         super().__init__("grader06")
 
     def cleanup(self) -> None:
-        from rq import Queue
 
         for member in self.client.smembers("rq:queues"):
             name = member.decode(errors="replace")
@@ -170,9 +177,7 @@ def _expected_queue(task: dict) -> str:
 
 class _RouteCheck(Checker):
     def grade(self, answer):
-        from rq import Queue
 
-        from perfcourse.jobs import process_task
 
         need_function(answer, 'check("06.q4", enqueue_routed)')
         with _PrivateRedis() as redis_:
@@ -187,7 +192,7 @@ class _RouteCheck(Checker):
             landed = {}
             for name, queue in queues.items():
                 for job in queue.get_jobs():
-                    if job.func_name != "perfcourse.jobs.process_task" or len(job.args) != 1:
+                    if job.func_name != "perfcourse.chapters.background_jobs.process_task" or len(job.args) != 1:
                         raise Incorrect(f"A job on {name} runs {job.func_name}{job.args}: "
                                         "enqueue func with the task as its one argument.")
                     landed[job.args[0]["id"]] = name

@@ -8,10 +8,15 @@ these checks run in well under a second.
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import re
+import textwrap
 from collections import Counter
+
+from perfcourse.chapters import infrastructure_scaling as infra
+from perfcourse.chapters.infrastructure_scaling import next_healthy
 
 from ..bank import Question
 from ..checkers import (
@@ -27,6 +32,10 @@ from ..checkers import (
     shorten,
     type_name,
 )
+
+__all__ = [
+    "QUESTIONS",
+]
 
 # --------------------------------------------------------------------------------------------
 # 07.q3: workers and threads from cores and the I/O fraction
@@ -62,7 +71,6 @@ def _same_pair(got, expected):
 
 
 def _next_healthy(healthy, previous):
-    from perfcourse.infra import next_healthy  # noqa: PLC0415 - the lesson's own balancer rule
 
     return next_healthy(healthy, previous)
 
@@ -124,10 +132,7 @@ class _PostForkCheck(Checker):
     requests = 12
 
     def grade(self, answer):
-        import inspect
-        import textwrap
 
-        from perfcourse import infra
 
         if not callable(answer):
             raise Incorrect(f'Pass your hook itself: check("07.q6", post_fork) (got a {type_name(answer)}).')
@@ -160,7 +165,6 @@ class _PostForkCheck(Checker):
 
 
 def _hook_source() -> str:
-    from perfcourse import infra
 
     return infra.POST_FORK_DISPOSE.strip() + "\n"
 
@@ -278,8 +282,9 @@ QUESTIONS = [
         "engine's pool there drops the connections copied from the master; close=False leaves "
         "the master's own connections intact (closing them from a child would end the master's "
         "session on a shared socket). The worker's first query opens its own connection.",
-        hints=("Import the module that holds the engine (from perfcourse import infra); if "
-               "infra.ENGINE is not None, call infra.ENGINE.dispose(close=False).",),
+        hints=("Import the module that holds the engine (from perfcourse.chapters import "
+               "infrastructure_scaling as infra); if infra.ENGINE is not None, call "
+               "infra.ENGINE.dispose(close=False).",),
         time_limit=60.0,
     ),
 ]

@@ -4,11 +4,8 @@
   (I/O-bound), ``/cpu`` runs a fixed pure-Python loop (CPU-bound), ``/orders`` queries the SQLite
   dataset, ``/db`` reports which process opened the database connection it used, ``/health``
   answers ``ok``. Every response carries ``X-Worker-Pid``: the process that served it.
-* :func:`serve` - start gunicorn as a subprocess on ``127.0.0.1`` and a free port, from a config
-  file written to a temporary folder; wait until it answers; always stop it (the whole process
-  group) when the ``with`` block ends.
-* :func:`run_load` - a bounded load generator: a thread pool of ``http.client`` connections,
-  a fixed number of requests, a time limit, loopback only; per-request latency and worker pid.
+* :func:`serve` - gunicorn serving that app, through the course's app server
+  (:func:`perfcourse.web.serve`); load comes from :func:`perfcourse.load.http_load`.
 * :class:`RoundRobinBalancer` - a tiny threaded HTTP reverse proxy in front of several backends,
   round robin over the healthy ones, with health checks and retry on a dead backend.
 * :func:`throughput_by_server` - the measurement helper of the notebook: one server per case,
@@ -20,26 +17,44 @@ done inside the functions that need them.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs
 
-LOOPBACK = "127.0.0.1"
+import sqlalchemy as sa
+
+from .. import db, web
+from ..load import http_load
+from ..net import LOOPBACK
+from ..web import get
+
+__all__ = [
+    "APP",
+    "CPU_WORK",
+    "ENGINE",
+    "POST_FORK_DISPOSE",
+    "application",
+    "Backend",
+    "connection_origins",
+    "cpu_work",
+    "create_app",
+    "database_path",
+    "failover",
+    "horizontal_vs_vertical",
+    "make_engine",
+    "next_healthy",
+    "RoundRobinBalancer",
+    "serve",
+    "throughput_by_server",
+]
+
 #: Iterations of the pure-Python loop one ``/cpu`` request runs by default (about 10 ms).
 CPU_WORK = 150_000
 
@@ -54,8 +69,6 @@ def database_path() -> Path:
     """The SQLite file the app queries: ``PERFCOURSE_INFRA_DB`` or the course's ``small`` dataset."""
     if os.environ.get("PERFCOURSE_INFRA_DB"):
         return Path(os.environ["PERFCOURSE_INFRA_DB"])
-    from . import db
-
     return db.sqlite_path(db.namespace_for("small"))
 
 
@@ -65,8 +78,6 @@ def make_engine(path: Path | str | None = None):
     ``connection.info["opened_by_pid"]`` is set when the DBAPI connection is created: a request
     served by process B over a connection opened by process A is using an inherited connection.
     """
-    import sqlalchemy as sa
-
     eng = sa.create_engine(f"sqlite:///{path or database_path()}",
                            connect_args={"check_same_thread": False}, pool_size=5)
 
@@ -121,7 +132,7 @@ def application(environ, start_response):
 
 
 def create_app(connect_at_boot: bool = False):
-    """The application factory gunicorn calls (``perfcourse.infra:create_app()``).
+    """The application factory gunicorn calls (:data:`APP`).
 
     With ``connect_at_boot`` the engine is created and one query runs now, as many apps do at
     start-up (a schema check, a warm-up): its pool then holds an open connection. Under
@@ -135,281 +146,36 @@ def create_app(connect_at_boot: bool = False):
     return application
 
 
+#: What gunicorn loads: the application factory of this module.
+APP = "perfcourse.chapters.infrastructure_scaling:create_app()"
+
+
+def serve(app: str = APP, **settings):
+    """gunicorn serving this chapter's app for a ``with`` block: ``workers``, ``threads``,
+    ``worker_class``, ``preload``, ``hooks``... as :func:`perfcourse.web.serve` takes them. Every
+    worker has served a 30 ms ``/io`` request before the block starts."""
+    return web.serve(app, warm_path="/io?ms=30", **settings)
+
+
 #: The post_fork hook of the course: forget (do not close) the connections inherited from the master.
 POST_FORK_DISPOSE = '''
 def post_fork(server, worker):
-    from perfcourse import infra
-    if infra.ENGINE is not None:
-        infra.ENGINE.dispose(close=False)  # drop the master's connections, keep them open for it
+    from perfcourse.chapters import infrastructure_scaling as app
+    if app.ENGINE is not None:
+        app.ENGINE.dispose(close=False)  # drop the master's connections, keep them open for it
 '''
-
-# --------------------------------------------------------------------------------------------
-# gunicorn as a subprocess
-
-
-def free_port() -> int:
-    """A TCP port on loopback that is free now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-def gunicorn_config(*, workers: int = 1, threads: int = 1, worker_class: str = "sync",
-                    preload: bool = False, hooks: str = "") -> str:
-    """The text of a gunicorn config file (a Python file) for these settings."""
-    text = textwrap.dedent(f"""\
-        workers = {workers}
-        threads = {threads}
-        worker_class = {worker_class!r}
-        preload_app = {preload}
-        loglevel = "warning"
-        timeout = 30
-        graceful_timeout = 2
-        """)
-    return text + (textwrap.dedent(hooks).strip() + "\n" if hooks.strip() else "")
-
-
-@dataclass
-class Server:
-    """A running gunicorn: its port, master process and config text."""
-
-    port: int
-    process: subprocess.Popen
-    config: str
-    log_path: Path
-    workers: int = 1
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text()
-        except OSError:
-            return ""
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the master and its workers (the whole process group); idempotent."""
-        _stop_group(self.process, timeout_s)
-
-
-#: gunicorn masters started by :func:`serve` in this process and not stopped yet.
-_RUNNING: set[subprocess.Popen] = set()
-
-
-def running_servers() -> int:
-    """How many gunicorn servers started here are still running (0 after every ``with`` block)."""
-    return sum(1 for p in list(_RUNNING) if p.poll() is None)
-
-
-def _stop_group(process: subprocess.Popen, timeout_s: float = 5.0) -> None:
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
-    # Workers orphaned by a crashed master are in the same group: make sure they are gone too.
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def get(port: int, path: str = "/health", timeout_s: float = 5.0) -> tuple[int, dict, bytes]:
-    """One GET on loopback: (status, headers, body)."""
-    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout_s)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
-
-
-def _wait_ready(server: Server, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not server.running():
-            raise RuntimeError(f"gunicorn exited with code {server.process.returncode}:\n{server.log()[-2000:]}")
-        try:
-            if get(server.port, "/health", timeout_s=1.0)[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        raise TimeoutError(f"gunicorn did not answer within {timeout_s:g} s:\n{server.log()[-2000:]}")
-    # Wait (bounded) until every worker has booted, so a measurement does not include boot time.
-    pids: set[str] = set()
-    while len(pids) < server.workers and time.monotonic() < deadline:
-        result = run_load(server.port, "/io?ms=30", requests=2 * server.workers,
-                          concurrency=server.workers, timeout_s=5.0, max_duration_s=5.0)
-        pids |= {s.pid for s in result.samples if s.pid}
-
-
-@contextmanager
-def serve(*, workers: int = 1, threads: int = 1, worker_class: str = "sync", preload: bool = False,
-          hooks: str = "", app: str = "perfcourse.infra:create_app()", env: dict | None = None,
-          startup_timeout_s: float = 30.0) -> Iterator[Server]:
-    """Run gunicorn on ``127.0.0.1`` and a free port for the ``with`` block; always stop it.
-
-    The config file is written to a temporary folder (``server.config`` holds its text). The
-    block starts once ``/health`` answers and every worker has served a request; on exit (or on
-    any error) the process group gets SIGTERM, then SIGKILL, and the folder is removed.
-    """
-    with tempfile.TemporaryDirectory(prefix="perfcourse-gunicorn-") as tmp:
-        config = gunicorn_config(workers=workers, threads=threads, worker_class=worker_class,
-                                 preload=preload, hooks=hooks)
-        config_path = Path(tmp) / "gunicorn.conf.py"
-        config_path.write_text(config)
-        log_path = Path(tmp) / "gunicorn.log"
-        last_error: Exception | None = None
-        for _attempt in range(3):  # a free port can be taken between the check and the bind
-            port = free_port()
-            with open(log_path, "w") as log:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "gunicorn", "-c", str(config_path),
-                     "--bind", f"{LOOPBACK}:{port}", app],
-                    cwd=tmp, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env={**os.environ, **(env or {})}, start_new_session=True)
-            server = Server(port, process, config, log_path, workers)
-            _RUNNING.add(process)
-            try:
-                _wait_ready(server, startup_timeout_s)
-            except RuntimeError as exc:  # exited: maybe the port was taken; try another
-                last_error = exc
-                _stop_group(process)
-                _RUNNING.discard(process)
-                continue
-            except BaseException:
-                _stop_group(process)
-                _RUNNING.discard(process)
-                raise
-            try:
-                yield server
-            finally:
-                _stop_group(process)
-                _RUNNING.discard(process)
-            return
-        raise RuntimeError(f"gunicorn did not start: {last_error}")
-
-
-# --------------------------------------------------------------------------------------------
-# The load generator
-
-
-@dataclass
-class Sample:
-    """One request: latency, HTTP status (0: no answer), worker pid and balancer backend."""
-
-    latency_s: float
-    status: int
-    pid: str = ""
-    backend: str = ""
-
-
-@dataclass
-class LoadResult:
-    samples: list[Sample]
-    elapsed_s: float
-    requested: int
-
-    @property
-    def ok(self) -> int:
-        return sum(1 for s in self.samples if s.status == 200)
-
-    @property
-    def throughput_per_s(self) -> float:
-        return self.ok / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    def latency(self, q: float) -> float:
-        values = sorted(s.latency_s for s in self.samples if s.status == 200)
-        if not values:
-            return float("nan")
-        return values[min(len(values) - 1, int(q * len(values)))]
-
-    def by_pid(self) -> Counter:
-        return Counter(s.pid for s in self.samples if s.status == 200)
-
-    def by_backend(self) -> Counter:
-        return Counter(s.backend for s in self.samples if s.status == 200)
-
-    def summary(self) -> dict:
-        return {"requests": self.requested, "served": self.ok, "elapsed_s": self.elapsed_s,
-                "throughput_per_s": self.throughput_per_s, "p50_s": self.latency(0.50),
-                "p95_s": self.latency(0.95)}
-
-
-def run_load(port: int, path: str, *, requests: int, concurrency: int, timeout_s: float = 10.0,
-             max_duration_s: float = 30.0, host: str = LOOPBACK) -> LoadResult:
-    """Send ``requests`` GETs for ``path`` from ``concurrency`` threads; return every sample.
-
-    Each thread keeps one ``http.client`` connection (reopened when the server closes it, as
-    gunicorn's sync workers do after every response). Bounded: at most ``requests`` requests, no
-    new request after ``max_duration_s``, each waits at most ``timeout_s``. Loopback only.
-    """
-    if host not in (LOOPBACK, "localhost", "::1"):
-        raise ValueError("run_load sends load to loopback only (127.0.0.1)")
-    if requests < 0 or concurrency < 1:
-        raise ValueError("requests >= 0 and concurrency >= 1")
-    lock = threading.Lock()
-    tickets = iter(range(requests))
-    samples: list[Sample] = []
-    started = time.perf_counter()
-    deadline = started + max_duration_s
-
-    def worker():
-        conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
-        try:
-            while True:
-                with lock:
-                    if next(tickets, None) is None or time.perf_counter() > deadline:
-                        return
-                t0 = time.perf_counter()
-                try:
-                    conn.request("GET", path)
-                    resp = conn.getresponse()
-                    resp.read()
-                    sample = Sample(time.perf_counter() - t0, resp.status,
-                                    resp.getheader("X-Worker-Pid", ""), resp.getheader("X-Backend", ""))
-                except (OSError, http.client.HTTPException):
-                    sample = Sample(time.perf_counter() - t0, 0)
-                    conn.close()
-                with lock:
-                    samples.append(sample)
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(concurrency, max(requests, 1)))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(max_duration_s + timeout_s + 5)
-    return LoadResult(samples, time.perf_counter() - started, requests)
-
 
 def throughput_by_server(cases: Sequence[dict], path: str, *, requests: int, concurrency: int):
     """The measurement helper: for each case (settings of :func:`serve` plus a ``case`` label),
     start gunicorn, send the load, stop it. One row per case: settings, requests served,
     throughput (``throughput_per_s``), median and 95th percentile latency."""
-    import pandas as pd
+    import pandas as pd  # noqa: PLC0415 - gunicorn workers import this module: keep it light
 
     rows = []
     for case in cases:
         settings = {k: v for k, v in case.items() if k != "case"}
         with serve(**settings) as server:
-            result = run_load(server.port, path, requests=requests, concurrency=concurrency)
+            result = http_load(server.port, path, requests=requests, concurrency=concurrency)
         rows.append({"case": case.get("case", ""), "worker_class": settings.get("worker_class", "sync"),
                      "workers": settings.get("workers", 1), "threads": settings.get("threads", 1),
                      **result.summary()})
@@ -424,7 +190,7 @@ def connection_origins(*, preload: bool, hooks: str = "", workers: int = 2, requ
     opened by another process (inherited through fork) and over one the worker opened itself.
     """
     with serve(workers=workers, preload=preload, hooks=hooks, startup_timeout_s=startup_timeout_s,
-               app="perfcourse.infra:create_app(connect_at_boot=True)") as server:
+               app=APP.replace("create_app()", "create_app(connect_at_boot=True)")) as server:
         inherited = own = 0
         for i in range(requests):
             status, headers, _ = get(server.port, f"/db?user={i + 1}")
@@ -528,7 +294,7 @@ class RoundRobinBalancer:
         balancer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - the http.server API
+            def do_GET(self):
                 status, headers, body = balancer.forward(self.path)
                 self.send_response(status)
                 for key, value in headers:
@@ -567,15 +333,15 @@ class RoundRobinBalancer:
 def horizontal_vs_vertical(path: str, *, requests: int, concurrency: int):
     """The same load on one server with 2 workers (vertical) and on two 1-worker servers behind
     the round-robin balancer (horizontal). One row per case, with requests per backend."""
-    import pandas as pd
+    import pandas as pd  # noqa: PLC0415 - gunicorn workers import this module: keep it light
 
     rows = []
     with serve(workers=2) as server:
-        result = run_load(server.port, path, requests=requests, concurrency=concurrency)
+        result = http_load(server.port, path, requests=requests, concurrency=concurrency)
     rows.append({"case": "vertical: 1 server, 2 workers", "servers": 1, "processes": 2,
                  **result.summary(), "per_backend": "-"})
     with serve() as a, serve() as b, RoundRobinBalancer({"a": a.port, "b": b.port}) as lb:
-        result = run_load(lb.port, path, requests=requests, concurrency=concurrency)
+        result = http_load(lb.port, path, requests=requests, concurrency=concurrency)
         per_backend = " / ".join(f"{name}: {lb.served[name]}" for name in ("a", "b"))
     rows.append({"case": "horizontal: 2 servers, balanced", "servers": 2, "processes": 2,
                  **result.summary(), "per_backend": per_backend})
@@ -587,13 +353,13 @@ def failover(path: str = "/health", *, requests: int = 20, concurrency: int = 4)
     both up (concurrent), b stopped without a health check yet (sequential), after a health
     check (concurrent). Requests per backend and rerouted requests are counted per phase and
     are deterministic."""
-    import pandas as pd
+    import pandas as pd  # noqa: PLC0415 - gunicorn workers import this module: keep it light
 
     rows = []
     with serve() as a, serve() as b, RoundRobinBalancer({"a": a.port, "b": b.port}) as lb:
         def phase(name, conc):
             before, rerouted = Counter(lb.served), lb.rerouted
-            result = run_load(lb.port, path, requests=requests, concurrency=conc)
+            result = http_load(lb.port, path, requests=requests, concurrency=conc)
             served = lb.served - before
             rows.append({"phase": name, "requests": requests, "served": result.ok,
                          "to_a": served["a"], "to_b": served["b"], "rerouted": lb.rerouted - rerouted,
@@ -609,14 +375,3 @@ def failover(path: str = "/health", *, requests: int = 20, concurrency: int = 4)
 
 # --------------------------------------------------------------------------------------------
 # Sizing
-
-
-def workers_and_threads(cores: int, io_fraction: float, max_threads: int = 32) -> tuple[int, int]:
-    """The chapter's sizing rules: one worker process per core; threads per worker
-    ``round(1 / (1 - io_fraction))`` (a request waiting a fraction f of its time leaves the
-    CPU to 1/(1-f) requests), at least 1, at most ``max_threads``."""
-    workers = max(1, int(cores))
-    if io_fraction >= 1:
-        return workers, max_threads
-    threads = round(1 / (1 - max(0.0, io_fraction)))
-    return workers, min(max_threads, max(1, threads))

@@ -36,27 +36,83 @@ from __future__ import annotations
 import csv
 import gc
 import io
+import multiprocessing
 import random
+import threading
 import time
 import tracemalloc
 import weakref
 import zlib
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pandas as pd
+import psutil
 import sqlalchemy as sa
+from memory_profiler import LineProfiler, show_results
 from sqlalchemy import case, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from .measure import count_queries, time_call, track_memory
-from .models import ORDER_STATUSES, Order, OrderItem, Product
+from .. import db
+from ..memory import track_memory
+from ..models import ORDER_STATUSES, Order, OrderItem, Product
+from ..statements import count_queries
+from ..timing import time_call
+
+__all__ = [
+    "CATEGORY_SALES_SQL",
+    "IMPORT_TABLE",
+    "LOAD_STRATEGIES",
+    "ORDER_CSV_COLUMNS",
+    "ORDERS",
+    "cached_category_revenue",
+    "call_sequence",
+    "category_revenue",
+    "category_sales_duckdb",
+    "category_sales_sqlite",
+    "compare_csv_export",
+    "compare_csv_import",
+    "compare_loading",
+    "compare_streaming_rss",
+    "comparisons",
+    "CountingSink",
+    "each_order",
+    "export_orders_csv_loading_all",
+    "export_orders_csv_streaming",
+    "fast_product_report",
+    "gc_myth",
+    "heavy_users_grid",
+    "import_orders_csv_all",
+    "import_orders_csv_chunked",
+    "line_memory_profile",
+    "load_orders",
+    "lru_misses",
+    "memo_table",
+    "more_than_counter",
+    "more_than_nested",
+    "more_than_sql",
+    "more_than_statement",
+    "Node",
+    "order_user_ids",
+    "orders_in_batches",
+    "reference_cycle_demo",
+    "report_loading_everything",
+    "report_streaming",
+    "reset_import_table",
+    "same_sales",
+    "slow_product_report",
+    "status_counts_case",
+    "status_counts_filter",
+    "status_counts_many",
+]
 
 # ---------------------------------------------------------------------------------------------
 # Loading strategies
@@ -149,7 +205,7 @@ def compare_loading(engine: Engine, strategies: Iterable[str] = tuple(LOAD_STRAT
                     batch: int = 1000) -> pd.DataFrame:
     """One row per strategy: ``strategy, rails, rows, checksum, queries, peak_bytes``.
 
-    Each strategy runs once under :func:`~perfcourse.measure.track_memory` (the peak of Python
+    Each strategy runs once under :func:`~perfcourse.memory.track_memory` (the peak of Python
     allocations) while queries are counted; ``gc.collect()`` runs before each, so garbage of the
     previous case is not counted. No time column: tracing slows code several times, so time
     measured here would mislead; time strategies separately, untraced.
@@ -176,9 +232,7 @@ def _sum_quantities(engine: Engine, stream: bool) -> int:
 
 def _peak_rss_increase(fn: Callable[..., Any], *args: Any, interval: float = 0.002) -> tuple[Any, int]:
     """``(fn(*args), peak RSS during the call minus RSS before)``, sampled by a thread."""
-    import threading  # noqa: PLC0415
 
-    import psutil  # noqa: PLC0415
 
     process = psutil.Process()
     before = peak = process.memory_info().rss
@@ -201,7 +255,6 @@ def _peak_rss_increase(fn: Callable[..., Any], *args: Any, interval: float = 0.0
 
 
 def _sum_quantities_in_child(url: str, namespace: str, stream: bool) -> tuple[int, int]:
-    from . import db  # noqa: PLC0415
 
     child_engine = db.engine("postgres" if url.startswith("postgresql") else "sqlite",
                              namespace=namespace, url=url if url.startswith("postgresql") else None)
@@ -222,10 +275,7 @@ def compare_streaming_rss(engine: Engine) -> pd.DataFrame:
     first row is read: tracemalloc cannot see it, the RSS does. ``stream_results=True`` opens a
     server-side cursor that fetches ``max_row_buffer`` rows at a time.
     """
-    import multiprocessing  # noqa: PLC0415
-    from concurrent.futures import ProcessPoolExecutor  # noqa: PLC0415
 
-    from . import db  # noqa: PLC0415
 
     url = engine.url.render_as_string(hide_password=False)
     namespace = db.namespace_of(engine)
@@ -274,7 +324,6 @@ def line_memory_profile(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> st
     What ``%mprun -f fn fn(...)`` shows in a pager: the process memory after each line and the
     increment it caused, in MiB. ``fn`` must live in a file (a module), not in a notebook cell.
     """
-    from memory_profiler import LineProfiler, show_results  # noqa: PLC0415
 
     profiler = LineProfiler()
     profiler(fn)(*args, **kwargs)
@@ -638,9 +687,9 @@ def heavy_users_grid(engine: Engine, ns: Sequence[int], k: int, repeat: int = 3)
     for n in ns:
         ids = order_user_ids(engine, n)
         distinct = len(set(ids))
-        cases = (("nested loops", lambda: more_than_nested(ids, k)),
-                 ("Counter", lambda: more_than_counter(ids, k)),
-                 ("GROUP BY ... HAVING", lambda: more_than_sql(engine, k, n)))
+        cases = (("nested loops", lambda ids=ids: more_than_nested(ids, k)),
+                 ("Counter", lambda ids=ids: more_than_counter(ids, k)),
+                 ("GROUP BY ... HAVING", lambda n=n: more_than_sql(engine, k, n)))
         for method, run in cases:
             with count_queries(engine) as queries:
                 users = run()
@@ -704,7 +753,6 @@ def category_sales_duckdb(paths: dict[str, Path], connection=None) -> list[tuple
     """The same query run by DuckDB straight over the Parquet files of
     :func:`perfcourse.export.export_parquet` (a columnar engine: it reads only the 4 columns
     it needs). DuckDB 2.0 results have no ``fetchone()``: ``fetchall()`` or ``.df()``."""
-    import duckdb  # noqa: PLC0415
 
     sql = CATEGORY_SALES_SQL.format(order_items=f"read_parquet('{paths['order_items']}')",
                                     products=f"read_parquet('{paths['products']}')")
@@ -785,7 +833,6 @@ def memo_table(engine: Engine, sequence: Sequence[int], maxsizes: Iterable[int |
 
 def lru_misses(sequence: Iterable[Any], maxsize: int | None) -> int:
     """How many misses an LRU cache of ``maxsize`` entries has on ``sequence`` (a simulation)."""
-    from collections import OrderedDict  # noqa: PLC0415
 
     cache: OrderedDict = OrderedDict()
     misses = 0

@@ -1,6 +1,6 @@
 """Chapter 06 helpers: RQ queues and real worker processes on the embedded and configured Redis.
 
-Every test runs in its own :class:`perfcourse.jobs.JobRun` (fresh queue names and keys), cleaned
+Every test runs in its own :class:`perfcourse.chapters.background_jobs.JobRun` (fresh queue names and keys), cleaned
 up afterwards; counts and orders only, never wall time.
 """
 
@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 from rq import Callback, Retry
 
-from perfcourse import jobs
+from perfcourse.chapters import background_jobs as jobs
 
 
 @pytest.fixture

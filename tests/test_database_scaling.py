@@ -12,10 +12,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import select
 
-from perfcourse import db, scaling
-from perfcourse.measure import count_queries
+from perfcourse import db, replicas
+from perfcourse.chapters import database_scaling as scaling
 from perfcourse.models import Base, Order, User
 from perfcourse.seed import seed_dataset
+from perfcourse.statements import count_queries
 
 # ------------------------------------------------------------------------------------------
 # Replication
@@ -23,11 +24,11 @@ from perfcourse.seed import seed_dataset
 
 @pytest.fixture(scope="module")
 def pair():
-    was_running = scaling.replica_pair_running()
-    pair = scaling.start_replica_pair()
+    was_running = replicas.replica_pair_running()
+    pair = replicas.start_replica_pair()
     yield pair
     if not was_running:
-        scaling.stop_replica_pair()
+        replicas.stop_replica_pair()
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +41,9 @@ def pair_engines(pair):
 
 
 def test_start_is_idempotent_and_replica_is_read_only(pair, pair_engines):
-    again = scaling.start_replica_pair()
+    again = replicas.start_replica_pair()
     assert again.primary_url == pair.primary_url and again.replica_url == pair.replica_url
-    assert scaling.replica_pair_running()
+    assert replicas.replica_pair_running()
     primary, replica = pair_engines
     with replica.connect() as conn:
         assert conn.exec_driver_sql("SELECT pg_is_in_recovery()").scalar() is True
@@ -71,12 +72,12 @@ def test_read_after_write(pair_engines, strategy, read_from, fresh, on_primary, 
 def test_lag_follows_the_apply_delay(pair, pair_engines):
     primary, replica = pair_engines
     assert min(scaling.visibility_lag(primary, replica, repeat=2)) >= 0.25
-    scaling.set_apply_delay(pair, 0)
+    replicas.set_apply_delay(pair, 0)
     try:
         with replica.connect() as conn:
             assert conn.exec_driver_sql("SHOW recovery_min_apply_delay").scalar() == "0"
     finally:
-        scaling.set_apply_delay(pair, scaling.DEFAULT_APPLY_DELAY_MS)
+        replicas.set_apply_delay(pair, replicas.DEFAULT_APPLY_DELAY_MS)
 
 
 def test_routing_session_on_two_sqlite_databases(tmp_path):
@@ -259,9 +260,9 @@ def profiles(pair):
 
 
 def test_running_pair_and_replayed_lsn(pair, profiles):
-    running = scaling.running_replica_pair()
+    running = replicas.running_replica_pair()
     assert running is not None and running.replica_url == pair.replica_url
-    assert running.apply_delay_ms == scaling.DEFAULT_APPLY_DELAY_MS
+    assert running.apply_delay_ms == replicas.DEFAULT_APPLY_DELAY_MS
     primary, replica = profiles
     with primary.begin() as conn:
         conn.execute(sa.update(User).where(User.id == 1).values(first_name="Lsn"))
@@ -295,7 +296,7 @@ def test_read_your_writes_question(pair):
     with pytest.raises(AssertionError, match="old email"):
         check("03.q8", lambda p, r, cookie: scaling.RoutingSession(p, r))
     # the grader leaves a running pair as it found it
-    assert scaling.running_replica_pair().apply_delay_ms == scaling.DEFAULT_APPLY_DELAY_MS
+    assert replicas.running_replica_pair().apply_delay_ms == replicas.DEFAULT_APPLY_DELAY_MS
 
 
 def test_range_router_and_the_naive_average(shards):

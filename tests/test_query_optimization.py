@@ -15,14 +15,17 @@ from sqlalchemy import select
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
 
-from perfcourse import db, queries
-from perfcourse.measure import count_queries, explain
+from perfcourse import db
+from perfcourse.chapters import query_optimization as queries
+from perfcourse.explain import explain
+from perfcourse.scratch import scratch_copy
+from perfcourse.statements import count_queries
 
 
 @pytest.fixture
 def scratch(tiny):
     namespace = "t_ch02_scratch"
-    eng = queries.scratch_copy(tiny, namespace)
+    eng = scratch_copy(tiny, namespace)
     yield eng
     eng.dispose()
     db.drop_namespace("sqlite", namespace)
@@ -30,9 +33,9 @@ def scratch(tiny):
 
 @pytest.fixture
 def seeded_scratch(seeded, namespace):
-    """A scratch copy (:func:`queries.scratch_copy`) of ``seeded``, on the same backend."""
+    """A scratch copy (:func:`scratch.scratch_copy`) of ``seeded``, on the same backend."""
     scratch_namespace = f"{namespace}_scratch"
-    eng = queries.scratch_copy(seeded, scratch_namespace, scale="tiny")
+    eng = scratch_copy(seeded, scratch_namespace, scale="tiny")
     yield eng
     eng.dispose()
     db.drop_namespace(db.backend_of(eng), scratch_namespace)
@@ -136,7 +139,7 @@ def test_scratch_copy_is_a_full_copy_and_leaves_the_source_untouched(seeded, see
         conn.exec_driver_sql("DELETE FROM orders WHERE user_id = 1")
     assert _schema(seeded) == before
     if db.backend_of(seeded) == "postgres":  # the same schema again: reset, not rebuilt
-        again = queries.scratch_copy(seeded, db.namespace_of(seeded_scratch), scale="tiny")
+        again = scratch_copy(seeded, db.namespace_of(seeded_scratch), scale="tiny")
         again.dispose()
         assert queries.list_indexes(seeded_scratch, "orders") == ["ix_orders_user_id"]
         assert "orders_count" not in _schema(seeded_scratch)["tables"]["users"][0]

@@ -17,7 +17,7 @@ What is here, in the order of the chapter:
   counters (:func:`counter_race`), stampede protection (:func:`stampede`, :func:`xfetch_recomputes`),
   client timeouts (:func:`resilient_client`, :func:`degraded_pages`).
 * HTTP caching: :func:`create_app` (ETag, Last-Modified, 304, fingerprinted assets),
-  :class:`BackgroundServer` and :func:`conditional_requests`.
+  :func:`conditional_requests` (served by :class:`perfcourse.web.BackgroundServer`).
 
 Every key written here lives under a namespace the caller gives (the notebook uses ``ch05``, tests
 a unique prefix); nothing is ever flushed globally. Counts are deterministic for a given workload:
@@ -28,26 +28,87 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import json
 import re
 import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import jinja2
+import markupsafe
 import numpy as np
 import pandas as pd
 import redis
 import sqlalchemy as sa
+from flask import Flask, abort, jsonify, request
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from .models import Product
+from .. import services, web
+from ..models import Product
+from ..proxy import postgres_via_proxy, redis_via_proxy
+from ..statements import count_queries
+from ..units import format_duration
+
+__all__ = [
+    "DEFAULT_ASSETS",
+    "IMMUTABLE",
+    "ITEM_TEMPLATE",
+    "MAX_PART",
+    "NAMESPACE",
+    "ORDER_TEMPLATE",
+    "PAGE_TEMPLATE",
+    "PRODUCT_PAGE_QUERIES",
+    "REVALIDATE",
+    "add_versions",
+    "asset_headers",
+    "Cache",
+    "cache_key",
+    "cached",
+    "CacheStats",
+    "change_item",
+    "compare_pattern_deletes",
+    "conditional_requests",
+    "counter_race",
+    "CountingRedis",
+    "create_app",
+    "degraded_pages",
+    "delete_namespace",
+    "delete_pattern",
+    "delete_pattern_with_keys",
+    "digest",
+    "fill_keys",
+    "fingerprint",
+    "FragmentCache",
+    "hit_rates_by_size",
+    "hit_rates_by_ttl",
+    "invalidate_on_change",
+    "latency_gained",
+    "lru_hits",
+    "product_key",
+    "product_page",
+    "read_product",
+    "record_key",
+    "render_user_orders",
+    "resilient_client",
+    "resilient_kwargs",
+    "retry_policy",
+    "russian_doll_steps",
+    "search_key",
+    "serve_workload",
+    "stale_reads",
+    "stampede",
+    "ttl_hits",
+    "xfetch_recomputes",
+    "zipf_workload",
+]
 
 NAMESPACE = "ch05"
 
@@ -376,7 +437,7 @@ def counter_race(client: redis.Redis, key: str, *, workers: int = 4, rounds: int
                     barrier.wait(timeout=10)  # everyone has read before anyone writes
                     client.set(key, value + 1)
                 barrier.wait(timeout=10)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+        except BaseException as exc:
             errors.append(exc)
             barrier.abort()
 
@@ -491,7 +552,6 @@ def serve_workload(engine: Engine, workload: Sequence[int], cache: Cache | None 
                    *, ttl_s: float = 300.0) -> dict[str, Any]:
     """Serve a product page per id of ``workload``, through ``cache`` or straight from the
     database. Returns requests, database queries, hits, misses and the total time."""
-    from .measure import count_queries  # noqa: PLC0415
 
     with count_queries(engine) as queries:
         started = time.perf_counter()
@@ -513,7 +573,6 @@ def latency_gained(pg: Engine, workload: Sequence[int], *, namespace: str,
 
     Rows: no cache; cache-aside starting cold; the same again, warm. Every key is deleted after.
     """
-    from .latency import postgres_via_proxy, redis_via_proxy  # noqa: PLC0415
 
     engine, pg_proxy = postgres_via_proxy(delay_s, source=pg)
     client, redis_proxy = redis_via_proxy(delay_s)
@@ -649,7 +708,6 @@ PAGE_TEMPLATE = (
 
 
 def _environment():
-    import jinja2  # noqa: PLC0415 - Flask's template engine
 
     return jinja2.Environment(autoescape=True)
 
@@ -695,7 +753,6 @@ class FragmentCache:
         return html
 
     def render(self, kind: str, **context) -> str:
-        import markupsafe  # noqa: PLC0415
 
         context = {k: ([markupsafe.Markup(h) for h in v] if k in ("items", "orders") else v)
                    for k, v in context.items()}
@@ -767,7 +824,6 @@ def russian_doll_steps(engine: Engine, fragments: FragmentCache, user_id: int) -
     Steps: cold cache; warm; one item changed with touch; another changed without touch.
     ``stale`` says whether the page shows a quantity other than the database's.
     """
-    from .measure import count_queries  # noqa: PLC0415
 
     with engine.connect() as conn:
         items = conn.execute(sa.text(
@@ -862,7 +918,7 @@ def stampede(client: redis.Redis, key: str, *, threads: int = 8, protection: str
                         value = client.get(key)
             with lock:
                 served.append(value)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     workers = [threading.Thread(target=request, daemon=True) for _ in range(threads)]
@@ -910,8 +966,6 @@ def xfetch_recomputes(*, requests_per_s: float = 50, ttl_s: float = 60, delta_s:
 
 def retry_policy(retries: int = 1, *, base_s: float = 0.01, cap_s: float = 0.05):
     """redis-py's retry object: ``retries`` more attempts with exponential backoff."""
-    from redis.backoff import ExponentialBackoff  # noqa: PLC0415
-    from redis.retry import Retry  # noqa: PLC0415
 
     return Retry(ExponentialBackoff(cap=cap_s, base=base_s), retries)
 
@@ -928,7 +982,6 @@ def resilient_kwargs(*, socket_timeout_s: float = 0.05, retries: int = 1) -> dic
 
 def resilient_client(url: str | None = None, **settings) -> redis.Redis:
     """A client of the course's Redis with :func:`resilient_kwargs` (no ping: it may be down)."""
-    from . import services  # noqa: PLC0415
 
     return redis.Redis.from_url(url or services.redis_url(), **resilient_kwargs(**settings))
 
@@ -939,8 +992,6 @@ def degraded_pages(engine: Engine, product_ids: Sequence[int], *, namespace: str
     """Serve the same product pages with a healthy cache, a cache slower than the client's
     timeout, and a cache that is gone (its proxy stopped). One row per scenario: pages served,
     cache hits, misses, errors survived, database queries and total time."""
-    from .latency import redis_via_proxy  # noqa: PLC0415
-    from .measure import count_queries  # noqa: PLC0415
 
     client, proxy = redis_via_proxy(0.0, **resilient_kwargs(socket_timeout_s=socket_timeout_s,
                                                              retries=retries))
@@ -949,7 +1000,7 @@ def degraded_pages(engine: Engine, product_ids: Sequence[int], *, namespace: str
     try:
         for pid in product_ids:  # warm the cache: every scenario below could hit
             cache.fetch(cache.key("product", pid), lambda pid=pid: product_page(engine, pid))
-        for scenario in ("healthy", f"slower than the {format_seconds(socket_timeout_s)} "
+        for scenario in ("healthy", f"slower than the {format_duration(socket_timeout_s)} "
                          "timeout", "down (proxy stopped)"):
             if scenario.startswith("slower"):
                 proxy.delay_s = slow_delay_s
@@ -970,22 +1021,10 @@ def degraded_pages(engine: Engine, product_ids: Sequence[int], *, namespace: str
                          "total_s": total})
     finally:
         proxy.stop()
-        cleanup = redis.Redis.from_url(_redis_url())
+        cleanup = redis.Redis.from_url(services.redis_url())
         delete_pattern(cleanup, f"{namespace}:product:*")
         cleanup.close()
     return pd.DataFrame(rows)
-
-
-def format_seconds(seconds: float) -> str:
-    from .measure import format_duration  # noqa: PLC0415
-
-    return format_duration(seconds)
-
-
-def _redis_url() -> str:
-    from . import services  # noqa: PLC0415
-
-    return services.redis_url()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1023,7 +1062,6 @@ def create_app(engine: Engine, assets: dict[str, bytes] | None = None):
 
     ``app.config["COUNTS"]`` counts full responses and 304s per route.
     """
-    from flask import Flask, abort, jsonify, request  # noqa: PLC0415
 
     assets = dict(DEFAULT_ASSETS if assets is None else assets)
     by_fingerprint = {fingerprint(n, c): n for n, c in assets.items()}
@@ -1083,63 +1121,6 @@ def _mimetype(name: str) -> str:
                                                             "application/octet-stream")
 
 
-class BackgroundServer:
-    """A WSGI app served by werkzeug's threaded HTTP server in a background thread.
-
-    It listens on 127.0.0.1 on a port the OS picks (``.port``, ``.url``). A real HTTP server
-    (sockets, headers, keep-alive off), lighter to start inside a notebook than a gunicorn
-    process; :meth:`stop` shuts it down and joins the thread. Use as a context manager.
-    """
-
-    def __init__(self, app) -> None:
-        from werkzeug.serving import WSGIRequestHandler, make_server  # noqa: PLC0415
-
-        class QuietHandler(WSGIRequestHandler):
-            def log(self, *args, **kwargs) -> None:  # no access log lines in the notebook
-                pass
-
-        self.server = make_server("127.0.0.1", 0, app, threaded=True,
-                                  request_handler=QuietHandler)
-        self.port = self.server.server_port
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
-                                       name=f"ch05-http-{self.port}")
-        self.thread.start()
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self.server.shutdown()
-            self.thread.join(5)
-        self.server.server_close()
-
-    def __enter__(self) -> BackgroundServer:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-
-@dataclass
-class HttpResult:
-    status: int
-    body_bytes: int
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-def http_get(base_url: str, path: str, headers: dict[str, str] | None = None) -> HttpResult:
-    """One GET over a fresh connection (http.client, no proxies, loopback only)."""
-    host_port = base_url.split("//", 1)[1]
-    host, _, port = host_port.partition(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        response = conn.getresponse()
-        body = response.read()
-        return HttpResult(response.status, len(body), dict(response.getheaders()))
-    finally:
-        conn.close()
-
-
 def conditional_requests(base_url: str, paths: Sequence[str], *, revisits: int = 3,
                          validator: str = "etag") -> pd.DataFrame:
     """Each path fetched once, then ``revisits`` times with ``If-None-Match`` (``validator=
@@ -1151,7 +1132,7 @@ def conditional_requests(base_url: str, paths: Sequence[str], *, revisits: int =
     first_bytes, first_headers = {}, {}
     rows = {"first visit": Counter(), "revisit": Counter()}
     for path in paths:
-        result = http_get(base_url, path)
+        result = web.get(base_url, path)
         first_bytes[path], first_headers[path] = result.body_bytes, result.headers
         rows["first visit"].update(requests=1, **{f"status_{result.status}": 1},
                                    body_bytes=result.body_bytes)
@@ -1161,7 +1142,7 @@ def conditional_requests(base_url: str, paths: Sequence[str], *, revisits: int =
                 headers = {"If-None-Match": first_headers[path]["ETag"]}
             else:
                 headers = {"If-Modified-Since": first_headers[path]["Last-Modified"]}
-            result = http_get(base_url, path, headers)
+            result = web.get(base_url, path, headers)
             saved = first_bytes[path] - result.body_bytes
             rows["revisit"].update(requests=1, **{f"status_{result.status}": 1},
                                    body_bytes=result.body_bytes, bytes_saved=saved)

@@ -10,7 +10,7 @@ Workers are real processes: ``python -m rq.cli worker`` started by :meth:`JobRun
 in burst mode (they exit once the queues are empty) unless a scheduler must keep running, and
 always waited for with a deadline and terminated in a ``finally`` block. The job functions below
 live in this module because a worker imports a job's function by its dotted name
-(``perfcourse.jobs.record``): a function defined in a notebook cell cannot be run by a worker.
+(``perfcourse.chapters.background_jobs.record``): a function defined in a notebook cell cannot be run by a worker.
 
 Job functions find Redis through the job that runs them (:func:`rq.get_current_job`); called
 directly (inline, in a request handler) they use the course's client.
@@ -27,15 +27,14 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import redis
-from rq import Queue, Retry, SimpleWorker, Worker, get_current_job
+from rq import Queue, SimpleWorker, Worker, get_current_job
 from rq.job import Job, JobStatus
 
-from . import services
+from .. import services
 
 if TYPE_CHECKING:  # pandas is imported lazily: work horses import this module, keep it light
     import pandas as pd
@@ -290,7 +289,7 @@ class JobRun:
         if scheduler:
             command.append("--with-scheduler")
         command += ["--worker-class",
-                    f"perfcourse.jobs.{'CourseSimpleWorker' if simple else 'CourseWorker'}"]
+                    f"perfcourse.chapters.background_jobs.{'CourseSimpleWorker' if simple else 'CourseWorker'}"]
         if max_idle_s is not None:
             command += ["--max-idle-time", str(max_idle_s)]
         log_path = Path(tempfile.gettempdir()) / f"{name}.log"
@@ -419,7 +418,7 @@ def workers_vs_time(run: JobRun, worker_counts: Sequence[int], jobs: int,
     first (their start-up is not timed); then ``jobs`` I/O-bound jobs of ``seconds`` each are
     enqueued and timed until the last one finished. One row per case: jobs done, wall time,
     the ideal time (``ceil(jobs / workers) * seconds``) and how many processes ran the jobs."""
-    import pandas as pd
+    import pandas as pd  # noqa: PLC0415 - RQ work horses import this module: keep it light
 
     rows = []
     for count in worker_counts:
@@ -458,7 +457,7 @@ def _wait_registered(run: JobRun, queue: Queue, count: int, timeout_s: float) ->
 def offload_latency(run: JobRun, requests: int, email_s: float) -> pd.DataFrame:
     """Serve ``requests`` signups with the mail sent inline, then enqueued; a burst worker
     sends the queued mails afterwards. One row per case: per-request time and mails sent."""
-    import pandas as pd
+    import pandas as pd  # noqa: PLC0415 - RQ work horses import this module: keep it light
 
     rows = []
     for case in ("inline", "enqueued"):
@@ -483,7 +482,7 @@ def duplicate_charges(run: JobRun, orders: Sequence[tuple[int, int]],
                       deliveries: int = 2) -> pd.DataFrame:
     """Deliver each charge job ``deliveries`` times (a retry after a lost acknowledgement),
     without and with an idempotency key; count the charges a burst worker made."""
-    import pandas as pd
+    import pandas as pd  # noqa: PLC0415 - RQ work horses import this module: keep it light
 
     queue = run.queue("payments")
     plain, once = run.key("ledger-plain"), run.key("ledger-once")
@@ -508,7 +507,7 @@ def duplicate_charges(run: JobRun, orders: Sequence[tuple[int, int]],
 def fork_or_not(run: JobRun, jobs: int = 3) -> pd.DataFrame:
     """Run ``jobs`` jobs under a forking worker and under a SimpleWorker; count the distinct
     processes the jobs ran in."""
-    import pandas as pd
+    import pandas as pd  # noqa: PLC0415 - RQ work horses import this module: keep it light
 
     rows = []
     for case, simple in (("Worker (fork per job)", False), ("SimpleWorker", True)):
@@ -540,7 +539,7 @@ def delays_between(timestamps: Sequence[str | bytes]) -> list[float]:
 
 __all__ = [
     "NAMESPACE", "PRIORITIES", "CourseSimpleWorker", "CourseWorker", "JobRun", "JobTimeout",
-    "WorkerProcess", "Retry", "timedelta", "backoff_delays", "backoff_with_jitter", "charge_order",
+    "WorkerProcess", "backoff_delays", "backoff_with_jitter", "charge_order",
     "charge_order_once", "declined", "delays_between", "duplicate_charges", "flaky", "fork_or_not",
     "handle_signup", "io_task", "log_failure", "log_success", "offload_latency", "priority_order",
     "process_task", "record", "registry_counts", "send_email", "wait_for", "whoami",

@@ -23,296 +23,81 @@ Three parts, one per section of the lesson:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import shutil
-import subprocess
+import random
 import threading
 import time
+import uuid
 import warnings
 from bisect import bisect_right
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from datetime import datetime
 
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.horizontal_shard import ShardedSession
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import operators, visitors
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter
 
-from .config import data_dir
-from .errors import BackendUnavailable
-from .services import file_lock
-from .measure import format_rate  # noqa: F401 - the notebook's scaling.format_rate
+from .. import db
+from ..load import run_load
+from ..models import Base, Order, User
+from ..replicas import ReplicaPair
+from ..statements import count_queries
+
+__all__ = [
+    "PROFILE_SCHEMA",
+    "READ_STRATEGIES",
+    "SHARD_NAMESPACE",
+    "average_total_by_status",
+    "average_total_by_status_naive",
+    "checkouts_table",
+    "current_lsn",
+    "drop_profiles",
+    "drop_shards",
+    "exhaust_pool",
+    "fork_demo",
+    "HashRing",
+    "keys_moved",
+    "make_shards",
+    "modulo_shard",
+    "overflow_steps",
+    "pool_throughput",
+    "pool_trial",
+    "PoolEvents",
+    "postgres_engine",
+    "pre_ping_demo",
+    "prepare_profiles",
+    "prepare_replicated_users",
+    "PrimaryOnlySession",
+    "profile_engines",
+    "range_router",
+    "read_after_write",
+    "read_your_writes_trial",
+    "recycle_demo",
+    "replay_lsn",
+    "replica_has_replayed",
+    "resharding_table",
+    "RoutingSession",
+    "shard_names",
+    "shard_sizes",
+    "sharded_session",
+    "stable_hash",
+    "StickyRoutingSession",
+    "terminate_backend",
+    "top_customers",
+    "top_customers_sharded",
+    "visibility_lag",
+    "wait_for_replay",
+]
 
 # pgserver asks platformdirs for a runtime folder, which warns on machines without a login
 # session (containers, CI); its fallback is fine (as in services.py).
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-
-# ---------------------------------------------------------------------------------------------
-# 1. A real primary and a real streaming replica
-# ---------------------------------------------------------------------------------------------
-
-REPLICATION_DIR = "replication"
-#: The replica replays each commit this long after the primary made it (lag you can see).
-DEFAULT_APPLY_DELAY_MS = 300
-_PG_PORT = 5432  # both servers listen on unix sockets only, each in its own folder
-
-
-@dataclass(frozen=True)
-class ReplicaPair:
-    """Where the primary and the replica of :func:`start_replica_pair` listen.
-
-    ``primary_url``/``replica_url`` are SQLAlchemy URLs (psycopg 3, unix sockets);
-    ``apply_delay_ms`` is the replica's ``recovery_min_apply_delay``.
-    """
-
-    folder: Path
-    primary_url: str
-    replica_url: str
-    apply_delay_ms: int
-
-    def engines(self, **engine_kwargs) -> tuple[Engine, Engine]:
-        """``(primary, replica)`` engines. Keyword arguments go to ``create_engine``."""
-        return (sa.create_engine(self.primary_url, **engine_kwargs),
-                sa.create_engine(self.replica_url, **engine_kwargs))
-
-
-def _bin(name: str) -> Path:
-    from pgserver._commands import POSTGRES_BIN_PATH  # noqa: PLC0415 - only when asked
-
-    return POSTGRES_BIN_PATH / name
-
-
-def _system_user() -> str | None:
-    """PostgreSQL refuses to run as root: as pgserver does, use the 'pgserver' user then."""
-    if os.name != "nt" and os.geteuid() == 0:
-        from pgserver.utils import ensure_user_exists  # noqa: PLC0415
-
-        ensure_user_exists("pgserver")
-        return "pgserver"
-    return None
-
-
-def _give_to(path: Path, user: str | None) -> None:
-    """Let ``user`` (None: ourselves) own ``path`` and traverse every folder above it."""
-    if user is None:
-        return
-    import pwd  # noqa: PLC0415
-
-    from pgserver.utils import ensure_prefix_permissions  # noqa: PLC0415
-
-    entry = pwd.getpwnam(user)
-    ensure_prefix_permissions(path)
-    os.chown(path, entry.pw_uid, entry.pw_gid)
-
-
-def _run(command: list, user: str | None, timeout: float = 60) -> str:
-    try:
-        done = subprocess.run([str(c) for c in command], check=True, capture_output=True,
-                              text=True, timeout=timeout, user=user, cwd="/",
-                              env={**os.environ, "HOME": "/tmp", "PGPASSFILE": os.devnull})
-    except subprocess.CalledProcessError as exc:
-        raise BackendUnavailable(
-            f"{Path(command[0]).name} failed: {(exc.stderr or exc.stdout).strip()[-400:]} "
-            "Run scaling.stop_replica_pair(remove=True) and try again."
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise BackendUnavailable(
-            f"{Path(command[0]).name} did not finish in {timeout:g} s. "
-            "Run scaling.stop_replica_pair(remove=True) and try again."
-        ) from None
-    return done.stdout
-
-
-def _postmaster(pgdata: Path):
-    """The running server's PostmasterInfo, or None when it is not running and ready."""
-    from pgserver.utils import PostmasterInfo  # noqa: PLC0415
-
-    try:
-        info = PostmasterInfo.read_from_pgdata(pgdata)
-    except (OSError, AssertionError, ValueError):
-        return None
-    if info is None or not info.is_running() or info.status != "ready":
-        return None
-    return info
-
-
-def _socket_dir(pgdata: Path, user: str | None) -> Path:
-    """The folder of the server's socket: ``pgdata`` itself unless that path is too long."""
-    from pgserver.postgres_server import PostgresServer  # noqa: PLC0415
-    from pgserver.utils import find_suitable_socket_dir  # noqa: PLC0415
-
-    folder = find_suitable_socket_dir(pgdata, PostgresServer.runtime_path / "ch03")
-    if user is not None and folder != pgdata:
-        _give_to(folder, user)
-        folder.chmod(0o777)
-    return folder
-
-
-def _url(socket_dir: Path) -> str:
-    return f"postgresql+psycopg://postgres@/postgres?host={socket_dir}&port={_PG_PORT}"
-
-
-def _start(pgdata: Path, user: str | None) -> Path:
-    info = _postmaster(pgdata)
-    if info is not None:
-        return info.socket_dir
-    socket_dir = _socket_dir(pgdata, user)
-    _run([_bin("pg_ctl"), "-D", pgdata, "-w", "-t", "30", "-l", pgdata / "log",
-          "-o", f'-h "" -k {socket_dir} -p {_PG_PORT}', "start"], user, timeout=40)
-    for _ in range(100):
-        if _postmaster(pgdata) is not None:
-            return socket_dir
-        time.sleep(0.05)
-    raise BackendUnavailable(f"The server in {pgdata} did not become ready; see {pgdata / 'log'}.")
-
-
-def _alive_pid(pgdata: Path) -> bool:
-    try:
-        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
-        os.kill(pid, 0)
-    except (OSError, ValueError, IndexError):
-        return False
-    return True
-
-
-def replication_dir() -> Path:
-    return data_dir() / REPLICATION_DIR
-
-
-_PRIMARY_SETTINGS = """
-# chapter 03: a small primary that streams its WAL to one replica
-wal_level = replica
-max_wal_senders = 4
-hot_standby = on
-# (inherited by the replica) report the replica's oldest snapshot to the primary, so cleanup
-# there never removes rows a replica query still reads: no "conflict with recovery" cancels
-hot_standby_feedback = on
-listen_addresses = ''
-max_connections = 40
-shared_buffers = 16MB
-fsync = off               # a teaching pair: speed over crash safety
-full_page_writes = off
-"""
-
-
-def start_replica_pair(apply_delay_ms: int = DEFAULT_APPLY_DELAY_MS) -> ReplicaPair:
-    """Start (or reuse) a PostgreSQL primary and one streaming replica; return their URLs.
-
-    Under ``data/replication/``: ``primary/`` made by ``initdb`` with ``wal_level=replica``,
-    ``replica/`` made by ``pg_basebackup -R`` (which writes ``standby.signal`` and the
-    ``primary_conninfo`` to stream from) with ``hot_standby=on`` and
-    ``recovery_min_apply_delay = apply_delay_ms``. Each listens on its own unix socket, no TCP.
-    Idempotent: a running pair is reused (its apply delay set to ``apply_delay_ms``). The
-    first start takes a few seconds; :func:`stop_replica_pair` stops both.
-    """
-    folder = replication_dir()
-    primary_dir, replica_dir = folder / "primary", folder / "replica"
-    user = _system_user()
-    with file_lock(folder / ".lock"):
-        if not (primary_dir / "PG_VERSION").exists():
-            shutil.rmtree(primary_dir, ignore_errors=True)
-            shutil.rmtree(replica_dir, ignore_errors=True)
-            primary_dir.mkdir(parents=True)
-            _give_to(primary_dir, user)
-            _run([_bin("initdb"), "-D", primary_dir, "--auth=trust", "--encoding=utf8",
-                  "-U", "postgres", "--no-sync"], user, timeout=120)
-            with open(primary_dir / "postgresql.conf", "a") as conf:
-                conf.write(_PRIMARY_SETTINGS)
-        primary_socket = _start(primary_dir, user)
-        if not (replica_dir / "standby.signal").exists():
-            shutil.rmtree(replica_dir, ignore_errors=True)
-            replica_dir.mkdir(parents=True)
-            _give_to(replica_dir, user)
-            replica_dir.chmod(0o700)
-            _run([_bin("pg_basebackup"), "-D", replica_dir, "-R", "-X", "stream",
-                  "--checkpoint=fast", "--no-sync", "-h", primary_socket, "-p", _PG_PORT,
-                  "-U", "postgres"], user, timeout=120)
-            with open(replica_dir / "postgresql.auto.conf", "a") as conf:
-                conf.write(f"recovery_min_apply_delay = '{int(apply_delay_ms)}ms'\n")
-            # the copy carries the primary's socket lock and log (they live in its folder)
-            for leftover in [*replica_dir.glob(".s.PGSQL.*"), replica_dir / "log"]:
-                leftover.unlink(missing_ok=True)
-        replica_socket = _start(replica_dir, user)
-    pair = ReplicaPair(folder, _url(primary_socket), _url(replica_socket), int(apply_delay_ms))
-    _wait_streaming(pair)
-    set_apply_delay(pair, apply_delay_ms)
-    return pair
-
-
-def _wait_streaming(pair: ReplicaPair, timeout_s: float = 20.0) -> None:
-    engine = sa.create_engine(pair.replica_url, poolclass=sa.pool.NullPool)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with engine.connect() as conn:
-                status = conn.exec_driver_sql("SELECT status FROM pg_stat_wal_receiver").scalar()
-            if status == "streaming":
-                return
-            time.sleep(0.05)
-    finally:
-        engine.dispose()
-    raise BackendUnavailable(
-        f"The replica does not stream from the primary; see {pair.folder / 'replica' / 'log'}. "
-        "Run scaling.stop_replica_pair(remove=True) and try again.")
-
-
-def set_apply_delay(pair: ReplicaPair, apply_delay_ms: int) -> ReplicaPair:
-    """Change the replica's ``recovery_min_apply_delay`` (``ALTER SYSTEM`` + reload)."""
-    engine = sa.create_engine(pair.replica_url, poolclass=sa.pool.NullPool,
-                              isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            current = conn.exec_driver_sql("SHOW recovery_min_apply_delay").scalar()
-            wanted = f"{int(apply_delay_ms)}ms"
-            if _delay_ms(current) != int(apply_delay_ms):
-                conn.exec_driver_sql(f"ALTER SYSTEM SET recovery_min_apply_delay = '{wanted}'")
-                conn.exec_driver_sql("SELECT pg_reload_conf()")
-                for _ in range(100):
-                    if _delay_ms(conn.exec_driver_sql("SHOW recovery_min_apply_delay")
-                                 .scalar()) == int(apply_delay_ms):
-                        break
-                    time.sleep(0.02)
-    finally:
-        engine.dispose()
-    return ReplicaPair(pair.folder, pair.primary_url, pair.replica_url, int(apply_delay_ms))
-
-
-def _delay_ms(text: str) -> int:
-    """``'300ms'``, ``'1s'``, ``'0'`` -> milliseconds."""
-    text = text.strip()
-    for unit, factor in (("ms", 1), ("s", 1000), ("min", 60_000), ("h", 3_600_000)):
-        if text.endswith(unit) and text[: -len(unit)].strip().isdigit():
-            return int(text[: -len(unit)]) * factor
-    return int(text) if text.isdigit() else -1
-
-
-def replica_pair_running() -> bool:
-    folder = replication_dir()
-    return all(_postmaster(folder / name) is not None for name in ("primary", "replica"))
-
-
-def stop_replica_pair(remove: bool = False) -> bool:
-    """Stop the replica, then the primary; return whether anything was running.
-
-    ``remove=True`` also deletes ``data/replication/`` (the next start rebuilds it).
-    """
-    folder = replication_dir()
-    user = _system_user() if folder.exists() else None
-    stopped = False
-    for name in ("replica", "primary"):
-        pgdata = folder / name
-        if _alive_pid(pgdata):
-            with contextlib.suppress(BackendUnavailable):
-                _run([_bin("pg_ctl"), "-D", pgdata, "-w", "-t", "30", "-m", "fast", "stop"],
-                     user, timeout=40)
-            stopped = True
-    if remove:
-        shutil.rmtree(folder, ignore_errors=True)
-    return stopped
-
 
 # ---------------------------------------------------------------------------------------------
 # 1b. Routing reads and writes, replication lag, read-your-writes
@@ -424,9 +209,7 @@ def prepare_replicated_users(primary: Engine, replica: Engine, users: int = 50) 
     The table is the shop's ``User`` model (schema only, rows made up here). Returns the
     number of rows the replica sees once it has replayed the load.
     """
-    from datetime import datetime  # noqa: PLC0415
 
-    from .models import User  # noqa: PLC0415
 
     table = User.__table__
     with primary.begin() as conn:
@@ -455,8 +238,6 @@ def read_after_write(primary: Engine, replica: Engine, strategy: str, user_id: i
     primary explicitly). Returns ``strategy, read_from, primary_queries, replica_queries,
     fresh, waited_s``: counts per engine come from ``count_queries`` on each.
     """
-    from .measure import count_queries  # noqa: PLC0415
-    from .models import User  # noqa: PLC0415
 
     if strategy not in READ_STRATEGIES:
         raise ValueError(f"Unknown strategy {strategy!r}: use one of {READ_STRATEGIES}.")
@@ -491,7 +272,6 @@ def visibility_lag(primary: Engine, replica: Engine, user_id: int = 1, repeat: i
     Writes a new value ``repeat`` times and polls the replica (a connection of its own) until
     the value shows; returns the seconds each took.
     """
-    from .models import User  # noqa: PLC0415
 
     table = User.__table__
     probe = sa.create_engine(replica.url, poolclass=sa.pool.NullPool)
@@ -622,8 +402,6 @@ def make_shards(source: Engine, n: int = 4, router: Callable[[int], str] | None 
     ``data/<prefix>_<i>.sqlite`` with the shop schema; existing ones are replaced. Returns
     ``{shard name: engine}``; :func:`drop_shards` deletes them.
     """
-    from . import db  # noqa: PLC0415
-    from .models import Base, Order, User  # noqa: PLC0415
 
     names = shard_names(n)
     router = router or (lambda key: modulo_shard(key, names))
@@ -648,7 +426,6 @@ def make_shards(source: Engine, n: int = 4, router: Callable[[int], str] | None 
 
 
 def drop_shards(shards: dict[str, Engine], prefix: str = SHARD_NAMESPACE) -> None:
-    from . import db  # noqa: PLC0415
 
     for i, engine in enumerate(shards.values()):
         engine.dispose()
@@ -656,7 +433,6 @@ def drop_shards(shards: dict[str, Engine], prefix: str = SHARD_NAMESPACE) -> Non
 
 
 def _top_customers_statement(k: int):
-    from .models import Order  # noqa: PLC0415
 
     spent = sa.func.sum(Order.total).label("spent")
     return (sa.select(Order.user_id, spent).where(Order.status != "cancelled")
@@ -687,8 +463,6 @@ def _equality_values(clause, column_names: set[str], parameters=None) -> list:
     A bound value given at execution time (``session.get`` passes the primary key that way) is
     read from ``parameters``.
     """
-    from sqlalchemy.sql import operators, visitors  # noqa: PLC0415
-    from sqlalchemy.sql.elements import BinaryExpression, BindParameter  # noqa: PLC0415
 
     values = []
     for element in visitors.iterate(clause):
@@ -721,9 +495,7 @@ def sharded_session(shards: dict[str, Engine],
     * ``execute_chooser`` (where a query runs): the shards of the user ids compared with ``=``
       or ``IN`` in its WHERE clause, else every shard (scatter-gather).
     """
-    from sqlalchemy.ext.horizontal_shard import ShardedSession  # noqa: PLC0415
 
-    from .models import Order, User  # noqa: PLC0415
 
     names = list(shards)
     router = router or (lambda key: modulo_shard(key, names))
@@ -817,7 +589,6 @@ class PoolEvents:
 def postgres_engine(**engine_kwargs) -> Engine:
     """An engine on the course's PostgreSQL (``DATABASE_URL`` or embedded), no pre-ping unless
     asked: the pool experiments set every pool option themselves."""
-    from . import db  # noqa: PLC0415
 
     engine_kwargs.setdefault("pool_pre_ping", False)
     return db.engine("postgres", **engine_kwargs)
@@ -905,12 +676,11 @@ def pool_throughput(make_engine: Callable[..., Engine], pool_sizes: Sequence[int
     """Throughput of ``workers`` threads whose requests each hold a connection ``service_s``.
 
     For each pool size (``max_overflow=0``) the pool is filled first (``pool_size`` connects),
-    then ``requests`` requests run through :func:`perfcourse.fundamentals.run_load`; each
+    then ``requests`` requests run through :func:`perfcourse.load.run_load`; each
     runs ``SELECT pg_sleep(service_s)`` (the server works, the thread waits). One row per size:
     ``pool_size, workers, requests, connects, checkouts, elapsed_s, wait_s`` (mean time a
     request waited for a connection), ``latency_s`` (mean), ``throughput`` (requests/s).
     """
-    from .fundamentals import run_load  # noqa: PLC0415
 
     rows = []
     for size in pool_sizes:
@@ -922,7 +692,7 @@ def pool_throughput(make_engine: Callable[..., Engine], pool_sizes: Sequence[int
             waits = []
             lock = threading.Lock()
 
-            def work(_i, engine=engine):
+            def work(_i, engine=engine, lock=lock, waits=waits):
                 began = time.perf_counter()
                 with engine.connect() as conn:
                     got = time.perf_counter()
@@ -1080,23 +850,6 @@ def replica_has_replayed(replica: Engine | sa.Connection, lsn: str) -> bool:
         "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).scalar())
 
 
-def running_replica_pair() -> ReplicaPair | None:
-    """The pair of :func:`start_replica_pair` when both servers run (its apply delay as set
-    now), else None. Starts and changes nothing: a grader uses it to leave the pair as it was."""
-    folder = replication_dir()
-    infos = [_postmaster(folder / name) for name in ("primary", "replica")]
-    if None in infos:
-        return None
-    replica_url = _url(infos[1].socket_dir)
-    engine = sa.create_engine(replica_url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            delay = _delay_ms(conn.exec_driver_sql("SHOW recovery_min_apply_delay").scalar())
-    finally:
-        engine.dispose()
-    return ReplicaPair(folder, _url(infos[0].socket_dir), replica_url, delay)
-
-
 def profile_engines(pair: ReplicaPair, schema: str = PROFILE_SCHEMA,
                     **engine_kwargs) -> tuple[Engine, Engine]:
     """``(primary, replica)`` engines of ``pair`` whose tables live in ``schema``.
@@ -1168,11 +921,7 @@ def read_your_writes_trial(make_session: Callable[..., Session], primary: Engine
     not count as reads). Returns ``reads, checked`` (own-profile reads after an edit),
     ``stale, replica_reads, primary_reads, replica_share, writes``.
     """
-    import random  # noqa: PLC0415
-    import uuid  # noqa: PLC0415
 
-    from .measure import count_queries  # noqa: PLC0415
-    from .models import User  # noqa: PLC0415
 
     rng = random.Random(seed)
     with primary.connect() as conn:
@@ -1261,7 +1010,6 @@ def range_router(upper_bounds: Sequence[int]) -> Callable[[int], str]:
 
 
 def _average_by_status_statement():
-    from .models import Order  # noqa: PLC0415
 
     return (sa.select(Order.status, sa.func.avg(Order.total).label("average"),
                       sa.func.count().label("orders"))

@@ -1,4 +1,4 @@
-"""Tests of perfcourse.latency: the delay-injecting proxy, alone and in front of real servers.
+"""Tests of perfcourse.proxy: the delay-injecting proxy, alone and in front of real servers.
 
 No test asserts an upper bound on wall time: only lower bounds (a delay is never shorter than
 asked), counts, and ratios measured in the same run.
@@ -15,7 +15,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from perfcourse.latency import LatencyProxy, postgres_via_proxy, redis_via_proxy
+from perfcourse.proxy import LatencyProxy, postgres_via_proxy, redis_via_proxy
 
 
 class _Echo(socketserver.BaseRequestHandler):

@@ -6,7 +6,7 @@ N+1 and loader strategies
     ``raiseload``); :func:`order_counts_page` is the "page" that touches every user's orders.
     :func:`measure_strategy` and :func:`compare_loaders` count queries, rows and values
     transferred, time and Python memory; :func:`nplus1_grid` times lazy against eager over ``n``
-    on several databases (SQLite, PostgreSQL, PostgreSQL behind a :class:`~perfcourse.latency.
+    on several databases (SQLite, PostgreSQL, PostgreSQL behind a :class:`~perfcourse.proxy.
     LatencyProxy` at several delays).
 
 Counter cache
@@ -16,7 +16,7 @@ Counter cache
     :class:`UserOrderStats` (the correlated-subquery alternative, a ``column_property``).
 
 Indexes and plans
-    :func:`scratch_copy` makes a private copy of the dataset for schema experiments;
+    :func:`perfcourse.scratch.scratch_copy` makes a private copy of the dataset for schema experiments;
     :func:`point_lookup`, :func:`index_write_cost`, :func:`prefix_plans`,
     :func:`partial_and_covering_plans` (partial and covering indexes on both backends, with
     ``VACUUM`` for PostgreSQL's index-only scans), :func:`alembic_add_index` and the techniques
@@ -32,16 +32,19 @@ from __future__ import annotations
 
 import contextlib
 import re
-import sqlite3
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import event, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import (
@@ -55,9 +58,13 @@ from sqlalchemy.orm import (
     subqueryload,
 )
 
-from . import db
-from .measure import count_queries, explain, time_call, track_memory
-from .models import Category, Order, OrderItem, Product, User
+from .. import db
+from ..explain import explain
+from ..memory import track_memory
+from ..models import Category, Order, OrderItem, Product, User
+from ..scratch import drop_indexes
+from ..statements import count_queries
+from ..timing import time_call
 
 __all__ = [
     "STRATEGIES",
@@ -75,7 +82,6 @@ __all__ = [
     "counter_drift",
     "lost_update",
     "UserOrderStats",
-    "scratch_copy",
     "drop_indexes",
     "point_lookup",
     "index_write_cost",
@@ -153,8 +159,8 @@ def order_counts_page(session: Session, n: int, strategy: str = "lazy") -> list[
 
 
 def explain_recorded(engine: Engine, record) -> Any:
-    """The plan (:func:`~perfcourse.measure.explain`) of a statement recorded by
-    :func:`~perfcourse.measure.count_queries`, with the parameters it ran with.
+    """The plan (:func:`~perfcourse.explain.explain`) of a statement recorded by
+    :func:`~perfcourse.statements.count_queries`, with the parameters it ran with.
 
     Driver SQL with ``?`` (SQLite) or ``%(name)s``/``%s`` (psycopg) placeholders is turned
     back into a ``text()`` construct with numbered bind parameters.
@@ -174,7 +180,7 @@ def explain_recorded(engine: Engine, record) -> Any:
 def rows_transferred(engine: Engine, statements: Iterable) -> tuple[int, int]:
     """``(rows, values)`` the database returned for recorded SELECT statements.
 
-    Re-runs each statement of a :class:`~perfcourse.measure.QueryCounter` once and counts the
+    Re-runs each statement of a :class:`~perfcourse.statements.QueryCounter` once and counts the
     rows and the values (rows x columns): what crossed the wire. Executemany and non-SELECT
     statements are skipped.
     """
@@ -196,7 +202,7 @@ def measure_strategy(engine: Engine, strategy: str, n: int, *, repeat: int = 3,
     """One row of the loader comparison: queries, rows, values, time and memory for the page.
 
     Every run uses a fresh session (an identity map from a previous run would hide queries).
-    Memory (Python allocations, :func:`~perfcourse.measure.track_memory`) is measured in a
+    Memory (Python allocations, :func:`~perfcourse.memory.track_memory`) is measured in a
     separate, untimed run.
     """
 
@@ -294,7 +300,7 @@ def nplus1_grid(
 def add_orders_count_column(engine: Engine) -> None:
     """Add ``users.orders_count`` (default 0) and fill it: the counter-cache migration.
 
-    Meant for a scratch copy (:func:`scratch_copy`): the course dataset itself never changes.
+    Meant for a scratch copy (:func:`perfcourse.scratch.scratch_copy`): the course dataset itself never changes.
     Idempotent.
     """
     with engine.begin() as conn:
@@ -432,47 +438,6 @@ class UserOrderStats(_StatsBase):
 # Scratch copies and indexes
 # ---------------------------------------------------------------------------------------------
 
-#: Indexes of the pristine dataset (primary keys are implicit): never dropped by drop_indexes.
-PRISTINE_INDEXES = frozenset(
-    index.name for table in User.metadata.tables.values() for index in table.indexes
-)
-
-
-def scratch_copy(source: Engine, namespace: str = "ch02_scratch", *,
-                 scale: str | None = None) -> Engine:
-    """A private copy of the dataset behind ``source`` for experiments that change the schema.
-
-    SQLite: the file is copied with SQLite's backup API (a fresh copy every call, well under a
-    second at the default scale). PostgreSQL: the dataset is seeded into the schema
-    ``namespace`` (idempotent) and every index an earlier experiment left is dropped. Drop it
-    with ``perfcourse.db.drop_namespace(backend, namespace)`` when done.
-    """
-    backend = db.backend_of(source)
-    target = db.engine(backend, namespace=namespace)
-    if backend == "sqlite":
-        target.dispose()
-        db.drop_namespace("sqlite", namespace)
-        src = sqlite3.connect(db.sqlite_path(db.namespace_of(source)))
-        dst = sqlite3.connect(db.sqlite_path(namespace))
-        try:
-            src.backup(dst)
-        finally:
-            src.close()
-            dst.close()
-        return target
-    from .seed import seed_dataset  # noqa: PLC0415
-
-    seed_dataset(target, scale, progress=False)
-    drop_indexes(target)
-    with target.begin() as conn:  # columns added by a previous counter-cache run
-        columns = {c["name"] for c in sa.inspect(conn).get_columns("users")}
-        if "orders_count" in columns:
-            conn.exec_driver_sql("ALTER TABLE users DROP COLUMN orders_count")
-        conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
-        conn.exec_driver_sql("DELETE FROM orders WHERE id > 100000000")
-    return target
-
-
 def _forget_plans(engine: Engine) -> None:
     """Close pooled connections after DDL.
 
@@ -489,20 +454,6 @@ def list_indexes(engine: Engine, table: str) -> list[str]:
         return [ix["name"] for ix in sa.inspect(conn).get_indexes(table)]
 
 
-def drop_indexes(engine: Engine, tables: Iterable[str] | None = None) -> list[str]:
-    """Drop every index the experiments added (all but the dataset's own); return their names."""
-    dropped = []
-    with engine.begin() as conn:
-        inspector = sa.inspect(conn)
-        for table in tables or inspector.get_table_names():
-            for ix in inspector.get_indexes(table):
-                if ix["name"] and ix["name"] not in PRISTINE_INDEXES:
-                    conn.exec_driver_sql(f'DROP INDEX IF EXISTS "{ix["name"]}"')
-                    dropped.append(ix["name"])
-    _forget_plans(engine)
-    return dropped
-
-
 def _lookup_values(engine: Engine, table: str, column: str, count: int) -> list[Any]:
     with engine.connect() as conn:
         total = conn.exec_driver_sql(f"SELECT max(id) FROM {table}").scalar_one()
@@ -516,7 +467,7 @@ def point_lookup(engine: Engine, table: str, column: str, *, lookups: int = 20,
                  repeat: int = 5, index_name: str | None = None) -> pd.DataFrame:
     """Look rows up by ``column`` before and after ``CREATE INDEX``: plan, queries and time.
 
-    ``engine`` must be a scratch copy (:func:`scratch_copy`): the index is created, measured,
+    ``engine`` must be a scratch copy (:func:`perfcourse.scratch.scratch_copy`): the index is created, measured,
     then dropped again. Each timed call runs ``lookups`` point lookups (different values spread
     over the table), and ``median_s`` is per lookup. Returns two rows (``no index``,
     ``index``) with ``verdict``, ``index``, ``median_s`` and ``ratio`` (slowdown against the
@@ -799,12 +750,6 @@ def alembic_add_index(engine: Engine, *, target: str = "head") -> list[str]:
     a connection of ``engine`` (a scratch copy), sharing that connection as Alembic's cookbook
     shows. The revision is recorded in ``alembic_version``. Returns the DDL statements that ran.
     """
-    import tempfile  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
-
-    from alembic import command  # noqa: PLC0415
-    from alembic.config import Config  # noqa: PLC0415
-
     with tempfile.TemporaryDirectory(prefix="perfcourse-alembic-") as folder:
         scripts = Path(folder)
         (scripts / "versions").mkdir()

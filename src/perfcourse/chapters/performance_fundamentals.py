@@ -1,19 +1,19 @@
 """Chapter 01, performance fundamentals: the code its experiments run, profile and grade.
 
 Latency and percentiles
-    :func:`percentile`, :func:`summarize_latencies`, :func:`latency_log` (a seeded request log
+    :func:`latency_log` (a seeded request log
     of a small web shop, with the slow tail real services have).
 Little's law
     :func:`littles_law` (throughput X, mean latency R, L = X * R from a log),
-    :func:`in_flight_at` (L counted directly, by sampling), :func:`run_load` (a thread pool
-    running real queries, with a sampler that counts requests in flight).
+    :func:`in_flight_at` (L counted directly, by sampling), :func:`shop_request` (one request
+    of real queries, for the course's load generator :func:`perfcourse.load.run_load`).
 Utilisation
     :func:`simulate_queue` (a seeded first-come-first-served queue with ``servers`` workers) and
     :func:`mm1_mean_response` (the textbook curve S / (1 - utilisation)).
 Profiling
     :func:`category_revenue_slow` / :func:`category_revenue_fast` (the worked example of the
-    lesson), :func:`customer_report` (the lab's slow function: find its bottleneck and fix it)
-    and :func:`hottest_function` (the heaviest function of ours in a pyinstrument profile).
+    lesson) and :func:`customer_report` (the lab's slow function: find its bottleneck and fix
+    it); :func:`perfcourse.profiler.hottest_function` reads the profile.
 
 Everything random is seeded: the same call gives the same numbers on every machine, so the
 notebooks can print them without masking.
@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import heapq
 import math
-import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 
 import numpy as np
@@ -37,22 +35,20 @@ from sqlalchemy.engine import Engine
 __all__ = [
     "ENDPOINTS",
     "RESPONSE_TARGETS_S",
-    "LoadRun",
     "category_revenue_fast",
     "category_revenue_slow",
+    "as_money",
     "customer_report",
-    "hottest_function",
+    "favourite_category",
     "in_flight_at",
     "latency_log",
     "littles_law",
     "littles_law_L",
     "lookup_category",
     "mm1_mean_response",
-    "percentile",
-    "run_load",
     "shop_request",
     "simulate_queue",
-    "summarize_latencies",
+    "user_items",
 ]
 
 #: The guide's response-time targets, in seconds.
@@ -66,36 +62,6 @@ RESPONSE_TARGETS_S = {"database query": 0.100, "API response": 0.200, "complex o
 # ------------------------------------------------------------------------------------------------
 # Latency distributions and percentiles
 # ------------------------------------------------------------------------------------------------
-
-
-def percentile(samples: Iterable[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) of ``samples``, interpolating linearly between ranks.
-
-    The same definition as ``numpy.percentile``'s default: sort, find position
-    ``(n - 1) * q / 100``, interpolate between its two neighbours. ``p50`` is the median.
-    """
-    ordered = sorted(samples)
-    if not ordered:
-        raise ValueError("percentile() of no samples: pass at least one value.")
-    if not 0 <= q <= 100:
-        raise ValueError(f"q must be between 0 and 100, got {q!r}.")
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def summarize_latencies(samples_s: Sequence[float]) -> dict[str, float]:
-    """``mean_s, p50_s, p90_s, p99_s, max_s`` of latencies in seconds (a table row)."""
-    values = np.asarray(samples_s, dtype=float)
-    return {
-        "requests": int(values.size),
-        "mean_s": float(values.mean()),
-        "p50_s": float(np.percentile(values, 50)),
-        "p90_s": float(np.percentile(values, 90)),
-        "p99_s": float(np.percentile(values, 99)),
-        "max_s": float(values.max()),
-    }
 
 
 @dataclass(frozen=True)
@@ -199,112 +165,6 @@ def in_flight_at(log, times: Sequence[float]) -> np.ndarray:
     return np.searchsorted(starts, t, side="right") - np.searchsorted(ends, t, side="right")
 
 
-@dataclass
-class LoadRun:
-    """The record of :func:`run_load`: one row per request, plus the in-flight samples."""
-
-    workers: int
-    log: pd.DataFrame
-    in_flight_samples: list[int] = field(repr=False)
-    elapsed_s: float
-
-    @property
-    def throughput_per_s(self) -> float:
-        """Requests completed per second of the run (X)."""
-        return len(self.log) / self.elapsed_s
-
-    @property
-    def mean_latency_s(self) -> float:
-        """Mean time a request spent in flight (R)."""
-        return float(self.log["duration_s"].mean())
-
-    @property
-    def predicted_L(self) -> float:
-        """Little's law: L = X * R."""
-        return self.throughput_per_s * self.mean_latency_s
-
-    @property
-    def sampled_L(self) -> float:
-        """L counted directly: the mean of the in-flight samples."""
-        return float(np.mean(self.in_flight_samples)) if self.in_flight_samples else float("nan")
-
-    def as_row(self) -> dict:
-        """A table row: ``workers, requests, elapsed_s, per_request_s, mean_latency_s,
-        p95_latency_s, throughput_per_s`` (``per_request_s`` is 1 / X)."""
-        return {
-            "workers": self.workers,
-            "requests": len(self.log),
-            "elapsed_s": self.elapsed_s,
-            "per_request_s": 1 / self.throughput_per_s,
-            "mean_latency_s": self.mean_latency_s,
-            "p95_latency_s": float(np.percentile(self.log["duration_s"], 95)),
-            "throughput_per_s": self.throughput_per_s,
-        }
-
-
-def run_load(
-    work: Callable[[int], object],
-    *,
-    workers: int,
-    requests: int,
-    think_s: float = 0.0,
-    sample_every_s: float = 0.0005,
-) -> LoadRun:
-    """Run ``work(i)`` for ``i`` in ``range(requests)`` on ``workers`` threads, recording each call.
-
-    A closed loop, like a pool of users: each worker takes the next request, runs it, waits
-    ``think_s`` (the user reading the page), and takes the next. A sampler thread counts the
-    requests in flight every ``sample_every_s`` while the run lasts. ``work`` must be
-    thread-safe (e.g. open its own connection from an engine's pool).
-    """
-    if workers < 1 or requests < 1:
-        raise ValueError("workers and requests must be at least 1.")
-    lock = threading.Lock()
-    state = {"next": 0, "in_flight": 0}
-    rows: list[tuple[int, float, float]] = []
-    samples: list[int] = []
-    done = threading.Event()
-    origin = time.perf_counter()
-
-    def worker() -> None:
-        while True:
-            with lock:
-                i = state["next"]
-                if i >= requests:
-                    return
-                state["next"] = i + 1
-                state["in_flight"] += 1
-                start = time.perf_counter()
-            try:
-                work(i)
-            finally:
-                with lock:
-                    end = time.perf_counter()
-                    state["in_flight"] -= 1
-                    rows.append((i, start - origin, end - origin))
-            if think_s:
-                time.sleep(think_s)
-
-    def sampler() -> None:
-        while not done.wait(sample_every_s):
-            samples.append(state["in_flight"])
-
-    threads = [threading.Thread(target=worker, name=f"load-{n}") for n in range(workers)]
-    watcher = threading.Thread(target=sampler, name="load-sampler", daemon=True)
-    watcher.start()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - origin
-    done.set()
-    watcher.join()
-    rows.sort()
-    log = pd.DataFrame(rows, columns=["request", "start_s", "end_s"])
-    log["duration_s"] = log["end_s"] - log["start_s"]
-    return LoadRun(workers=workers, log=log, in_flight_samples=samples, elapsed_s=elapsed)
-
-
 _SCAN_SQL = sa.text("SELECT count(*), sum(total) FROM orders WHERE total > :floor")
 
 
@@ -393,13 +253,14 @@ def _find_product(products: list[tuple], product_id: int) -> tuple:
     raise KeyError(product_id)
 
 
-def _money(value) -> Decimal:
+def as_money(value) -> Decimal:
+    """A price as a Decimal."""
     # SQLite hands NUMERIC back as a float through raw SQL: go through str to keep the cents.
     return value if isinstance(value, Decimal) else Decimal(str(value))
 
 
 def _add_revenue(totals: dict, category_id: int, quantity: int, unit_price) -> None:
-    totals[category_id] = totals.get(category_id, Decimal(0)) + quantity * _money(unit_price)
+    totals[category_id] = totals.get(category_id, Decimal(0)) + quantity * as_money(unit_price)
 
 
 def category_revenue_slow(engine: Engine, items: int = 4000) -> dict[int, Decimal]:
@@ -444,13 +305,14 @@ def lookup_category(conn, product_id: int) -> str:
     return conn.execute(_CATEGORY_SQL, {"id": product_id}).scalar_one()
 
 
-def _user_items(conn, user_ids: Sequence[int]) -> list[tuple]:
+def user_items(conn, user_ids: Sequence[int]) -> list[tuple]:
+    """``(user_id, product_id, quantity, unit_price)`` of the users' order items: one query."""
     ids = ", ".join(str(int(u)) for u in user_ids) or "NULL"
     return [tuple(row) for row in conn.execute(sa.text(_ORDERS_SQL.format(ids=ids)))]
 
 
-def _favourite(spent: dict[str, Decimal]) -> str:
-    # Most money spent; ties go to the category name that sorts first.
+def favourite_category(spent: dict[str, Decimal]) -> str:
+    """The category with the most money spent; ties go to the name that sorts first."""
     return min(spent, key=lambda name: (-spent[name], name))
 
 
@@ -462,46 +324,13 @@ def customer_report(engine: Engine, user_ids: Sequence[int]) -> list[dict]:
     Correct, and slow: profile it to see why.
     """
     with engine.connect() as conn:
-        rows = _user_items(conn, user_ids)
+        rows = user_items(conn, user_ids)
         per_user: dict[int, dict[str, Decimal]] = {}
         for user_id, product_id, quantity, unit_price in rows:
             category = lookup_category(conn, product_id)
             spent = per_user.setdefault(user_id, {})
-            spent[category] = spent.get(category, Decimal(0)) + quantity * _money(unit_price)
+            spent[category] = spent.get(category, Decimal(0)) + quantity * as_money(unit_price)
     return [
-        {"user_id": user_id, "spent": sum(spent.values(), Decimal(0)), "favourite": _favourite(spent)}
+        {"user_id": user_id, "spent": sum(spent.values(), Decimal(0)), "favourite": favourite_category(spent)}
         for user_id, spent in sorted(per_user.items())
     ]
-
-
-# ------------------------------------------------------------------------------------------------
-# Reading a pyinstrument profile
-# ------------------------------------------------------------------------------------------------
-
-
-def hottest_function(session, *, module: str = __name__, exclude: Iterable[str] = ()) -> str:
-    """The function of ``module`` where a pyinstrument ``session`` spent most time (its own
-    time plus what it called), leaving out ``exclude`` (e.g. the entry point you profiled).
-
-    ``session`` is ``profiler.last_session`` of a :class:`pyinstrument.Profiler`.
-    """
-    excluded = set(exclude)
-    path_end = module.replace(".", "/") + ".py"
-    totals: dict[str, float] = {}
-
-    def walk(frame, on_stack: frozenset) -> None:
-        name = frame.function
-        mine = (frame.file_path or "").replace("\\", "/").endswith(path_end)
-        if mine and name not in excluded and name not in on_stack:
-            totals[name] = totals.get(name, 0.0) + frame.time
-        below = on_stack | {name} if mine else on_stack
-        for child in frame.children:
-            walk(child, below)
-
-    root = session.root_frame()
-    if root is None:
-        raise ValueError("The profile is empty: run the code inside the profiler first.")
-    walk(root, frozenset())
-    if not totals:
-        raise ValueError(f"No function of {module} in this profile.")
-    return max(totals, key=totals.get)

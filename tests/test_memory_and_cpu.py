@@ -14,8 +14,9 @@ import math
 import pytest
 import sqlalchemy as sa
 
-from perfcourse import profiling
-from perfcourse.measure import count_queries, track_memory
+from perfcourse.chapters import memory_and_cpu as profiling
+from perfcourse.memory import track_memory
+from perfcourse.statements import count_queries
 
 
 def _order_count(engine) -> int:
@@ -123,13 +124,13 @@ def test_profiled_report_and_its_fix_agree(seeded):
 def test_hottest_function_of_the_slow_report(tiny):
     from pyinstrument import Profiler
 
-    from perfcourse.fundamentals import hottest_function
+    from perfcourse.profiler import hottest_function
 
     profiler = Profiler(interval=0.0005)
     with profiler:
         for _ in range(3):
             profiling.slow_product_report(tiny)
-    assert hottest_function(profiler.last_session, module="perfcourse.profiling",
+    assert hottest_function(profiler.last_session, module="perfcourse.chapters.memory_and_cpu",
                             exclude=["slow_product_report"]) == "_revenue_per_product"
 
 

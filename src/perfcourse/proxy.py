@@ -31,10 +31,12 @@ import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .measure import format_duration
+from . import db, services
+from .units import format_duration
 
 __all__ = ["LatencyProxy", "postgres_via_proxy", "redis_via_proxy"]
 
@@ -184,7 +186,7 @@ class LatencyProxy:
                     if hasattr(resource, method):
                         try:
                             getattr(resource, method)()
-                        except Exception:  # noqa: BLE001 - closing must go on
+                        except Exception:
                             pass
                         break
             self._on_stop.clear()
@@ -237,7 +239,7 @@ class LatencyProxy:
                     else:
                         self._on_ready(key.data, key.fileobj, mask, now)
                 self._release()
-        except BaseException as exc:  # noqa: BLE001 - kept for the caller, the thread must end
+        except BaseException as exc:
             self.error = exc
         finally:
             for conn in list(self._connections.values()):
@@ -431,7 +433,6 @@ def postgres_via_proxy(
     unless asked for: a ping is one more delayed round trip on every checkout, which would blur
     experiments that count round trips. Other keyword arguments go to ``create_engine``.
     """
-    from . import db, services  # noqa: PLC0415 - services start servers only when asked
 
     if isinstance(source, Engine):
         url = source.url
@@ -460,9 +461,7 @@ def redis_via_proxy(
     Returns ``(client, proxy)``; ``proxy.stop()`` closes the client and the proxy. ``url``
     defaults to ``REDIS_URL`` or the embedded server. Keyword arguments go to ``redis.Redis``.
     """
-    import redis  # noqa: PLC0415
 
-    from . import services  # noqa: PLC0415
 
     parts = urlsplit(url or services.redis_url())
     query = parse_qs(parts.query)

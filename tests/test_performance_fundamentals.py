@@ -9,7 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from perfcourse import fundamentals as f
+from perfcourse.chapters import performance_fundamentals as f
+from perfcourse.load import run_load
+from perfcourse.profiler import hottest_function
+from perfcourse.stats import percentile, summarize_latencies
 
 
 @pytest.fixture(scope="module")
@@ -32,20 +35,20 @@ def test_percentile_matches_numpy(q):
     rng = random.Random(q)
     for n in (1, 2, 3, 10, 101):
         samples = [rng.expovariate(10) for _ in range(n)]
-        assert f.percentile(samples, q) == pytest.approx(float(np.percentile(samples, q)))
+        assert percentile(samples, q) == pytest.approx(float(np.percentile(samples, q)))
 
 
 def test_percentile_does_not_need_sorted_input_and_rejects_bad_arguments():
-    assert f.percentile([3, 1, 2], 50) == 2
+    assert percentile([3, 1, 2], 50) == 2
     with pytest.raises(ValueError, match="at least one"):
-        f.percentile([], 50)
+        percentile([], 50)
     with pytest.raises(ValueError, match="between 0 and 100"):
-        f.percentile([1], 101)
+        percentile([1], 101)
 
 
 def test_summary_has_the_tail_above_the_mean():
     log = f.latency_log(5000)
-    summary = f.summarize_latencies(log["duration_s"])
+    summary = summarize_latencies(log["duration_s"])
     assert summary["requests"] == 5000
     assert summary["p50_s"] < summary["mean_s"] < summary["p99_s"] <= summary["max_s"]
 
@@ -92,7 +95,7 @@ def test_run_load_records_every_request_and_samples_in_flight():
     def work(i):
         time.sleep(0.002)  # releases the GIL, like a database call
 
-    run = f.run_load(work, workers=4, requests=80)
+    run = run_load(work, workers=4, requests=80)
     assert len(run.log) == 80
     assert sorted(run.log["request"]) == list(range(80))
     assert (run.log["duration_s"] > 0).all()
@@ -112,11 +115,11 @@ def test_run_load_propagates_nothing_and_keeps_counting_after_errors():
         with lock:
             calls.append(i)
 
-    run = f.run_load(work, workers=3, requests=10)
+    run = run_load(work, workers=3, requests=10)
     assert sorted(calls) == list(range(10))
     assert len(run.log) == 10
     with pytest.raises(ValueError):
-        f.run_load(work, workers=0, requests=1)
+        run_load(work, workers=0, requests=1)
 
 
 def test_shop_request_runs_a_query(shop):
@@ -152,12 +155,12 @@ def test_fast_category_revenue_gives_the_same_result(shop):
 
 
 def test_customer_report_issues_one_query_per_item(shop):
-    from perfcourse.measure import count_queries
+    from perfcourse.statements import count_queries
 
     with count_queries(shop) as q:
         report = f.customer_report(shop, [1, 2, 3, 5, 8])
     with shop.connect() as conn:
-        items = len(f._user_items(conn, [1, 2, 3, 5, 8]))
+        items = len(f.user_items(conn, [1, 2, 3, 5, 8]))
     assert q.count == 1 + items
     assert [r["user_id"] for r in report] == sorted(r["user_id"] for r in report)
     for row in report:
@@ -172,7 +175,7 @@ def test_hottest_function_finds_the_bottleneck(shop):
     with profiler:
         f.customer_report(shop, list(range(1, 60)))
     session = profiler.last_session
-    assert f.hottest_function(session, exclude=["customer_report"]) == "lookup_category"
-    assert f.hottest_function(session) == "customer_report"  # the entry point holds everything
+    assert hottest_function(session, f.__name__, exclude=["customer_report"]) == "lookup_category"
+    assert hottest_function(session, f.__name__) == "customer_report"  # the entry point holds everything
     with pytest.raises(ValueError, match="No function"):
-        f.hottest_function(session, module="json")
+        hottest_function(session, "json")
