@@ -24,6 +24,7 @@ import pandas as pd
 from cycler import cycler
 from matplotlib.axes import Axes
 
+from .stats import percentile
 from .units import BYTE_UNITS, format_bytes, format_duration, format_rate, format_ratio, time_unit
 
 __all__ = ["use_course_style", "COURSE_STYLE", "COLORS", "bar_cases", "lines_over",
@@ -217,7 +218,7 @@ def histogram_latency(
     samples = np.asarray(samples_s, dtype=float)
     if samples.size == 0:
         raise ValueError("No latency samples to plot: pass a list of durations in seconds.")
-    unit, size = _scale([float(np.percentile(samples, max(percentiles, default=100)))], "time")
+    unit, size = _scale([percentile(samples, max(percentiles, default=100))], "time")
     scaled = samples / size
     if logx:
         low = max(scaled[scaled > 0].min(initial=np.inf), 1e-12)
@@ -228,7 +229,7 @@ def histogram_latency(
     ax.hist(scaled, bins=edges, color=COLORS[0], alpha=0.75)
     styles = ["--", "-.", ":", (0, (5, 1))]
     for i, p in enumerate(percentiles):
-        value = float(np.percentile(samples, p))
+        value = percentile(samples, p)
         ax.axvline(value / size, color=COLORS[(i + 1) % len(COLORS)],
                    linestyle=styles[i % len(styles)], linewidth=2,
                    label=f"p{p:g} = {format_duration(value)}")

@@ -160,9 +160,9 @@ def serve(app: str = APP, **settings):
 #: The post_fork hook of the course: forget (do not close) the connections inherited from the master.
 POST_FORK_DISPOSE = '''
 def post_fork(server, worker):
-    from perfcourse.chapters import infrastructure_scaling as app
-    if app.ENGINE is not None:
-        app.ENGINE.dispose(close=False)  # drop the master's connections, keep them open for it
+    from perfcourse.chapters import infrastructure_scaling as infra
+    if infra.ENGINE is not None:
+        infra.ENGINE.dispose(close=False)  # drop the master's connections, keep them open for it
 '''
 
 def throughput_by_server(cases: Sequence[dict], path: str, *, requests: int, concurrency: int):

@@ -16,11 +16,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from perfcourse.chapters.performance_fundamentals import (
-    favourite_category,
     as_money,
-    user_items,
     customer_report,
+    favourite_category,
     latency_log,
+    user_items,
 )
 from perfcourse.notebook import dataset
 from perfcourse.statements import count_queries
@@ -69,14 +69,6 @@ def _checkout_p99_ms() -> float:
 
 
 # --- lab references and hidden inputs ------------------------------------------------------
-
-
-def _percentile(samples, q):
-    ordered = sorted(samples)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def _percentile_cases(rng):
@@ -264,7 +256,7 @@ QUESTIONS = [
     Question(
         id="01.q5",
         title="Lab: percentile(samples, q)",
-        checker=FunctionCheck(reference=_percentile, cases=_percentile_cases),
+        checker=FunctionCheck(reference=percentile, cases=_percentile_cases),
         answer="def percentile(samples, q):\n"
         "    ordered = sorted(samples)\n"
         "    position = (len(ordered) - 1) * q / 100\n"
