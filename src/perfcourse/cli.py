@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import importlib
 import socket
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from . import doctor, seed, services
+from .db import check_connection, drop_namespace, engine, namespace_for
 from .errors import CourseError
 
 if TYPE_CHECKING:
@@ -21,22 +24,17 @@ __all__ = [
     "main",
 ]
 
-# The commands import what they need when they run: the database stack is slow to import, and
-# `perfcourse doctor` must still run (and say what to install) when a package is broken.
 
-#: What to do when a server failed in the middle of a command (one sentence, after the reason).
-_POSTGRES_FIX = (
-    "Check DATABASE_URL (or unset it to use the embedded server), or restart the embedded "
-    "server with `perfcourse services down`, then run the command again."
-)
-_REDIS_FIX = (
-    "Check REDIS_URL (or unset it to use the embedded server), or restart the embedded server "
-    "with `perfcourse services down`, then run the command again."
-)
-_SERVER_FIX = (
-    "Check DATABASE_URL and REDIS_URL (or unset them to use the embedded servers), or restart "
-    "the embedded servers with `perfcourse services down`, then run the command again."
-)
+def _server_fix(variables: str, servers: str) -> str:
+    """What to do when a server failed in the middle of a command (one sentence, after the reason)."""
+    them = "them" if " and " in variables else "it"
+    return (f"Check {variables} (or unset {them} to use the embedded {servers}), or restart the "
+            f"embedded {servers} with `perfcourse services down`, then run the command again.")
+
+
+_POSTGRES_FIX = _server_fix("DATABASE_URL", "server")
+_REDIS_FIX = _server_fix("REDIS_URL", "server")
+_SERVER_FIX = _server_fix("DATABASE_URL and REDIS_URL", "servers")
 _UNREACHABLE = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH,
                 errno.ETIMEDOUT}
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -51,8 +49,6 @@ def _database(backend: str, **kwargs) -> Iterator[Engine]:
     fix before anything starts (no progress bar, no half-done step). SQLite is not opened here:
     looking must not create an empty dataset file.
     """
-    from .db import check_connection, engine  # noqa: PLC0415 - slow; this command only
-
     eng = engine(backend, **kwargs)
     try:
         if backend == "postgres":
@@ -63,13 +59,11 @@ def _database(backend: str, **kwargs) -> Iterator[Engine]:
 
 
 def _seed(args) -> int:
-    from .seed import read_manifest, seed_dataset  # noqa: PLC0415 - slow; this command only
-
     for backend in args.backend or ["sqlite"]:
         with _database(backend, scale=args.scale) as eng:
-            before = read_manifest(eng)
-            counts = seed_dataset(eng, args.scale, force=args.force)
-            after = read_manifest(eng)
+            before = seed.read_manifest(eng)
+            counts = seed.seed_dataset(eng, args.scale, force=args.force)
+            after = seed.read_manifest(eng)
         state = "already up to date" if before == after else f"loaded in {after['load_seconds']:.1f}s"
         summary = ", ".join(f"{table} {n:,}" for table, n in counts.items())
         print(f"{backend} {after['scale']}: {state} ({summary})")
@@ -77,8 +71,6 @@ def _seed(args) -> int:
 
 
 def _drop(args) -> int:
-    from .db import drop_namespace, namespace_for  # noqa: PLC0415 - slow; this command only
-
     for backend in args.backend or ["sqlite"]:
         namespace = namespace_for(args.scale)
         with _database(backend, namespace=namespace):
@@ -88,8 +80,6 @@ def _drop(args) -> int:
 
 
 def _services(args) -> int:
-    from . import services  # noqa: PLC0415 - slow; this command only
-
     if args.action == "up":
         started = services.up()
         # A configured server is only named by its variable, not started: reach both once, so
@@ -109,7 +99,7 @@ def _services(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export_parquet  # noqa: PLC0415 - slow; this command only
+    from .export import export_parquet  # noqa: PLC0415 - pyarrow is slow to import; only export needs it
 
     with _database(args.backend, scale=args.scale) as eng:
         paths = export_parquet(eng)
@@ -119,9 +109,7 @@ def _export(args) -> int:
 
 
 def _doctor(_args) -> int:
-    from .doctor import main  # noqa: PLC0415 - runs even when a package it checks is broken
-
-    return main()
+    return doctor.main()
 
 
 #: Sub-commands with their own argument parsers: (module, function, help).
@@ -134,8 +122,6 @@ DELEGATED = {
 
 
 def _delegate(name: str, argv: list[str]) -> int:
-    import importlib  # noqa: PLC0415 - only the delegated commands load modules by name
-
     module, function, _ = DELEGATED[name]
     return int(getattr(importlib.import_module(module), function)(argv) or 0)
 
@@ -146,27 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("doctor", help="check this machine is ready for the course").set_defaults(run=_doctor)
 
-    seed = commands.add_parser("seed", help="load the shop dataset (idempotent)")
-    seed.add_argument("--scale", default=None, help="tiny, small (default) or large")
-    seed.add_argument("--backend", action="append", choices=["sqlite", "postgres"],
-                      help="repeat for both (default: sqlite)")
-    seed.add_argument("--force", action="store_true", help="rebuild even when up to date")
-    seed.set_defaults(run=_seed)
+    seed_command = commands.add_parser("seed", help="load the shop dataset (idempotent)")
+    seed_command.add_argument("--scale", default=None, help="tiny, small (default) or large")
+    seed_command.add_argument("--backend", action="append", choices=["sqlite", "postgres"],
+                              help="repeat for both (default: sqlite)")
+    seed_command.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    seed_command.set_defaults(run=_seed)
 
-    drop = commands.add_parser("drop", help="delete a dataset (the next `seed` rebuilds it)")
-    drop.add_argument("--scale", default=None, help="tiny, small (default) or large")
-    drop.add_argument("--backend", action="append", choices=["sqlite", "postgres"],
-                      help="repeat for both (default: sqlite)")
-    drop.set_defaults(run=_drop)
+    drop_command = commands.add_parser("drop", help="delete a dataset (the next `seed` rebuilds it)")
+    drop_command.add_argument("--scale", default=None, help="tiny, small (default) or large")
+    drop_command.add_argument("--backend", action="append", choices=["sqlite", "postgres"],
+                              help="repeat for both (default: sqlite)")
+    drop_command.set_defaults(run=_drop)
 
-    services = commands.add_parser("services", help="embedded PostgreSQL and Redis")
-    services.add_argument("action", choices=["status", "up", "down"], nargs="?", default="status")
-    services.set_defaults(run=_services)
+    services_command = commands.add_parser("services", help="embedded PostgreSQL and Redis")
+    services_command.add_argument("action", choices=["status", "up", "down"], nargs="?", default="status")
+    services_command.set_defaults(run=_services)
 
-    export = commands.add_parser("export", help="write the dataset to Parquet for DuckDB")
-    export.add_argument("--backend", default="sqlite", choices=["sqlite", "postgres"])
-    export.add_argument("--scale", default=None)
-    export.set_defaults(run=_export)
+    export_command = commands.add_parser("export", help="write the dataset to Parquet for DuckDB")
+    export_command.add_argument("--backend", default="sqlite", choices=["sqlite", "postgres"])
+    export_command.add_argument("--scale", default=None)
+    export_command.set_defaults(run=_export)
 
     for name, (_, _, help_text) in DELEGATED.items():
         commands.add_parser(name, help=help_text, add_help=False)

@@ -89,7 +89,6 @@ def engine(
         eng = sa.create_engine(f"sqlite:///{sqlite_path(namespace)}", echo=echo, **engine_kwargs)
         sa.event.listen(eng, "connect", _sqlite_pragmas)
     else:
-
         connect_args = dict(engine_kwargs.pop("connect_args", {}))
         connect_args.setdefault("options", f"-csearch_path={namespace},public")
         connect_args.setdefault("connect_timeout", 5)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-import psutil
 import sqlalchemy as sa
 
 from .config import data_dir
@@ -77,7 +76,7 @@ def _packages() -> list[Check]:
                 importlib.import_module(module)
             version = metadata.version(dist)
             checks.append(Check(f"package {dist}", True, f"{version} ({why})"))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any import failure is a finding
             checks.append(
                 Check(f"package {dist}", False, f"not importable: {exc}", "Run `make setup`.")
             )
@@ -85,7 +84,6 @@ def _packages() -> list[Check]:
 
 
 def _sqlite() -> Check:
-
     manifest = read_manifest(engine("sqlite"))
     detail = f"SQLite {sqlite3.sqlite_version}"
     if manifest:
@@ -127,7 +125,6 @@ def _postgres_version() -> str:
 
 
 def _redis_version() -> str:
-
     client = redis_client()
     try:
         return client.info("server")["redis_version"]
@@ -136,6 +133,8 @@ def _redis_version() -> str:
 
 
 def _resources() -> list[Check]:
+    # Here, not at the top: the doctor must start, and report, when psutil is not installed.
+    import psutil  # noqa: PLC0415
 
     free_ram = psutil.virtual_memory().available
     free_disk = shutil.disk_usage(data_dir()).free

@@ -186,7 +186,7 @@ class LatencyProxy:
                     if hasattr(resource, method):
                         try:
                             getattr(resource, method)()
-                        except Exception:
+                        except Exception:  # noqa: BLE001 - closing must go on
                             pass
                         break
             self._on_stop.clear()
@@ -239,7 +239,7 @@ class LatencyProxy:
                     else:
                         self._on_ready(key.data, key.fileobj, mask, now)
                 self._release()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - kept for the caller, the thread must end
             self.error = exc
         finally:
             for conn in list(self._connections.values()):

@@ -306,7 +306,6 @@ def stop_replica_pair(remove: bool = False) -> bool:
     return stopped
 
 
-
 def running_replica_pair() -> ReplicaPair | None:
     """The pair of :func:`start_replica_pair` when both servers run (its apply delay as set
     now), else None. Starts and changes nothing: a grader uses it to leave the pair as it was."""

@@ -19,7 +19,7 @@ from .db import backend_of, drop_namespace, engine, namespace_for, namespace_of,
 from .models import Base
 from .seed import MANIFEST_TABLE, read_manifest, seed_dataset
 
-__all__ = ["PRISTINE_INDEXES", "drop_indexes", "memory_copy", "scratch_copy"]
+__all__ = ["PRISTINE_INDEXES", "drop_indexes", "forget_plans", "memory_copy", "scratch_copy"]
 
 #: Indexes of the pristine dataset (primary keys are implicit): never dropped by drop_indexes.
 PRISTINE_INDEXES = frozenset(
@@ -46,11 +46,18 @@ def drop_indexes(eng: Engine, tables: Iterable[str] | None = None) -> list[str]:
                 if ix["name"] and ix["name"] not in PRISTINE_INDEXES:
                     conn.exec_driver_sql(f'DROP INDEX IF EXISTS "{ix["name"]}"')
                     dropped.append(ix["name"])
-    if backend_of(eng) == "sqlite":
-        # Python's sqlite3 keeps prepared statements per connection, and a cached plan can
-        # outlive the index it names: fresh connections plan again.
-        eng.dispose()
+    forget_plans(eng)
     return dropped
+
+
+def forget_plans(eng: Engine) -> None:
+    """Close pooled connections after DDL on SQLite.
+
+    Python's sqlite3 keeps prepared statements per connection, and a cached ``EXPLAIN QUERY
+    PLAN`` can outlive the index it names; fresh connections plan again.
+    """
+    if backend_of(eng) == "sqlite":
+        eng.dispose()
 
 
 def _restore_schema(eng: Engine) -> bool:

@@ -236,7 +236,7 @@ def prefetch(chunks: Iterator[Chunk], depth: int = 2) -> Iterator[Chunk]:
                     return
                 buffer.put(chunk)
             buffer.put(done)
-        except BaseException as exc:  # handed to the consumer, which raises it
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             buffer.put(exc)
 
     thread = threading.Thread(target=produce, name="perfcourse-seed-generator", daemon=True)

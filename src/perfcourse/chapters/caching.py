@@ -437,7 +437,7 @@ def counter_race(client: redis.Redis, key: str, *, workers: int = 4, rounds: int
                     barrier.wait(timeout=10)  # everyone has read before anyone writes
                     client.set(key, value + 1)
                 barrier.wait(timeout=10)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
             errors.append(exc)
             barrier.abort()
 
@@ -708,7 +708,6 @@ PAGE_TEMPLATE = (
 
 
 def _environment():
-
     return jinja2.Environment(autoescape=True)
 
 
@@ -753,7 +752,6 @@ class FragmentCache:
         return html
 
     def render(self, kind: str, **context) -> str:
-
         context = {k: ([markupsafe.Markup(h) for h in v] if k in ("items", "orders") else v)
                    for k, v in context.items()}
         return self.templates[kind].render(**context)
@@ -918,7 +916,7 @@ def stampede(client: redis.Redis, key: str, *, threads: int = 8, protection: str
                         value = client.get(key)
             with lock:
                 served.append(value)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
             errors.append(exc)
 
     workers = [threading.Thread(target=request, daemon=True) for _ in range(threads)]

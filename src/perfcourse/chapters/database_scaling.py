@@ -426,14 +426,12 @@ def make_shards(source: Engine, n: int = 4, router: Callable[[int], str] | None 
 
 
 def drop_shards(shards: dict[str, Engine], prefix: str = SHARD_NAMESPACE) -> None:
-
     for i, engine in enumerate(shards.values()):
         engine.dispose()
         db.drop_namespace("sqlite", f"{prefix}_{i}")
 
 
 def _top_customers_statement(k: int):
-
     spent = sa.func.sum(Order.total).label("spent")
     return (sa.select(Order.user_id, spent).where(Order.status != "cancelled")
             .group_by(Order.user_id).order_by(spent.desc(), Order.user_id).limit(k))
@@ -1010,7 +1008,6 @@ def range_router(upper_bounds: Sequence[int]) -> Callable[[int], str]:
 
 
 def _average_by_status_statement():
-
     return (sa.select(Order.status, sa.func.avg(Order.total).label("average"),
                       sa.func.count().label("orders"))
             .group_by(Order.status).order_by(Order.status))

@@ -294,7 +294,7 @@ class RoundRobinBalancer:
         balancer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
+            def do_GET(self):  # the name the http.server API calls
                 status, headers, body = balancer.forward(self.path)
                 self.send_response(status)
                 for key, value in headers:

@@ -255,7 +255,6 @@ def _peak_rss_increase(fn: Callable[..., Any], *args: Any, interval: float = 0.0
 
 
 def _sum_quantities_in_child(url: str, namespace: str, stream: bool) -> tuple[int, int]:
-
     child_engine = db.engine("postgres" if url.startswith("postgresql") else "sqlite",
                              namespace=namespace, url=url if url.startswith("postgresql") else None)
     try:

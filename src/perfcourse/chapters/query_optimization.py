@@ -62,7 +62,7 @@ from .. import db
 from ..explain import explain
 from ..memory import track_memory
 from ..models import Category, Order, OrderItem, Product, User
-from ..scratch import drop_indexes
+from ..scratch import drop_indexes, forget_plans
 from ..statements import count_queries
 from ..timing import time_call
 
@@ -435,18 +435,8 @@ class UserOrderStats(_StatsBase):
 
 
 # ---------------------------------------------------------------------------------------------
-# Scratch copies and indexes
+# Indexes on a scratch copy
 # ---------------------------------------------------------------------------------------------
-
-def _forget_plans(engine: Engine) -> None:
-    """Close pooled connections after DDL.
-
-    Python's sqlite3 keeps prepared statements per connection, and a cached ``EXPLAIN QUERY
-    PLAN`` can outlive the index it names; fresh connections plan again.
-    """
-    if db.backend_of(engine) == "sqlite":
-        engine.dispose()
-
 
 def list_indexes(engine: Engine, table: str) -> list[str]:
     """Names of the indexes on ``table`` (primary keys excluded)."""
@@ -489,7 +479,7 @@ def point_lookup(engine: Engine, table: str, column: str, *, lookups: int = 20,
                     conn.exec_driver_sql(f"CREATE INDEX {index_name} ON {table} ({column})")
                     if db.backend_of(engine) == "postgres":
                         conn.exec_driver_sql(f"ANALYZE {table}")
-                _forget_plans(engine)
+                forget_plans(engine)
             plan = explain(engine, statement, {"value": values[0]})
             with engine.connect() as conn:
                 timing = time_call(run, conn=conn, repeat=repeat, warmup=1)
@@ -498,7 +488,7 @@ def point_lookup(engine: Engine, table: str, column: str, *, lookups: int = 20,
     finally:
         with engine.begin() as conn:
             conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index_name}")
-        _forget_plans(engine)
+        forget_plans(engine)
     df = pd.DataFrame(rows)
     df["ratio"] = df["median_s"] / df["median_s"].min()
     return df
@@ -576,7 +566,7 @@ def _create_index(engine: Engine, ddl: str, table: str, *, vacuum: bool = False)
     if postgres and vacuum:
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql(f"VACUUM (ANALYZE) {table}")
-    _forget_plans(engine)
+    forget_plans(engine)
 
 
 def _drop_index(engine: Engine, ddl: str, table: str) -> None:
@@ -586,7 +576,7 @@ def _drop_index(engine: Engine, ddl: str, table: str) -> None:
         if name:
             conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name.group(1)}")
     drop_indexes(engine, [table])
-    _forget_plans(engine)
+    forget_plans(engine)
 
 
 def prefix_plans(engine: Engine, ddl: str, predicates: dict[str, str],

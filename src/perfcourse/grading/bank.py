@@ -191,7 +191,7 @@ def check(qid: str, answer) -> None:
     limit is reported in that message. A failure of the grader itself raises
     :class:`GraderError` ("grader error in NN.qK, please report: ...").
     """
-    __tracebackhide__ = True
+    __tracebackhide__ = True  # IPython and pytest hide this frame
     q = question(qid)
     hint = internal = None
     try:
@@ -211,7 +211,7 @@ def check(qid: str, answer) -> None:
         hint = f"Not yet. Your code was stopped after its time limit of {q.time_limit:g} s."
     except KeyboardInterrupt:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - never show the learner the grader's traceback
         internal = f"grader error in {qid}, please report: {type(exc).__name__}: {exc}"
     if internal is not None:
         raise GraderError(internal) from None

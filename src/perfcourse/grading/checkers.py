@@ -162,7 +162,7 @@ def call_learner(fn: Callable, *args, **kwargs):
         raise NoAnswer(NOT_WRITTEN) from None
     except Incorrect:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any learner error is reported, not raised
         raise Incorrect(f"Your code raised {describe_exception(exc)}") from None
     finally:
         if budget is not None and budget.seconds is not None:
@@ -215,7 +215,7 @@ def _run_in_thread(fn, args, kwargs, seconds):
     def target():
         try:
             outcome["value"] = fn(*args, **kwargs)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller's thread
             outcome["error"] = exc
 
     worker = threading.Thread(target=target, name="perfcourse-learner-code", daemon=True)
@@ -244,7 +244,7 @@ def shorten(text: str, limit: int = 120) -> str:
 def short_repr(value: Any, limit: int = 120) -> str:
     try:
         text = repr(value)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a learner object with a broken __repr__
         text = f"<{type(value).__name__} object>"
     return shorten(text, limit)
 
@@ -290,7 +290,7 @@ def values_equal(got: Any, expected: Any, rel_tol: float = 1e-9, abs_tol: float 
         )
     try:
         return bool(got == expected)
-    except Exception:
+    except Exception:  # noqa: BLE001 - an ambiguous comparison is simply not equal
         return False
 
 
@@ -512,7 +512,6 @@ class FunctionCheck(Checker):
     show_expected: bool = True
 
     def grade(self, answer):
-
         if not callable(answer):
             raise Incorrect(
                 "Pass the function itself, e.g. check(\"..\", my_function), "
@@ -543,7 +542,6 @@ class FunctionCheck(Checker):
                 )
 
     def model_answer(self):
-
         try:
             return inspect.getsource(self.reference)
         except (OSError, TypeError):
@@ -555,7 +553,6 @@ class FunctionCheck(Checker):
 
 
 def _resolve_engine(engine):
-
     return engine if isinstance(engine, Engine) else engine()
 
 
@@ -592,7 +589,6 @@ class QueryCheck(Checker):
     hint: str = ""
 
     def grade(self, answer):
-
         if not callable(answer):
             raise Incorrect(
                 "Pass your loader function itself, e.g. check(\"..\", load_orders) "
@@ -646,7 +642,6 @@ class ExplainCheck(Checker):
     hint: str = ""
 
     def _apply(self, engine, change):
-
         if isinstance(change, str):
             def run_ddl():
                 with engine.begin() as conn:

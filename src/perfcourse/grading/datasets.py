@@ -40,8 +40,6 @@ class PrivateRedis:
         self.label = label
 
     def __enter__(self):
-
-
         try:
             self.client = redis_client()
         except BackendUnavailable as exc:

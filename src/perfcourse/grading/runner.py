@@ -109,7 +109,6 @@ def _master_of(path: Path) -> Path | None:
 
 
 def _master_qids(master: Path) -> list[str]:
-
     nb = nbformat.read(str(master), as_version=4)
     found: list[str] = []
     for cell in nb.cells:
@@ -119,7 +118,6 @@ def _master_qids(master: Path) -> list[str]:
 
 
 def _run_pytest(path: Path, timeout: int, tmp: Path, verbose: bool) -> tuple[dict | None, str]:
-
     report = tmp / "report.json"
     ini = tmp / "pytest.ini"
     ini.write_text("[pytest]\n", encoding="utf-8")
@@ -206,7 +204,7 @@ def grade_notebook(path: Path, *, timeout: int = DEFAULT_CELL_TIMEOUT,
         return NotebookResult(path, error=f"no such notebook: {path}")
     try:
         titles = {qid: q.title for qid, q in load_bank().items()}
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a broken bank is reported, grading goes on
         titles = {}
         print(f"warning: the question bank did not load: {exc}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="perfcourse-grade-") as tmp:

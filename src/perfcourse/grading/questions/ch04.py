@@ -127,7 +127,6 @@ class _ExportCheck(Checker):
 
 
 def _more_than_reference(session, k):
-
     return list(session.execute(more_than_statement(k)).scalars())
 
 
@@ -203,7 +202,6 @@ def _price(product_id, currency):
 
 class _MemoCheck(Checker):
     def grade(self, answer):
-
         if not callable(answer):
             raise Incorrect("Pass your function itself: check(\"04.q5\", make_cached) "
                             f"(got a {type_name(answer)}).")
@@ -252,7 +250,6 @@ class _MemoCheck(Checker):
 
 
 def _status_counts_reference(session):
-
     return status_counts_filter(session.get_bind())
 
 

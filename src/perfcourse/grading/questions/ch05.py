@@ -61,7 +61,6 @@ class _CachedCheck(Checker):
     ttl_s = 60
 
     def grade(self, answer):
-
         need_function(answer, 'check("05.q3", cached)')
         rng = random.Random(5003)
         names = list(_VALUES)
@@ -288,7 +287,6 @@ class _DeletePatternCheck(Checker):
     others = 300
 
     def grade(self, answer):
-
         need_function(answer, 'check("05.q6", delete_pattern)')
         with _PrivateRedis() as redis_:
             fill_keys(redis_.client, redis_.prefix + "session:", self.matching)

@@ -40,7 +40,6 @@ class _PrivateRedis(PrivateRedis):
         super().__init__("grader06")
 
     def cleanup(self) -> None:
-
         for member in self.client.smembers("rq:queues"):
             name = member.decode(errors="replace")
             if f"grader06-{self.run}-" in name:

@@ -71,7 +71,6 @@ def _same_pair(got, expected):
 
 
 def _next_healthy(healthy, previous):
-
     return next_healthy(healthy, previous)
 
 
@@ -165,7 +164,6 @@ class _PostForkCheck(Checker):
 
 
 def _hook_source() -> str:
-
     return infra.POST_FORK_DISPOSE.strip() + "\n"
 
 
