@@ -146,7 +146,8 @@ def test_assign_writes_clean_learner_version(tmp_path):
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None
         assert set(cell.metadata) <= {"tags"}
-    assert nb.cells[2].metadata == {"tags": ["graded"]}
+    # the graded cell keeps its tags and gains raises-exception: Run All goes on past it
+    assert nb.cells[2].metadata == {"tags": ["graded", "raises-exception"]}
     assert nb.metadata == {
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
         "language_info": {"name": "python"},

@@ -66,6 +66,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
 from .config import course_root as find_course_root
+from .grading.bank import graded_ids
 from .grading.runner import nocolor_ipython_dir
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "MD_END",
     "MD_STUB",
     "NOT_IMPLEMENTED",
+    "RAISES_TAG",
     "SOLUTION_ONLY_CODE",
     "SOLUTION_ONLY_MD",
     "SOLUTION_ONLY_TAG",
@@ -105,6 +107,8 @@ MD_BEGIN = re.compile(r"^\s*<!--\s*BEGIN SOLUTION\s*-->\s*$")
 MD_END = re.compile(r"^\s*<!--\s*END SOLUTION\s*-->\s*$")
 MD_STUB = re.compile(r"^\s*<!--\s*STUB:\s?(?P<text>.*?)\s*-->\s*$")
 SOLUTION_ONLY_TAG = "solution-only"
+#: The tag JupyterLab, nbclient and nbval honour to go on past a cell that raises.
+RAISES_TAG = "raises-exception"
 SOLUTION_ONLY_CODE = re.compile(r"^\s*### SOLUTION ONLY\s*$")
 SOLUTION_ONLY_MD = re.compile(r"^\s*<!--\s*SOLUTION ONLY\s*-->\s*$")
 NOT_IMPLEMENTED = 'raise NotImplementedError("Your code here")'
@@ -315,6 +319,11 @@ def learner_notebook(master_path: Path):
             continue
         if cell.cell_type == "code":
             cell.source = stub_code(cell.source, where)
+            if graded_ids(cell.source):
+                # An unanswered check fails; Run All (JupyterLab, nbclient) goes on past it.
+                tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+                if RAISES_TAG not in tags:
+                    tags.append(RAISES_TAG)
         elif cell.cell_type == "markdown":
             cell.source = strip_markdown(cell.source, where)
             if not cell.source.strip():

@@ -15,7 +15,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 
-from ..errors import CourseError
+from ..errors import CHECK_ATTRIBUTE, CourseError
 from .checkers import (
     NO_ANSWER,
     Checker,
@@ -216,7 +216,9 @@ def check(qid: str, answer) -> None:
     if internal is not None:
         raise GraderError(internal) from None
     if hint is not None:
-        raise AssertionError(hint) from None
+        error = AssertionError(hint)
+        setattr(error, CHECK_ATTRIBUTE, qid)  # shown as a hint, not a traceback (errors.py)
+        raise error from None
     _say_right(q)
 
 

@@ -78,6 +78,10 @@ def pytest_runtest_makereport(item, call):
         record["stdout"], error = _cell_outputs(item)
         if error:
             record["ename"], record["evalue"] = error["ename"], error["evalue"]
+            if record["qids"]:
+                # A graded cell tagged raises-exception passes under nbval even when its check
+                # failed: the error it showed is what counts.
+                record["outcome"] = "failed"
     if report.skipped and record["outcome"] == "passed":
         record["outcome"] = "skipped"
     elif report.failed:
