@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import warnings
 
 import nbformat
@@ -12,6 +13,7 @@ from perfcourse.authoring import (
     AuthoringError,
     StubWarning,
     assign,
+    learner_notebook,
     learner_path,
     main_assign,
     strip_markdown,
@@ -148,10 +150,12 @@ def test_assign_writes_clean_learner_version(tmp_path):
         assert set(cell.metadata) <= {"tags"}
     # the graded cell keeps its tags and gains raises-exception: Run All goes on past it
     assert nb.cells[2].metadata == {"tags": ["graded", "raises-exception"]}
-    assert nb.metadata == {
-        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-        "language_info": {"name": "python"},
+    # what JupyterLab writes when it opens the notebook, so opening it changes nothing
+    assert nb.metadata["kernelspec"] == {
+        "display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3",
     }
+    assert nb.metadata["language_info"]["version"] == platform.python_version()
+    assert nb.metadata["language_info"]["codemirror_mode"] == {"name": "ipython", "version": 3}
     master_ids = [c.id for c in nbformat.read(str(master), as_version=4).cells]
     assert [c.id for c in nb.cells] == master_ids[:6]  # ids kept from the master
 
@@ -251,3 +255,37 @@ def test_outputs_reports_a_failing_cell_and_keeps_the_master(tmp_path, capsys):
     assert main_outputs([str(master)]) == 1
     assert "a cell failed: ZeroDivisionError" in capsys.readouterr().err
     assert master.read_bytes() == before
+
+
+def test_test_markers_become_tags_the_learner_never_reads(tmp_path):
+    nb = new_notebook(cells=[new_code_cell("# NBVAL_IGNORE_OUTPUT\nimport math\nprint(math.pi)")])
+    master = tmp_path / "solutions" / "00-markers.ipynb"
+    master.parent.mkdir()
+    master.write_text(nbformat.writes(nb))
+    learner = learner_notebook(master)
+    assert learner.cells[0].source == "import math\nprint(math.pi)"
+    assert learner.cells[0].metadata["tags"] == ["nbval-ignore-output"]
+
+
+def test_check_ignores_only_the_python_version(tmp_path):
+    make_master(tmp_path)
+    assign(root=tmp_path)
+    target = tmp_path / "notebooks" / "00-demo.ipynb"
+    text = target.read_text()
+    target.write_text(text.replace(f'"version": "{platform.python_version()}"', '"version": "3.99.0"'))
+    assert assign(check=True, root=tmp_path).stale == []
+    target.write_text(text.replace("Mean, in ms.", "Mean, in s."))
+    assert assign(check=True, root=tmp_path).stale == [target]
+
+
+def test_no_notebook_of_the_course_shows_a_test_marker():
+    from perfcourse.authoring import MARKER_TAGS
+    from perfcourse.config import repo_root
+
+    shown = []
+    for folder in ("solutions", "notebooks", "labs"):
+        for path in sorted((repo_root() / folder).glob("*.ipynb")):
+            for index, cell in enumerate(nbformat.read(str(path), as_version=4).cells):
+                if any(line.strip() in MARKER_TAGS for line in cell.source.splitlines()):
+                    shown.append(f"{folder}/{path.name} cell {index}")
+    assert not shown, f"test markers in code (use cell tags): {shown}"

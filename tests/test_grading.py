@@ -437,7 +437,7 @@ def make_course(root, extra_cells=()):
     nb.cells = [
         new_markdown_cell("# Grading demo"),
         new_code_cell("from perfcourse.grading import check"),
-        new_code_cell('### BEGIN SOLUTION\nanswer = "a"\n### END SOLUTION\ncheck("00.q1", answer)'),
+        new_code_cell('### BEGIN SOLUTION\nanswer = "c"\n### END SOLUTION\ncheck("00.q1", answer)'),
         new_code_cell("def mean_latency_ms(samples_s):\n    ### BEGIN SOLUTION\n"
                       "    return sum(samples_s) / len(samples_s) * 1000\n    ### END SOLUTION"),
         new_code_cell('check("00.q3", mean_latency_ms)'),

@@ -9,13 +9,14 @@ assertions compare byte counts measured in the same run, never time.
 
 from __future__ import annotations
 
+import csv
 import math
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import select
 
 from perfcourse.chapters import memory_and_cpu as profiling
-from perfcourse.memory import track_memory
 from perfcourse.statements import count_queries
 
 
@@ -66,30 +67,50 @@ def test_counting_sink_counts_lines_written_in_any_pieces():
     assert (sink.header, sink.rows, sink.id_sum) == ("id,name", 3, 33)
 
 
-def test_csv_exports_write_the_same_rows(seeded):
-    table = profiling.compare_csv_export(seeded, batch=100)
+def _orders_csv_statement(limit=None):
+    statement = select(*(profiling.ORDERS.c[name] for name in profiling.ORDER_CSV_COLUMNS)) \
+        .order_by(profiling.ORDERS.c.id)
+    return statement if limit is None else statement.limit(limit)
+
+
+def _export_loading_all(engine, sink):
+    with engine.connect() as conn:
+        rows = conn.execute(_orders_csv_statement()).all()
+    writer = csv.writer(sink)
+    writer.writerow(profiling.ORDER_CSV_COLUMNS)
+    writer.writerows(rows)
+
+
+def _export_streaming(engine, sink, batch=50, limit=None):
+    writer = csv.writer(sink)
+    writer.writerow(profiling.ORDER_CSV_COLUMNS)
+    written = 0
+    with engine.connect() as conn:
+        result = conn.execute(_orders_csv_statement(limit).execution_options(yield_per=batch))
+        for rows in result.partitions():
+            writer.writerows(rows)
+            written += len(rows)
+    return written
+
+
+def test_csv_export_comparison_runs_each_export(seeded):
+    table = profiling.compare_csv_export(seeded, {"all": _export_loading_all,
+                                                  "stream": _export_streaming})
+    assert list(table.method) == ["all", "stream"]
     assert set(table.rows) == {_order_count(seeded)}
     assert table.same_content.all()
-    sink = profiling.CountingSink()
-    assert profiling.export_orders_csv_streaming(seeded, sink, limit=10) == 10
-    assert sink.rows == 10 and sink.header == ",".join(profiling.ORDER_CSV_COLUMNS)
-
-
-def test_streaming_export_peak_stays_below_loading_everything(tiny):
-    peaks = {}
-    for name, export in (("all", profiling.export_orders_csv_loading_all),
-                         ("stream", profiling.export_orders_csv_streaming)):
-        with track_memory() as memory:
-            export(tiny, profiling.CountingSink(), batch=50) if name == "stream" else \
-                export(tiny, profiling.CountingSink())
-        peaks[name] = memory.peak_bytes
-    assert peaks["stream"] < peaks["all"]
+    assert table.peak_bytes[1] < table.peak_bytes[0]
+    different = profiling.compare_csv_export(
+        seeded, {"all": _export_loading_all,
+                 "ten": lambda e, s: _export_streaming(e, s, limit=10)})
+    assert list(different.rows) == [_order_count(seeded), 10]
+    assert list(different.same_content) == [True, False]
 
 
 def test_csv_import_in_chunks(seeded, tmp_path):
     path = tmp_path / "orders.csv"
     with open(path, "w", newline="") as handle:
-        written = profiling.export_orders_csv_streaming(seeded, handle, limit=450)
+        written = _export_streaming(seeded, handle, limit=450)
     table = profiling.compare_csv_import(seeded, path, chunk_rows=100)
     assert list(table.rows) == [written, written]
     assert list(table.rows_in_table) == [written, written]
@@ -153,18 +174,6 @@ def test_heavy_users_grid(tiny):
     assert set(sql.queries) == {1} and sql.comparisons.isna().all()
     counter = grid[grid.method == "Counter"]
     assert list(counter.comparisons) == [100, 200]
-
-
-def test_one_aggregate_replaces_five_counts(seeded):
-    results, queries = [], []
-    for fn in (profiling.status_counts_many, profiling.status_counts_filter,
-               profiling.status_counts_case):
-        with count_queries(seeded) as counted:
-            results.append(fn(seeded))
-        queries.append(counted.count)
-    assert results[0] == results[1] == results[2]
-    assert sum(results[0].values()) == _order_count(seeded)
-    assert queries == [5, 1, 1]
 
 
 def test_duckdb_over_parquet_matches_the_database(seeded, tmp_path):

@@ -73,7 +73,6 @@ def test_littles_law_on_a_hand_made_log():
     assert law["throughput_per_s"] == pytest.approx(0.5)
     assert law["mean_latency_s"] == pytest.approx(2.0)
     assert law["L"] == pytest.approx(1.0)
-    assert f.littles_law_L([(0.0, 1.0), (1.0, 4.0)]) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         f.littles_law([])
 
@@ -82,8 +81,8 @@ def test_sampled_in_flight_count_agrees_with_littles_law():
     log = f.latency_log(20_000)
     times = np.linspace(log["start_s"].min(), log["end_s"].max(), 50_000, endpoint=False)
     sampled = f.in_flight_at(log, times).mean()
-    assert sampled == pytest.approx(f.littles_law_L(log), rel=0.02)
-    assert f.littles_law_L(log) == pytest.approx(f.littles_law_L(list(zip(log.start_s, log.end_s))))
+    assert sampled == pytest.approx(f.littles_law(log)["L"], rel=0.02)
+    assert f.littles_law(log)["L"] == pytest.approx(f.littles_law(list(zip(log.start_s, log.end_s)))["L"])
 
 
 def test_in_flight_at_counts_half_open_intervals():

@@ -19,9 +19,13 @@ What a learner version is
   left empty is dropped.
 * Cells tagged ``solution-only``, or whose first line is ``### SOLUTION ONLY`` (code) or
   ``<!-- SOLUTION ONLY -->`` (markdown), are dropped.
-* Outputs and execution counts are cleared. Notebook metadata keeps only ``kernelspec`` and
-  ``language_info.name``; cell metadata keeps only ``tags`` (widget state, timings, collapsed
-  state are dropped). Cell ids are kept from the master (nbformat 4.5 needs them); missing or
+* Test markers (a line ``# NBVAL_IGNORE_OUTPUT``, ``# NBVAL_SKIP``, ...) become the cell tags
+  nbval reads (``nbval-ignore-output``, ...), so a learner never reads them in the code.
+* Outputs and execution counts are cleared. Notebook metadata is what JupyterLab itself writes
+  when it opens the notebook (``kernelspec`` of ipykernel's ``python3``, the ``language_info``
+  of this Python), so opening an untouched learner version does not mark it modified; ``--check``
+  ignores the Python version there. Cell metadata keeps only ``tags`` (widget state, timings,
+  collapsed state are dropped). Cell ids are kept from the master (nbformat 4.5 needs them); missing or
   duplicate ids get a stable id derived from the notebook name and the cell's position.
 
 Stub rules (what replaces a code solution block)
@@ -53,6 +57,7 @@ import argparse
 import ast
 import hashlib
 import os
+import platform
 import re
 import sys
 import tempfile
@@ -78,6 +83,9 @@ __all__ = [
     "MD_END",
     "MD_STUB",
     "NOT_IMPLEMENTED",
+    "jupyterlab_metadata",
+    "MARKER_TAGS",
+    "markers_to_tags",
     "RAISES_TAG",
     "SOLUTION_ONLY_CODE",
     "SOLUTION_ONLY_MD",
@@ -280,17 +288,49 @@ def _stable_id(name: str, index: int, taken: set[str]) -> str:
         n += 1
 
 
-def clean_metadata(nb, name: str, keep_cell_ids: bool = True) -> None:
-    """Minimal notebook and cell metadata, stable cell ids, nbformat 4.5 (in place)."""
-    spec = nb.metadata.get("kernelspec", {})
-    nb.metadata = {
-        "kernelspec": {
-            "display_name": spec.get("display_name", "Python 3 (ipykernel)"),
-            "language": spec.get("language", "python"),
-            "name": spec.get("name", "python3"),
+#: Test markers an author may write on a line of its own, and the cell tag nbval reads instead.
+MARKER_TAGS = {
+    "# NBVAL_IGNORE_OUTPUT": "nbval-ignore-output",
+    "# NBVAL_SKIP": "nbval-skip",
+    "# NBVAL_CHECK_OUTPUT": "nbval-check-output",
+    "# NBVAL_RAISES_EXCEPTION": RAISES_TAG,
+}
+
+
+def markers_to_tags(cell) -> None:
+    """Move test-marker lines of a code cell into its tags (in place)."""
+    lines = cell.source.split("\n")
+    found = [MARKER_TAGS[line.strip()] for line in lines if line.strip() in MARKER_TAGS]
+    if not found:
+        return
+    cell.source = "\n".join(line for line in lines if line.strip() not in MARKER_TAGS).strip("\n")
+    tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+    tags.extend(tag for tag in found if tag not in tags)
+
+
+def jupyterlab_metadata() -> dict:
+    """The notebook metadata JupyterLab writes on opening a notebook with ipykernel's python3."""
+    return {
+        "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
+        "language_info": {
+            "codemirror_mode": {"name": "ipython", "version": 3},
+            "file_extension": ".py",
+            "mimetype": "text/x-python",
+            "name": "python",
+            "nbconvert_exporter": "python",
+            "pygments_lexer": "ipython3",
+            "version": platform.python_version(),
         },
-        "language_info": {"name": nb.metadata.get("language_info", {}).get("name", "python")},
     }
+
+
+def _without_python_version(text: str) -> str:
+    return re.sub(r'("pygments_lexer": "ipython3",\s*"version": )"[^"]*"', r'\1""', text)
+
+
+def clean_metadata(nb, name: str, keep_cell_ids: bool = True) -> None:
+    """JupyterLab's notebook metadata, minimal cell metadata, stable cell ids, nbformat 4.5."""
+    nb.metadata = jupyterlab_metadata()
     nb.nbformat, nb.nbformat_minor = 4, max(nb.get("nbformat_minor", 5), 5)
     taken: set[str] = set()
     for index, cell in enumerate(nb.cells):
@@ -318,6 +358,7 @@ def learner_notebook(master_path: Path):
         if _solution_only(cell):
             continue
         if cell.cell_type == "code":
+            markers_to_tags(cell)
             cell.source = stub_code(cell.source, where)
             if graded_ids(cell.source):
                 # An unanswered check fails; Run All (JupyterLab, nbclient) goes on past it.
@@ -384,7 +425,9 @@ def assign(masters: list[Path] | None = None, *, check: bool = False,
         target = learner_path(master)
         text = render(learner_notebook(master))
         current = target.read_text(encoding="utf-8") if target.is_file() else None
-        if current == text:
+        if current == text or (
+            check and current is not None and _without_python_version(current) == _without_python_version(text)
+        ):
             result.unchanged.append(target)
         elif check:
             result.stale.append(target)
@@ -467,8 +510,7 @@ def refresh_outputs(master: Path, timeout: int = 120, kernel_name: str = "python
                 os.environ.pop("IPYTHONDIR", None)
             else:
                 os.environ["IPYTHONDIR"] = previous
-    nb.metadata.pop("widgets", None)
-    nb.metadata.get("language_info", {}).pop("version", None)  # churns between authors' Pythons
+    nb.metadata = jupyterlab_metadata()  # no widget state; what JupyterLab writes on open
     for cell in nb.cells:
         cell.get("metadata", {}).pop("execution", None)  # timestamps would churn every run
     master.write_text(render(nb), encoding="utf-8", newline="\n")

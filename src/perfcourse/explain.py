@@ -196,7 +196,7 @@ def explain(
     ``FORMAT JSON`` plan, the text shown is PostgreSQL's own text plan. SQLite has no EXPLAIN
     ANALYZE: with ``analyze=True`` the statement is run and timed once. ``costs=False`` hides
     PostgreSQL's cost estimates (stable output for notebooks); ANALYZE's per-node actual times
-    have no unit, so mark cells showing them ``# NBVAL_IGNORE_OUTPUT``.
+    have no unit, so tag cells showing them ``nbval-ignore-output``.
 
     Pass a Connection instead of an Engine to explain under session settings you made on it
     (``SET enable_seqscan = off``).

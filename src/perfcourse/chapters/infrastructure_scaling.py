@@ -2,8 +2,9 @@
 
 * :func:`create_app` - a small WSGI application (the app gunicorn serves): ``/io`` sleeps
   (I/O-bound), ``/cpu`` runs a fixed pure-Python loop (CPU-bound), ``/orders`` queries the SQLite
-  dataset, ``/db`` reports which process opened the database connection it used, ``/health``
-  answers ``ok``. Every response carries ``X-Worker-Pid``: the process that served it.
+  dataset, ``/db`` reports which process opened the database connection it used (``/db?replica=1``:
+  on the read-replica engine), ``/health`` answers ``ok``. Every response carries
+  ``X-Worker-Pid``: the process that served it.
 * :func:`serve` - gunicorn serving that app, through the course's app server
   (:func:`perfcourse.web.serve`); load comes from :func:`perfcourse.load.http_load`.
 * :class:`RoundRobinBalancer` - a tiny threaded HTTP reverse proxy in front of several backends,
@@ -39,7 +40,6 @@ __all__ = [
     "APP",
     "CPU_WORK",
     "ENGINE",
-    "POST_FORK_DISPOSE",
     "application",
     "Backend",
     "connection_origins",
@@ -50,6 +50,7 @@ __all__ = [
     "horizontal_vs_vertical",
     "make_engine",
     "next_healthy",
+    "READ_ENGINE",
     "RoundRobinBalancer",
     "serve",
     "throughput_by_server",
@@ -63,6 +64,11 @@ CPU_WORK = 150_000
 
 #: The engine of the application in this process (set by :func:`create_app`).
 ENGINE = None
+#: The engine of the app's read replica, when it has one (``create_app(replica=True)``).
+READ_ENGINE = None
+#: Pooled connections this process closed although another process opened them (inherited
+#: through fork): closing them from a child ends the parent's session on a shared socket.
+_closed_inherited = 0
 
 
 def database_path() -> Path:
@@ -77,6 +83,8 @@ def make_engine(path: Path | str | None = None):
 
     ``connection.info["opened_by_pid"]`` is set when the DBAPI connection is created: a request
     served by process B over a connection opened by process A is using an inherited connection.
+    A process that closes a connection another process opened is counted too (``/db`` reports
+    it as ``closed_inherited``).
     """
     eng = sa.create_engine(f"sqlite:///{path or database_path()}",
                            connect_args={"check_same_thread": False}, pool_size=5)
@@ -84,6 +92,12 @@ def make_engine(path: Path | str | None = None):
     @sa.event.listens_for(eng, "connect")
     def _remember_pid(dbapi_connection, connection_record):
         connection_record.info["opened_by_pid"] = os.getpid()
+
+    @sa.event.listens_for(eng, "close")
+    def _count_inherited_close(dbapi_connection, connection_record):
+        global _closed_inherited
+        if connection_record.info.get("opened_by_pid", os.getpid()) != os.getpid():
+            _closed_inherited += 1
 
     return eng
 
@@ -116,33 +130,47 @@ def application(environ, start_response):
     if path == "/cpu":
         return _respond(start_response, {"result": cpu_work(int(query.get("n", CPU_WORK)))})
     if path in ("/orders", "/db"):
-        global ENGINE
-        if ENGINE is None:
-            ENGINE = make_engine()
+        global ENGINE, READ_ENGINE
+        if query.get("replica") == "1":
+            if READ_ENGINE is None:
+                READ_ENGINE = make_engine()
+            engine = READ_ENGINE
+        else:
+            if ENGINE is None:
+                ENGINE = make_engine()
+            engine = ENGINE
         user_id = int(query.get("user", 1))
-        with ENGINE.connect() as conn:
+        with engine.connect() as conn:
             count, total = conn.exec_driver_sql(
                 "SELECT count(*), coalesce(sum(total), 0) FROM orders WHERE user_id = ?",
                 (user_id,)).one()
             opened_by = conn.connection.info.get("opened_by_pid")
         body = {"user": user_id, "orders": count, "total": round(float(total), 2),
-                "opened_by_pid": opened_by}
-        return _respond(start_response, body, extra=[("X-Connection-Pid", str(opened_by))])
+                "opened_by_pid": opened_by, "closed_inherited": _closed_inherited}
+        return _respond(start_response, body, extra=[("X-Connection-Pid", str(opened_by)),
+                                                     ("X-Closed-Inherited", str(_closed_inherited))])
     return _respond(start_response, "not found", status="404 Not Found")
 
 
-def create_app(connect_at_boot: bool = False):
+def create_app(connect_at_boot: bool = False, replica: bool = False):
     """The application factory gunicorn calls (:data:`APP`).
 
     With ``connect_at_boot`` the engine is created and one query runs now, as many apps do at
     start-up (a schema check, a warm-up): its pool then holds an open connection. Under
-    ``--preload`` that happens in the gunicorn master, before the workers are forked.
+    ``--preload`` that happens in the gunicorn master, before the workers are forked. With
+    ``replica`` as well, a second engine (:data:`READ_ENGINE`, the read replica; here on the same
+    SQLite file) is created and queried at boot the same way.
     """
-    global ENGINE
+    global ENGINE, READ_ENGINE
     if connect_at_boot:
         ENGINE = make_engine()
-        with ENGINE.connect() as conn:
-            conn.exec_driver_sql("SELECT 1").all()
+        engines = [ENGINE]
+        if replica:
+            READ_ENGINE = make_engine()
+            engines.append(READ_ENGINE)
+        for engine in engines:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1").all()
     return application
 
 
@@ -156,14 +184,6 @@ def serve(app: str = APP, **settings):
     worker has served a 30 ms ``/io`` request before the block starts."""
     return web.serve(app, warm_path="/io?ms=30", **settings)
 
-
-#: The post_fork hook of the course: forget (do not close) the connections inherited from the master.
-POST_FORK_DISPOSE = '''
-def post_fork(server, worker):
-    from perfcourse.chapters import infrastructure_scaling as infra
-    if infra.ENGINE is not None:
-        infra.ENGINE.dispose(close=False)  # drop the master's connections, keep them open for it
-'''
 
 def throughput_by_server(cases: Sequence[dict], path: str, *, requests: int, concurrency: int):
     """The measurement helper: for each case (settings of :func:`serve` plus a ``case`` label),
@@ -183,25 +203,33 @@ def throughput_by_server(cases: Sequence[dict], path: str, *, requests: int, con
 
 
 def connection_origins(*, preload: bool, hooks: str = "", workers: int = 2, requests: int = 40,
-                       startup_timeout_s: float = 30.0) -> dict:
+                       startup_timeout_s: float = 30.0, replica: bool = False) -> dict:
     """Run gunicorn whose app connects to the database at boot; count requests per connection origin.
 
     Returns how many of ``requests`` sequential ``/db`` requests were answered over a connection
-    opened by another process (inherited through fork) and over one the worker opened itself.
+    opened by another process (inherited through fork) and over one the worker opened itself,
+    and the most inherited connections one worker closed (``closed_inherited``). With
+    ``replica`` the app also opens its read replica at boot and every other request reads from
+    it; ``inherited_replica`` counts those answered over an inherited replica connection.
     """
+    factory = f"create_app(connect_at_boot=True{', replica=True' if replica else ''})"
     with serve(workers=workers, preload=preload, hooks=hooks, startup_timeout_s=startup_timeout_s,
-               app=APP.replace("create_app()", "create_app(connect_at_boot=True)")) as server:
-        inherited = own = 0
+               app=APP.replace("create_app()", factory)) as server:
+        inherited = own = inherited_replica = closed = 0
         for i in range(requests):
-            status, headers, _ = get(server.port, f"/db?user={i + 1}")
+            on_replica = replica and i % 2 == 1
+            status, headers, _ = get(server.port, f"/db?user={i + 1}" + ("&replica=1" if on_replica else ""))
             if status != 200:
                 continue
+            closed = max(closed, int(headers.get("X-Closed-Inherited", 0)))
             if headers.get("X-Connection-Pid") == headers.get("X-Worker-Pid"):
                 own += 1
             else:
                 inherited += 1
-        return {"preload_app": preload, "post_fork": "dispose(close=False)" if hooks else "none",
+                inherited_replica += on_replica
+        return {"preload_app": preload, "post_fork": "yes" if hooks else "none",
                 "requests": requests, "inherited_connection": inherited, "own_connection": own,
+                "inherited_replica": inherited_replica, "closed_inherited": closed,
                 "config": server.config}
 
 

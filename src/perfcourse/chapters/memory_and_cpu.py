@@ -12,9 +12,9 @@ Memory: loading strategies
 
 Memory: CSV out and in
     :class:`CountingSink` is a write-only text sink that keeps nothing (like a socket or an HTTP
-    response); :func:`export_orders_csv_loading_all` and :func:`export_orders_csv_streaming`
-    write the orders as CSV; :func:`import_orders_csv_all` and :func:`import_orders_csv_chunked`
-    read one back into :data:`IMPORT_TABLE` with ``executemany``.
+    response); :func:`compare_csv_export` runs exports written in the notebook into it under
+    tracemalloc; :func:`import_orders_csv_all` and :func:`import_orders_csv_chunked` read a CSV
+    back into :data:`IMPORT_TABLE` with ``executemany``.
 
 Memory: garbage collection
     :func:`gc_myth` (``gc.collect()`` cannot free a list you still reference) and
@@ -24,9 +24,7 @@ CPU
     :func:`slow_product_report` (the function profiled with pyinstrument) and
     :func:`fast_product_report`; users with more than ``k`` orders three ways
     (:func:`more_than_nested`, :func:`more_than_counter`, :func:`more_than_sql`,
-    :func:`heavy_users_grid`); status counts in five queries or one
-    (:func:`status_counts_many`, :func:`status_counts_filter`, :func:`status_counts_case`);
-    the same GROUP BY on SQLite and on DuckDB over Parquet (:func:`category_sales_sqlite`,
+    :func:`heavy_users_grid`); the same GROUP BY on SQLite and on DuckDB over Parquet (:func:`category_sales_sqlite`,
     :func:`category_sales_duckdb`); memoising with :func:`functools.lru_cache`
     (:func:`cached_category_revenue`, :func:`call_sequence`, :func:`memo_table`).
 """
@@ -44,7 +42,7 @@ import tracemalloc
 import weakref
 import zlib
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from decimal import Decimal
@@ -57,13 +55,13 @@ import pandas as pd
 import psutil
 import sqlalchemy as sa
 from memory_profiler import LineProfiler, show_results
-from sqlalchemy import case, func, select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from .. import db
 from ..memory import track_memory
-from ..models import ORDER_STATUSES, Order, OrderItem, Product
+from ..models import Order, OrderItem, Product
 from ..statements import count_queries
 from ..timing import time_call
 
@@ -85,8 +83,6 @@ __all__ = [
     "comparisons",
     "CountingSink",
     "each_order",
-    "export_orders_csv_loading_all",
-    "export_orders_csv_streaming",
     "fast_product_report",
     "gc_myth",
     "heavy_users_grid",
@@ -109,9 +105,6 @@ __all__ = [
     "reset_import_table",
     "same_sales",
     "slow_product_report",
-    "status_counts_case",
-    "status_counts_filter",
-    "status_counts_many",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +124,13 @@ LOAD_STRATEGIES = {
 ORDERS = Order.__table__
 
 
-def orders_in_batches(session: Session, batch: int = 1000) -> Iterator[list[Order]]:
+def _up_to(statement, column, up_to: int | None):
+    """``statement`` restricted to rows whose ``column`` (an id) is at most ``up_to``."""
+    return statement if up_to is None else statement.where(column <= up_to)
+
+
+def orders_in_batches(session: Session, batch: int = 1000,
+                      up_to: int | None = None) -> Iterator[list[Order]]:
     """Orders in lists of ``batch``, by id: a keyset query per batch (Rails' ``find_in_batches``).
 
     Each batch is one ``SELECT ... WHERE id > :last ORDER BY id LIMIT :batch``; the session is
@@ -140,7 +139,8 @@ def orders_in_batches(session: Session, batch: int = 1000) -> Iterator[list[Orde
     last = 0
     while True:
         rows = session.scalars(
-            select(Order).where(Order.id > last).order_by(Order.id).limit(batch)
+            _up_to(select(Order).where(Order.id > last), Order.id, up_to)
+            .order_by(Order.id).limit(batch)
         ).all()
         if not rows:
             return
@@ -149,60 +149,66 @@ def orders_in_batches(session: Session, batch: int = 1000) -> Iterator[list[Orde
         session.expunge_all()
 
 
-def each_order(session: Session, batch: int = 1000) -> Iterator[Order]:
+def each_order(session: Session, batch: int = 1000, up_to: int | None = None) -> Iterator[Order]:
     """Every order, one at a time, ``batch`` rows per fetch (Rails' ``find_each``): ``yield_per``."""
     yield from session.scalars(
-        select(Order).order_by(Order.id).execution_options(yield_per=batch)
+        _up_to(select(Order), Order.id, up_to).order_by(Order.id)
+        .execution_options(yield_per=batch)
     )
 
 
-def load_orders(engine: Engine, strategy: str, batch: int = 1000) -> tuple[int, int]:
-    """Walk every order with ``strategy`` (a key of :data:`LOAD_STRATEGIES`).
+def load_orders(engine: Engine, strategy: str, batch: int = 1000,
+                up_to: int | None = None) -> tuple[int, int]:
+    """Walk every order (or those with an id up to ``up_to``) with ``strategy`` (a key of
+    :data:`LOAD_STRATEGIES`).
 
     Returns ``(rows, checksum)``: the number of orders seen and the sum of their user ids, the
     same for every strategy (a strategy that skipped rows would show).
     """
     if strategy == "ORM all()":
         with Session(engine) as session:
-            orders = session.scalars(select(Order).order_by(Order.id)).all()
+            orders = session.scalars(_up_to(select(Order), Order.id, up_to)
+                                     .order_by(Order.id)).all()
             return len(orders), sum(o.user_id for o in orders)
     if strategy == "ORM yield_per":
         with Session(engine) as session:
             rows = checksum = 0
-            for order in each_order(session, batch):
+            for order in each_order(session, batch, up_to):
                 rows += 1
                 checksum += order.user_id
             return rows, checksum
     if strategy == "keyset batches":
         with Session(engine) as session:
             rows = checksum = 0
-            for orders in orders_in_batches(session, batch):
+            for orders in orders_in_batches(session, batch, up_to):
                 rows += len(orders)
                 checksum += sum(o.user_id for o in orders)
             return rows, checksum
     if strategy == "rows all()":
         with engine.connect() as conn:
-            result = conn.execute(select(ORDERS).order_by(ORDERS.c.id)).all()
+            result = conn.execute(_up_to(select(ORDERS), ORDERS.c.id, up_to)
+                                  .order_by(ORDERS.c.id)).all()
             return len(result), sum(r.user_id for r in result)
     if strategy == "rows iterated":
         with engine.connect() as conn:
             rows = checksum = 0
             result = conn.execute(
-                select(ORDERS).order_by(ORDERS.c.id).execution_options(yield_per=batch))
+                _up_to(select(ORDERS), ORDERS.c.id, up_to).order_by(ORDERS.c.id)
+                .execution_options(yield_per=batch))
             for part in result.partitions():
                 rows += len(part)
                 checksum += sum(row.user_id for row in part)
             return rows, checksum
     if strategy == "ids only":
         with Session(engine) as session:
-            ids = session.scalars(select(Order.id)).all()
-            user_ids = session.scalars(select(Order.user_id)).all()
+            ids = session.scalars(_up_to(select(Order.id), Order.id, up_to)).all()
+            user_ids = session.scalars(_up_to(select(Order.user_id), Order.id, up_to)).all()
             return len(ids), sum(user_ids)
     raise ValueError(f"Unknown strategy {strategy!r}: use one of {', '.join(LOAD_STRATEGIES)}.")
 
 
 def compare_loading(engine: Engine, strategies: Iterable[str] = tuple(LOAD_STRATEGIES),
-                    batch: int = 1000) -> pd.DataFrame:
+                    batch: int = 1000, up_to: int | None = None) -> pd.DataFrame:
     """One row per strategy: ``strategy, rails, rows, checksum, queries, peak_bytes``.
 
     Each strategy runs once under :func:`~perfcourse.memory.track_memory` (the peak of Python
@@ -214,16 +220,17 @@ def compare_loading(engine: Engine, strategies: Iterable[str] = tuple(LOAD_STRAT
     for strategy in strategies:
         gc.collect()
         with count_queries(engine) as queries, track_memory() as memory:
-            rows, checksum = load_orders(engine, strategy, batch)
+            rows, checksum = load_orders(engine, strategy, batch, up_to)
         out.append({"strategy": strategy, "rails": LOAD_STRATEGIES[strategy], "rows": rows,
                     "checksum": checksum, "queries": queries.count,
                     "peak_bytes": memory.peak_bytes})
     return pd.DataFrame(out)
 
 
-def _sum_quantities(engine: Engine, stream: bool) -> int:
+def _sum_quantities(engine: Engine, stream: bool, up_to: int | None = None) -> int:
     table = OrderItem.__table__
-    statement = select(table.c.id, table.c.quantity, table.c.unit_price).order_by(table.c.id)
+    statement = _up_to(select(table.c.id, table.c.quantity, table.c.unit_price), table.c.id,
+                       up_to).order_by(table.c.id)
     if stream:
         statement = statement.execution_options(stream_results=True, max_row_buffer=1000)
     with engine.connect() as conn:
@@ -254,18 +261,20 @@ def _peak_rss_increase(fn: Callable[..., Any], *args: Any, interval: float = 0.0
     return result, max(peak, process.memory_info().rss) - before
 
 
-def _sum_quantities_in_child(url: str, namespace: str, stream: bool) -> tuple[int, int]:
+def _sum_quantities_in_child(url: str, namespace: str, stream: bool,
+                             up_to: int | None = None) -> tuple[int, int]:
     child_engine = db.engine("postgres" if url.startswith("postgresql") else "sqlite",
                              namespace=namespace, url=url if url.startswith("postgresql") else None)
     try:
-        _sum_quantities(child_engine, stream)  # warm up: connection, imports, compiled SQL
-        return _peak_rss_increase(_sum_quantities, child_engine, stream)
+        _sum_quantities(child_engine, stream, up_to)  # warm up: connection, imports, SQL
+        return _peak_rss_increase(_sum_quantities, child_engine, stream, up_to)
     finally:
         child_engine.dispose()
 
 
-def compare_streaming_rss(engine: Engine) -> pd.DataFrame:
-    """Iterate every order item with a client-side cursor and with a server-side one.
+def compare_streaming_rss(engine: Engine, up_to: int | None = None) -> pd.DataFrame:
+    """Iterate every order item (or those with an id up to ``up_to``) with a client-side cursor
+    and with a server-side one.
 
     One row per cursor: ``cursor, units, peak_bytes`` (tracemalloc, in this process) and
     ``rss_increase_bytes``: how far the process RSS rose above its value before the loop, measured
@@ -274,17 +283,19 @@ def compare_streaming_rss(engine: Engine) -> pd.DataFrame:
     first row is read: tracemalloc cannot see it, the RSS does. ``stream_results=True`` opens a
     server-side cursor that fetches ``max_row_buffer`` rows at a time.
     """
-
-
+    if engine.url.get_backend_name() == "sqlite" and engine.url.database in (None, "", ":memory:"):
+        raise ValueError("compare_streaming_rss measures in a second process, which cannot open "
+                         "an in-memory SQLite database: pass a file or PostgreSQL engine.")
     url = engine.url.render_as_string(hide_password=False)
     namespace = db.namespace_of(engine)
     out = []
     for label, stream in (("client-side (default)", False), ("server-side (stream_results)", True)):
         gc.collect()
         with track_memory() as memory:
-            units = _sum_quantities(engine, stream)
+            units = _sum_quantities(engine, stream, up_to)
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            _, increase = pool.submit(_sum_quantities_in_child, url, namespace, stream).result()
+            _, increase = pool.submit(_sum_quantities_in_child, url, namespace, stream,
+                                      up_to).result()
         out.append({"cursor": label, "units": units, "peak_bytes": memory.peak_bytes,
                     "rss_increase_bytes": increase})
     return pd.DataFrame(out)
@@ -386,46 +397,16 @@ class CountingSink:
         return f"<CountingSink: {self.rows:,} rows, {self.chars:,} characters>"
 
 
-def _orders_csv_statement(limit: int | None = None):
-    statement = select(*(ORDERS.c[name] for name in ORDER_CSV_COLUMNS)).order_by(ORDERS.c.id)
-    return statement if limit is None else statement.limit(limit)
+def compare_csv_export(engine: Engine, exports: Mapping[str, Callable[[Engine, Any], Any]]
+                       ) -> pd.DataFrame:
+    """Run each export ``export(engine, sink)`` of ``exports`` (label -> function) into a fresh
+    :class:`CountingSink` under :func:`~perfcourse.memory.track_memory`.
 
-
-def export_orders_csv_loading_all(engine: Engine, sink, limit: int | None = None) -> int:
-    """Write every order (or the first ``limit``) as CSV to ``sink`` after loading them all:
-    memory grows with the table."""
-    with engine.connect() as conn:
-        rows = conn.execute(_orders_csv_statement(limit)).all()
-    writer = csv.writer(sink)
-    writer.writerow(ORDER_CSV_COLUMNS)
-    writer.writerows(rows)
-    return len(rows)
-
-
-def export_orders_csv_streaming(engine: Engine, sink, batch: int = 1000,
-                                limit: int | None = None) -> int:
-    """Write every order (or the first ``limit``) as CSV to ``sink``, ``batch`` rows in memory
-    at a time.
-
-    ``yield_per`` streams the result (a server-side cursor on PostgreSQL); each row is written as
-    soon as it arrives, so memory stays flat whatever the table size. Returns the rows written.
+    One row per export: ``method, rows, characters, same_content, peak_bytes``; ``same_content``
+    says whether it wrote exactly what the first export wrote (a CRC of every character).
     """
-    writer = csv.writer(sink)
-    writer.writerow(ORDER_CSV_COLUMNS)
-    written = 0
-    with engine.connect() as conn:
-        result = conn.execute(_orders_csv_statement(limit).execution_options(yield_per=batch))
-        for rows in result.partitions():
-            writer.writerows(rows)
-            written += len(rows)
-    return written
-
-
-def compare_csv_export(engine: Engine, batch: int = 1000) -> pd.DataFrame:
-    """Both exports into a :class:`CountingSink`: ``method, rows, characters, crc, peak_bytes``."""
     out = []
-    for label, export in (("load all, then write", export_orders_csv_loading_all),
-                          ("stream with yield_per", export_orders_csv_streaming)):
+    for label, export in exports.items():
         sink = CountingSink()
         gc.collect()
         with track_memory() as memory:
@@ -699,34 +680,6 @@ def heavy_users_grid(engine: Engine, ns: Sequence[int], k: int, repeat: int = 3)
     df = pd.DataFrame(out)
     df["comparisons"] = df.comparisons.astype("Int64")
     return df
-
-
-# ---------------------------------------------------------------------------------------------
-# CPU: many COUNT queries against one aggregate
-# ---------------------------------------------------------------------------------------------
-
-
-def status_counts_many(engine: Engine) -> dict[str, int]:
-    """Orders per status, one ``COUNT`` query per status (each scans the table)."""
-    with engine.connect() as conn:
-        return {status: conn.execute(select(func.count()).select_from(ORDERS)
-                                     .where(ORDERS.c.status == status)).scalar_one()
-                for status in ORDER_STATUSES}
-
-
-def status_counts_filter(engine: Engine) -> dict[str, int]:
-    """The same in one query: ``count(*) FILTER (WHERE status = ...)`` per status."""
-    columns = [func.count().filter(ORDERS.c.status == s).label(s) for s in ORDER_STATUSES]
-    with engine.connect() as conn:
-        return dict(conn.execute(select(*columns)).one()._mapping)
-
-
-def status_counts_case(engine: Engine) -> dict[str, int]:
-    """The same in one query with ``sum(CASE WHEN ... THEN 1 ELSE 0 END)`` (any SQL database)."""
-    columns = [func.coalesce(func.sum(case((ORDERS.c.status == s, 1), else_=0)), 0).label(s)
-               for s in ORDER_STATUSES]
-    with engine.connect() as conn:
-        return {k: int(v) for k, v in conn.execute(select(*columns)).one()._mapping.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,6 @@ __all__ = [
     "in_flight_at",
     "latency_log",
     "littles_law",
-    "littles_law_L",
     "lookup_category",
     "mm1_mean_response",
     "shop_request",
@@ -145,11 +144,6 @@ def littles_law(log) -> dict[str, float]:
         "mean_latency_s": mean_latency,
         "L": throughput * mean_latency,
     }
-
-
-def littles_law_L(log) -> float:
-    """L = X * R of a request log: the mean number of requests in flight (see :func:`littles_law`)."""
-    return littles_law(log)["L"]
 
 
 def in_flight_at(log, times: Sequence[float]) -> np.ndarray:

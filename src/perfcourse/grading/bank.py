@@ -27,6 +27,7 @@ from .checkers import (
 
 __all__ = [
     "GRADED_CALL",
+    "MAX_TIME_LIMIT",
     "QUESTION_ID",
     "RIGHT_MARK",
     "check",
@@ -45,6 +46,9 @@ __all__ = [
 QUESTION_ID = re.compile(r"^(?P<chapter>\d{2})\.q(?P<number>\d+)$")
 #: Printed first when an answer is right; the grade runner looks for it.
 RIGHT_MARK = "✓"
+#: Seconds of learner code any one check allows at most, whatever its question says: a runaway
+#: answer gets its hint within this time.
+MAX_TIME_LIMIT = 15.0
 
 
 class UnknownQuestion(CourseError, LookupError):
@@ -63,7 +67,7 @@ class Question:
     kinds of :mod:`perfcourse.grading.checkers`; ``answer`` the model answer (text or code,
     defaults to what the checker knows, e.g. the right option); ``explanation`` why it is right;
     ``hints`` extra hints, one more per wrong attempt; ``time_limit`` seconds the learner's code
-    may run in one check.
+    may run in one check (at most :data:`MAX_TIME_LIMIT`, which ``check`` enforces).
     """
 
     id: str
@@ -81,6 +85,7 @@ class Question:
             raise TypeError(f"Question {self.id}: checker must be a Checker, got {self.checker!r}")
         if isinstance(self.hints, str):
             object.__setattr__(self, "hints", (self.hints,))
+
 
     @property
     def chapter(self) -> str:
@@ -194,10 +199,11 @@ def check(qid: str, answer) -> None:
     __tracebackhide__ = True  # IPython and pytest hide this frame
     q = question(qid)
     hint = internal = None
+    limit = min(q.time_limit, MAX_TIME_LIMIT)
     try:
         if answer is Ellipsis or (answer is None and not q.checker.accepts_none):
             raise NoAnswer(NO_ANSWER)
-        with time_limit(q.time_limit):
+        with time_limit(limit):
             q.checker.grade(answer)
     except NoAnswer as exc:
         hint = str(exc)
@@ -208,7 +214,10 @@ def check(qid: str, answer) -> None:
         if q.hints:
             hint += " Hint: " + q.hints[min(attempt, len(q.hints) - 1)]
     except LearnerTimeout:  # an alarm that fired just after learner code returned
-        hint = f"Not yet. Your code was stopped after its time limit of {q.time_limit:g} s."
+        hint = f"Not yet. Your code was stopped after its time limit of {limit:g} s."
+    except SystemExit:  # learner code the checker ran without call_learner
+        hint = ("Not yet. Your code called sys.exit(), which would stop the whole program: "
+                "return a value (or raise an exception) instead.")
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - never show the learner the grader's traceback

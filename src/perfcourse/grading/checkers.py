@@ -22,7 +22,9 @@ Kinds:
 
 How the time limit works: on Linux and macOS, in the main thread (where IPython kernels run
 cells), ``SIGALRM`` interrupts the learner's code with :class:`LearnerTimeout` at the next Python
-bytecode. Elsewhere (Windows, or a call from another thread) the code runs in a daemon thread that
+bytecode. Learner code that swallows it (a bare ``except:`` in a loop) is interrupted again every
+:data:`REPEAT_S` seconds, and from then on at every line it runs (a line tracer that raises), so
+each swallowing ``try`` is left at its ``except`` line: no ``try`` nesting keeps the check. Elsewhere (Windows, or a call from another thread) the code runs in a daemon thread that
 is waited for; when the limit passes, the thread is sent an asynchronous ``LearnerTimeout`` as well.
 Code stuck inside one long C call cannot be interrupted that way: the thread then keeps running in
 the background until the call returns (it holds no lock of the grader and dies with the kernel),
@@ -36,9 +38,12 @@ import ctypes
 import inspect
 import math
 import numbers
+import ast
 import random
 import re
 import signal
+import sys
+import textwrap
 import threading
 import time
 import zlib
@@ -66,12 +71,15 @@ __all__ = [
     "ExplainCheck",
     "FunctionCheck",
     "Incorrect",
+    "is_unwritten",
     "LearnerTimeout",
     "MultiChoice",
     "need_function",
     "NoAnswer",
     "Number",
+    "only_create_index",
     "QueryCheck",
+    "REPEAT_S",
     "short_repr",
     "shorten",
     "time_limit",
@@ -162,6 +170,11 @@ def call_learner(fn: Callable, *args, **kwargs):
         raise NoAnswer(NOT_WRITTEN) from None
     except Incorrect:
         raise
+    except SystemExit as exc:  # sys.exit() or exit() in learner code: a hint, not a dead check
+        raise Incorrect(
+            f"Your code called sys.exit({'' if exc.code is None else short_repr(exc.code, 30)}), "
+            "which would stop the whole program: return a value (or raise an exception) instead."
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any learner error is reported, not raised
         raise Incorrect(f"Your code raised {describe_exception(exc)}") from None
     finally:
@@ -187,26 +200,50 @@ def _run_limited(fn, args, kwargs, seconds):
     return _run_in_thread(fn, args, kwargs, seconds)
 
 
+#: After the time limit, the alarm fires again this often until the learner's code gives up.
+REPEAT_S = 0.05
+
+
+def _raise_timeout_on_every_line(frame, event, arg):
+    if event == "line":
+        raise LearnerTimeout
+    return _raise_timeout_on_every_line
+
+
 def _run_with_alarm(fn, args, kwargs, seconds):
-    armed = True
+    state = {"armed": True, "fired": 0}
+    tracer = sys.gettrace()  # a debugger's or coverage's, given back afterwards
 
     def _on_alarm(signum, frame):
-        if armed:
-            raise LearnerTimeout
+        if not state["armed"]:
+            return
+        state["fired"] += 1
+        if state["fired"] > 1:
+            # The first LearnerTimeout was swallowed: raise at the next line of every frame
+            # of the learner's code as well (a trace function that raises is removed by Python
+            # after it raised, so the next alarm puts it back).
+            sys.settrace(_raise_timeout_on_every_line)
+            while frame is not None and frame.f_code is not _run_with_alarm.__code__:
+                frame.f_trace = _raise_timeout_on_every_line
+                frame.f_trace_lines = True
+                frame = frame.f_back
+        raise LearnerTimeout
 
     try:
         previous = signal.signal(signal.SIGALRM, _on_alarm)
     except ValueError:  # not the main thread of the main interpreter after all
         return _run_in_thread(fn, args, kwargs, seconds)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001), REPEAT_S)
     try:
         result = fn(*args, **kwargs)
-        armed = False
+        state["armed"] = False
         return result
     finally:
-        armed = False
+        state["armed"] = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if state["fired"] > 1:
+            sys.settrace(tracer)
 
 
 def _run_in_thread(fn, args, kwargs, seconds):
@@ -223,9 +260,18 @@ def _run_in_thread(fn, args, kwargs, seconds):
     worker.join(seconds)
     if worker.is_alive():
         # Best effort: stops pure-Python loops at their next bytecode; see the module docstring.
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(worker.ident), ctypes.py_object(LearnerTimeout)
-        )
+        # Sent again every REPEAT_S for a while, for code that swallows it; the check does not
+        # wait for any of that.
+        def stop_worker():
+            for _ in range(200):
+                if not worker.is_alive():
+                    return
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(worker.ident), ctypes.py_object(LearnerTimeout)
+                )
+                time.sleep(REPEAT_S)
+
+        threading.Thread(target=stop_worker, name="perfcourse-learner-stop", daemon=True).start()
         raise LearnerTimeout
     if "error" in outcome:
         raise outcome["error"]
@@ -253,6 +299,42 @@ def need_function(answer: Any, example: str) -> None:
     """Raise :class:`Incorrect` unless ``answer`` is callable, showing how to pass a function."""
     if not callable(answer):
         raise Incorrect(f"Pass your function itself, e.g. {example} (got a {type_name(answer)}).")
+
+
+def is_unwritten(fn: Callable) -> bool:
+    """Whether ``fn`` is still the learner version's stub: its body raises ``NotImplementedError``.
+
+    Read from the parsed code, not the text, so a written function whose comment or string
+    mentions ``NotImplementedError`` is not mistaken for a stub. False when the source is not
+    available (a lambda typed at a prompt, a built-in).
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = [n for n in node.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+            if len(body) == 1 and isinstance(body[0], ast.Raise) and body[0].exc is not None:
+                raised = body[0].exc.func if isinstance(body[0].exc, ast.Call) else body[0].exc
+                return isinstance(raised, ast.Name) and raised.id == "NotImplementedError"
+            return False
+    return False
+
+
+_CREATE_INDEX = re.compile(r"^\s*create\s+(unique\s+)?index\b", re.IGNORECASE)
+
+
+def only_create_index(ddl: str) -> list[str]:
+    """The statements of ``ddl`` (split on ``;``), or :class:`Incorrect` if one is not CREATE INDEX."""
+    parts = [p.strip() for p in ddl.split(";") if p.strip()]
+    for part in parts:
+        if not _CREATE_INDEX.match(part):
+            raise Incorrect(
+                f"This exercise accepts CREATE INDEX statements only, not {shorten(part, 60)!r}: "
+                "change the schema by adding an index, nothing else."
+            )
+    return parts
 
 
 def type_name(value: Any) -> str:
@@ -643,15 +725,18 @@ class ExplainCheck(Checker):
 
     def _apply(self, engine, change):
         if isinstance(change, str):
+            parts = only_create_index(change)
+
             def run_ddl():
                 with engine.begin() as conn:
-                    for part in (p.strip() for p in change.split(";")):
-                        if part:
-                            conn.exec_driver_sql(part)
+                    for part in parts:
+                        conn.exec_driver_sql(part)
 
             call_learner(run_ddl)
         elif isinstance(change, sa.Index):
-            call_learner(lambda: change.create(engine))
+            # An Index built on the course's models is attached to their metadata, so a fresh
+            # schema made from that metadata may already have it.
+            call_learner(lambda: change.create(engine, checkfirst=True))
         elif callable(change):
             call_learner(change, engine)
         else:
@@ -668,7 +753,13 @@ class ExplainCheck(Checker):
                 self._apply(engine, change)
             explain = self.explain or explain_statement
             statement = self.statement(engine) if callable(self.statement) else self.statement
-            plan = explain(engine, statement, self.params) if self.params else explain(engine, statement)
+            try:
+                plan = explain(engine, statement, self.params) if self.params else explain(engine, statement)
+            except sa.exc.DBAPIError as exc:  # the learner's change broke the schema the query needs
+                raise Incorrect(
+                    "After your change the query no longer runs ("
+                    f"{shorten(str(exc.orig), 100)}): add an index, do not drop or alter tables."
+                ) from None
         finally:
             engine.dispose()
         extra = f" {self.hint}" if self.hint else ""

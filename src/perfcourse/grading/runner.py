@@ -1,7 +1,7 @@
 """``perfcourse grade``: run saved notebooks, print a per-question table and a score.
 
 Each notebook runs in its own ``pytest`` subprocess with nbval in lax mode (every cell must run;
-only cells marked ``# NBVAL_CHECK_OUTPUT`` have their output compared, after the course's
+only cells tagged ``nbval-check-output`` have their output compared, after the course's
 sanitize file), in the current environment's kernel, colours off, each cell under a time limit.
 The :mod:`perfcourse.grading.nbplugin` plugin records each cell; a cell that calls
 ``check("NN.qK", ...)`` is a graded cell. When the notebook's master is present

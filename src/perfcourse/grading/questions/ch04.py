@@ -1,30 +1,39 @@
 """Chapter 04, memory and CPU: memory growth, streaming exports, aggregates in SQL, memoising.
 
-Practical questions run on the grader's own data: a private in-memory copy of the ``tiny``
-dataset (queries and results, on hidden parameters), or an in-memory table of generated orders
-(the streaming export, graded by the rows written and by the peak of Python allocations on that
-fixed workload: a count of bytes, never a time).
+Practical questions run on the grader's own data and never on the case the lesson shows:
+
+* 04.q3 streams orders *joined with their user's email* (the lesson streams orders alone) from
+  an in-memory table of generated orders; graded by every line written, by the peak of Python
+  allocations compared with a load-everything export of the same table (a count of bytes, never
+  a time) and by how the rows were fetched (``stream_results``/``yield_per`` or keyset batches).
+* 04.q4 finds *products* in more than ``k`` different orders (the lesson: users with more than
+  ``k`` orders) on a private copy of the ``tiny`` dataset, for hidden ``k``.
+* 04.q5 memoises a function whose results depend on a data *version* (the lesson: an
+  ``lru_cache`` cleared by hand), graded by how often the expensive function runs.
+* 04.q6 counts orders per *total band* in one query (the lesson: per status), on hidden data
+  with orders on the band boundaries.
+
+The reference answers live here, private; no function of the chapter module solves them.
 """
 
 from __future__ import annotations
 
+import csv
+import functools
 import gc
 import random
+import re
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 
 import sqlalchemy as sa
+from sqlalchemy import case, event, func, select
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
-from perfcourse.chapters.memory_and_cpu import (
-    ORDER_CSV_COLUMNS,
-    CountingSink,
-    lru_misses,
-    more_than_statement,
-    status_counts_filter,
-)
+from perfcourse.chapters.memory_and_cpu import lru_misses
 from perfcourse.memory import track_memory
-from perfcourse.models import ORDER_STATUSES, Order
+from perfcourse.models import ORDER_STATUSES, Order, OrderItem, User
 from perfcourse.statements import count_queries
 from perfcourse.units import format_bytes
 
@@ -43,79 +52,229 @@ from ..checkers import (
 from ..datasets import private_dataset
 
 __all__ = [
-    "EXPORT_PEAK_LIMIT_BYTES",
+    "EXPORT_COLUMNS",
     "EXPORT_ROWS",
     "QUESTIONS",
 ]
 
 # --------------------------------------------------------------------------------------------
-# 04.q3: a streaming CSV export
+# 04.q3: a streaming CSV export of orders joined with their user's email
 
-#: Orders in the grader's export workload, and the peak of Python memory an export may reach.
-EXPORT_ROWS = 30_000
-EXPORT_PEAK_LIMIT_BYTES = 4_000_000
+#: The header of the export, and the orders in the grader's table.
+EXPORT_COLUMNS = ("order_id", "email", "status", "total")
+EXPORT_ROWS = 10_000
+_EXPORT_USERS = 1_200
+#: A streaming export may peak at most at this share of the load-everything export's peak.
+_PEAK_SHARE = 0.5
 
 
-def _generated_orders():
-    """An in-memory SQLite database whose ``orders`` table holds EXPORT_ROWS generated orders."""
+def _export_rows():
+    """The grader's hidden orders: ``(id, user_id, status, total)`` and the users' emails."""
+    rng = random.Random(2043)
+    emails = {u: f"{rng.choice(['ana', 'bo', 'cy', 'dee', 'eli'])}.{u * 7 % 1009}@shop{u % 13}.test"
+              for u in range(1, _EXPORT_USERS + 1)}
+    ids = rng.sample(range(1, EXPORT_ROWS * 3), EXPORT_ROWS)  # gaps: ids are not line numbers
+    orders = [(order_id, rng.randint(1, _EXPORT_USERS), rng.choice(ORDER_STATUSES),
+               Decimal(rng.randint(100, 99_999)) / 100) for order_id in ids]
+    return orders, emails
 
 
+def _export_engine():
+    """An in-memory SQLite database with the hidden users and orders (inserted out of order)."""
     engine = sa.create_engine("sqlite://", poolclass=StaticPool,
                               connect_args={"check_same_thread": False})
+    User.__table__.create(engine)
     Order.__table__.create(engine)
-    rng = random.Random(2004)
-    start = datetime(2024, 1, 1)
-    rows = [{"id": i, "user_id": rng.randint(1, 5000), "status": rng.choice(ORDER_STATUSES),
-             "total": Decimal(rng.randint(100, 99_999)) / 100,
-             "created_at": start + timedelta(minutes=7 * i)} for i in range(1, EXPORT_ROWS + 1)]
+    orders, emails = _export_rows()
+    created = datetime(2024, 1, 1)
     with engine.begin() as conn:
-        conn.execute(Order.__table__.insert(), rows)
+        conn.execute(User.__table__.insert(), [
+            {"id": u, "email": e, "first_name": "x", "last_name": "y", "active": True,
+             "premium": False, "created_at": created} for u, e in emails.items()])
+        conn.execute(Order.__table__.insert(), [
+            {"id": i, "user_id": u, "status": s, "total": t,
+             "created_at": created + timedelta(minutes=i)} for i, u, s, t in orders])
     engine.perfcourse_namespace = "grader_export"
     return engine
 
 
+def _expected_lines():
+    orders, emails = _export_rows()
+    return [(i, emails[u], s, t) for i, u, s, t in sorted(orders)]
+
+
+class _CheckingSink:
+    """A write-only sink that compares each line with the expected one as it arrives.
+
+    It keeps nothing but counters and the first problem found, so its own memory stays flat.
+    """
+
+    def __init__(self, expected):
+        self.expected = expected
+        self.header = None
+        self.rows = 0
+        self.problem = None
+        self._partial = ""
+
+    def write(self, text):
+        if not isinstance(text, str):
+            raise TypeError(f"write() takes text (str), not {type_name(text)}")
+        pieces = (self._partial + text).split("\n")
+        self._partial = pieces.pop()
+        for line in pieces:
+            self._line(line.rstrip("\r"))
+        return len(text)
+
+    def close(self):  # a learner may close what they write to
+        pass
+
+    def flush(self):
+        pass
+
+    def finish(self):
+        if self._partial:
+            self._line(self._partial.rstrip("\r"))
+            self._partial = ""
+
+    def _line(self, line):
+        if self.header is None:
+            self.header = line
+            return
+        index = self.rows
+        self.rows += 1
+        if self.problem is not None or index >= len(self.expected):
+            return
+        want = self.expected[index]
+        fields = next(csv.reader([line]), [])
+        if len(fields) != len(EXPORT_COLUMNS):
+            self.problem = (f"Data line {index + 1} has {len(fields)} fields "
+                            f"({short_repr(line, 60)}); each line has the {len(EXPORT_COLUMNS)} "
+                            f"columns of the header: {','.join(EXPORT_COLUMNS)}.")
+            return
+        order_id, email, status, total = fields
+        if order_id != str(want[0]):
+            self.problem = (f"Data line {index + 1} should be order {want[0]}, not "
+                            f"{short_repr(order_id, 30)}: one line per order, sorted by order id "
+                            "(ORDER BY orders.id), starting with the first.")
+        elif email != want[1]:
+            self.problem = (f"Order {want[0]} should have the email of the user who placed it "
+                            f"({want[1]!r}), not {short_repr(email, 40)}: join users on "
+                            "users.id = orders.user_id and write users.email.")
+        elif status != want[2]:
+            self.problem = (f"Order {want[0]} should have the status {want[2]!r}, "
+                            f"not {short_repr(status, 30)}.")
+        else:
+            try:
+                same = abs(Decimal(total) - want[3]) <= Decimal("0.005")
+            except (InvalidOperation, ValueError):
+                same = False
+            if not same:
+                self.problem = (f"Order {want[0]} should have the total {want[3]}, not "
+                                f"{short_repr(total, 30)}: write orders.total as it is.")
+
+
+def _export_loading_all(engine, sink):
+    """The reference's opposite: every row loaded, then written (the peak to compare with)."""
+    statement = (select(Order.id, User.email, Order.status, Order.total)
+                 .join(User, User.id == Order.user_id).order_by(Order.id))
+    writer = csv.writer(sink)
+    writer.writerow(EXPORT_COLUMNS)
+    with engine.connect() as conn:
+        rows = conn.execute(statement).all()
+    writer.writerows(rows)
+
+
+def _export_streaming(engine, sink):
+    """The model answer of 04.q3."""
+    statement = (select(Order.id, User.email, Order.status, Order.total)
+                 .join(User, User.id == Order.user_id).order_by(Order.id)
+                 .execution_options(yield_per=1000))
+    writer = csv.writer(sink)
+    writer.writerow(EXPORT_COLUMNS)
+    with engine.connect() as conn:
+        for rows in conn.execute(statement).partitions():
+            writer.writerows(rows)
+
+
+@functools.lru_cache(maxsize=1)
+def _loading_all_peak() -> int:
+    """Peak Python memory of the load-everything export of the hidden table (measured once)."""
+    engine = _export_engine()
+    try:
+        sink = _CheckingSink(_expected_lines())
+        gc.collect()
+        with track_memory() as memory:
+            _export_loading_all(engine, sink)
+    finally:
+        engine.dispose()
+    return memory.peak_bytes
+
+
+def _watch_fetching(engine):
+    """Record, per SELECT, whether it streamed and whether it was a LIMITed batch."""
+    seen = []
+
+    def before(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith(("SELECT", "WITH")):
+            options = context.execution_options if context is not None else {}
+            seen.append((bool(options.get("stream_results") or options.get("yield_per")),
+                         bool(re.search(r"\bLIMIT\b", statement, re.I))))
+
+    event.listen(engine, "before_cursor_execute", before)
+    return seen, lambda: event.remove(engine, "before_cursor_execute", before)
+
+
 class _ExportCheck(Checker):
     def grade(self, answer):
-
-
         if not callable(answer):
-            raise Incorrect("Pass your function itself: check(\"04.q3\", export_orders_csv) "
+            raise Incorrect("Pass your function itself: check(\"04.q3\", export_orders_with_email) "
                             f"(got a {type_name(answer)}).")
-        engine = _generated_orders()
+        limit = int(_loading_all_peak() * _PEAK_SHARE)
+        engine = _export_engine()
+        sink = _CheckingSink(_expected_lines())
+        seen, stop_watching = _watch_fetching(engine)
         try:
-            sink = CountingSink()
             gc.collect()
             with track_memory() as memory:
                 call_learner(answer, engine, sink)
         finally:
+            stop_watching()
             engine.dispose()
-        header = ",".join(ORDER_CSV_COLUMNS)
+        sink.finish()
+        header = ",".join(EXPORT_COLUMNS)
         if sink.header is None:
-            raise Incorrect("Nothing was written to the sink: create csv.writer(sink) and write "
-                            "the header, then the rows.")
+            raise Incorrect("Nothing was written to the sink: create csv.writer(sink), write the "
+                            "header, then one line per order.")
         if sink.header != header:
             raise Incorrect(f"The first line should be the header {header!r}, "
                             f"not {short_repr(sink.header, 60)}.")
+        if sink.problem:
+            raise Incorrect(sink.problem)
         if sink.rows != EXPORT_ROWS:
             raise Incorrect(f"The grader's table has {EXPORT_ROWS:,} orders and your export wrote "
                             f"{sink.rows:,} data lines: every order, one line each.")
-        expected_ids = EXPORT_ROWS * (EXPORT_ROWS + 1) // 2
-        if sink.id_sum != expected_ids:
-            raise Incorrect("Every order has a line, but the first column is not always the "
-                            "order id: write the columns in the order of the header.")
-        if memory.peak_bytes > EXPORT_PEAK_LIMIT_BYTES:
+        if memory.peak_bytes > limit:
             raise Incorrect(
-                f"Right rows, but Python memory peaked at {format_bytes(memory.peak_bytes)} "
-                f"during the export (limit {format_bytes(EXPORT_PEAK_LIMIT_BYTES)} for "
-                f"{EXPORT_ROWS:,} orders): the rows were held all at once. Stream them with "
-                "execution_options(yield_per=...) and write each batch as it arrives.")
+                f"Right lines, but Python memory peaked at {format_bytes(memory.peak_bytes)} "
+                f"during the export, against {format_bytes(_loading_all_peak())} for loading "
+                f"every row first: the rows were held (nearly) all at once. Stream them with "
+                "execution_options(yield_per=1000) and write each batch as it arrives.")
+        streamed = any(stream for stream, _ in seen)
+        batched = len(seen) > 1 and all(limited for _, limited in seen)
+        if not (streamed or batched):
+            raise Incorrect(
+                "Right lines and flat memory on SQLite, which hands rows over one by one, but "
+                "this query uses a client-side cursor: on PostgreSQL the driver receives the "
+                "whole result before your first row (the memory tracemalloc cannot see). Ask "
+                "for a server-side cursor with execution_options(yield_per=...) (or "
+                "stream_results=True), or fetch keyset batches (WHERE id > :last ... LIMIT).")
 
     def model_answer(self):
-        return ("def export_orders_csv(engine, sink):\n"
+        return ("def export_orders_with_email(engine, sink):\n"
                 "    writer = csv.writer(sink)\n"
-                "    writer.writerow(ORDER_CSV_COLUMNS)\n"
-                "    statement = (select(Order.id, Order.user_id, Order.status, Order.total,\n"
-                "                        Order.created_at).order_by(Order.id)\n"
+                "    writer.writerow([\"order_id\", \"email\", \"status\", \"total\"])\n"
+                "    statement = (select(Order.id, User.email, Order.status, Order.total)\n"
+                "                 .join(User, User.id == Order.user_id).order_by(Order.id)\n"
                 "                 .execution_options(yield_per=1000))\n"
                 "    with engine.connect() as conn:\n"
                 "        for rows in conn.execute(statement).partitions():\n"
@@ -123,81 +282,126 @@ class _ExportCheck(Checker):
 
 
 # --------------------------------------------------------------------------------------------
-# 04.q4: users with more than k orders, in one query
+# 04.q4: products in more than k different orders, in one query
 
 
-def _more_than_reference(session, k):
-    return list(session.execute(more_than_statement(k)).scalars())
+def _products_statement(k, at_least=False, distinct=True):
+    orders = func.count(OrderItem.order_id.distinct()) if distinct else func.count()
+    return (select(OrderItem.product_id).group_by(OrderItem.product_id)
+            .having(orders >= k if at_least else orders > k).order_by(OrderItem.product_id))
+
+
+def _products_reference(session, k):
+    """The model answer of 04.q4, as a loader on a session."""
+    return list(session.execute(_products_statement(k)).scalars())
 
 
 def _as_sorted_ids(result):
     try:
-        ids = [int(getattr(r, "id", r)) for r in result]
-    except (TypeError, ValueError):
-        raise Incorrect("Return a list of user ids (integers), e.g. "
+        ids = [int(r[0] if isinstance(r, (tuple, sa.Row)) and len(r) == 1 else r)
+               for r in result]
+    except (TypeError, ValueError, IndexError):
+        raise Incorrect("Return a list of product ids (integers), e.g. "
                         f"list(conn.execute(...).scalars()) (got {short_repr(result, 60)}).") \
             from None
     return sorted(ids)
 
 
-class _HeavyUsersCheck(Checker):
+#: Hidden values of k: 0, counts some products have exactly (so >= and > differ), and none.
+_HIDDEN_K = (0, 12, 4, 21, 35, 5000)
+
+
+class _PopularProductsCheck(Checker):
     def grade(self, answer):
         if not callable(answer):
-            raise Incorrect("Pass your function itself: check(\"04.q4\", users_with_more_than) "
+            raise Incorrect("Pass your function itself: check(\"04.q4\", products_in_more_than) "
                             f"(got a {type_name(answer)}).")
         engine = private_dataset()
         try:
-            rng = random.Random(2044)
-            for k in (0, 7, rng.randint(2, 5), rng.randint(8, 11), 1000):
+            with engine.begin() as conn:  # hidden data: some products twice in the same orders
+                conn.exec_driver_sql(
+                    "INSERT INTO order_items (order_id, product_id, quantity, unit_price) "
+                    "SELECT order_id, product_id, 1, unit_price FROM order_items "
+                    "WHERE product_id % 7 = 3")
+            for k in _HIDDEN_K:
                 checker = QueryCheck(
-                    reference=lambda session, k: _more_than_reference(session, k),
-                    engine=engine, max_queries=1, args=(k,),
+                    reference=_products_reference, engine=engine, max_queries=1, args=(k,),
                     use=_as_sorted_ids,
-                    hint="GROUP BY the user and keep the groups with HAVING count(*) > k.")
+                    hint="GROUP BY the product and keep the groups with HAVING "
+                    "count(DISTINCT order_id) > k.")
                 try:
                     checker.grade(lambda session, k: answer(engine, k))
                 except NoAnswer:
                     raise
                 except Incorrect as exc:
                     if str(exc).startswith("Your loader returns other rows"):
-                        raise Incorrect(
-                            f"For k={k} your function returns other users than expected: the "
-                            "users with MORE than k orders (every status counts), as ids.") \
-                            from None
+                        raise Incorrect(self._why(engine, answer, k)) from None
                     raise
-
             with count_queries(engine) as counted:
                 call_learner(answer, engine, 3)
             if not any("GROUP BY" in s.sql.upper() for s in counted.statements):
-                raise Incorrect("Right users in one query, but the query sends every order to "
-                                "Python to be counted there: let the database count with "
+                raise Incorrect("Right products in one query, but the query sends every order "
+                                "line to Python to be counted there: let the database count with "
                                 "GROUP BY ... HAVING, so only the answer crosses the wire.")
         finally:
             engine.dispose()
 
+    @staticmethod
+    def _why(engine, answer, k):
+        got = _as_sorted_ids(call_learner(answer, engine, k))
+        with engine.connect() as conn:
+            def ids(**variant):
+                return list(conn.execute(_products_statement(k, **variant)).scalars())
+            at_least, every_line = ids(at_least=True), ids(distinct=False)
+        if got == at_least:
+            return (f"For k={k} your function also returns products in exactly {k} orders: "
+                    "MORE than k, so > k, not >= k.")
+        if got == every_line:
+            return (f"For k={k} your function counts order lines, not orders: a product "
+                    "listed twice in the same order counts once. Count DISTINCT order ids.")
+        return (f"For k={k} your function returns other products than expected "
+                f"(got {short_repr(got, 50)}): the products that appear in more than k "
+                "different orders (any status), as sorted ids.")
+
     def model_answer(self):
-        return ("def users_with_more_than(engine, k):\n"
-                "    statement = (select(Order.user_id).group_by(Order.user_id)\n"
-                "                 .having(func.count() > k).order_by(Order.user_id))\n"
+        return ("def products_in_more_than(engine, k):\n"
+                "    orders = func.count(OrderItem.order_id.distinct())\n"
+                "    statement = (select(OrderItem.product_id).group_by(OrderItem.product_id)\n"
+                "                 .having(orders > k).order_by(OrderItem.product_id))\n"
                 "    with engine.connect() as conn:\n"
                 "        return list(conn.execute(statement).scalars())")
 
 
 # --------------------------------------------------------------------------------------------
-# 04.q5: a memoised calculation, graded by how often the expensive function runs
+# 04.q5: a memoised calculation whose results depend on a data version
 
 
-def _memo_sequences():
+def _memo_scenarios():
+    """``(events, maxsize)``: an event is ``(product_id, currency)`` (a call) or ``"bump"``.
+
+    Product ids are above 256 and currencies are built afresh for every call, so equal
+    arguments are never the same objects (a cache keyed by ``id()`` shows).
+    """
     rng = random.Random(2045)
-    keys = [(product, currency) for product in range(1, 9) for currency in ("EUR", "USD")]
+    keys = [(1000 + product, currency) for product in range(1, 9) for currency in ("EUR", "USD")]
     weights = [1 / (i + 1) for i in range(len(keys))]
-    yield [(1, "EUR"), (1, "EUR"), (2, "EUR"), (1, "USD"), (1, "EUR")], 2, ()
-    yield rng.choices(keys, weights=weights, k=80), 4, (40,)
-    yield rng.choices(keys, weights=weights, k=120), 16, (30, 90)
+    yield [(1001, "EUR"), (1001, "EUR"), (1002, "EUR"), (1001, "USD"), (1001, "EUR"),
+           "bump", (1001, "EUR"), (1002, "EUR"), (1001, "EUR")], 2
+    events = rng.choices(keys, weights=weights, k=90)
+    events[30:30] = ["bump"]
+    events[70:70] = ["bump"]
+    yield events, 4
+    yield rng.choices(keys, weights=weights, k=60) + ["bump"] + \
+        rng.choices(keys, weights=weights, k=60), 16
 
 
-def _price(product_id, currency):
-    return Decimal(product_id * 100 + len(currency)) / 7
+def _price(product_id, currency, version):
+    return Decimal(product_id * 100 + len(currency) * 10 + version) / 7
+
+
+def _fresh(value):
+    """An equal value that is a new object (ints above 256 and strings built at run time)."""
+    return int(str(value)) if isinstance(value, int) else "".join(list(value))
 
 
 class _MemoCheck(Checker):
@@ -205,79 +409,194 @@ class _MemoCheck(Checker):
         if not callable(answer):
             raise Incorrect("Pass your function itself: check(\"04.q5\", make_cached) "
                             f"(got a {type_name(answer)}).")
-        for sequence, maxsize, clear_at in _memo_sequences():
-            calls = []
+        for events, maxsize in _memo_scenarios():
+            self._scenario(answer, events, maxsize)
 
-            def expensive(product_id, currency, calls=calls):
-                calls.append((product_id, currency))
-                return _price(product_id, currency)
+    @staticmethod
+    def _scenario(answer, events, maxsize):
+        state = {"version": 1}
+        calls = []
 
-            cached = call_learner(answer, expensive, maxsize)
-            if not callable(cached):
-                raise Incorrect("make_cached must return a function (the cached version of "
-                                f"`compute`), not a {type_name(cached)}.")
-            if not callable(getattr(cached, "cache_clear", None)):
-                raise Incorrect("The cached function needs a cache_clear() method, so callers "
-                                "can invalidate it (functools.lru_cache gives one).")
-            expected_misses = 0
-            start = 0
-            for stop in (*clear_at, len(sequence)):
-                expected_misses += lru_misses(sequence[start:stop], maxsize)
-                for product_id, currency in sequence[start:stop]:
-                    got = call_learner(cached, product_id, currency)
-                    if got != _price(product_id, currency):
-                        raise Incorrect(f"cached({product_id}, {currency!r}) returned "
-                                        f"{short_repr(got, 40)}, not what compute returns.")
-                if stop != len(sequence):
-                    call_learner(cached.cache_clear)
-                start = stop
-            if len(calls) != expected_misses:
-                more = "more" if len(calls) > expected_misses else "fewer"
+        def compute(product_id, currency):
+            calls.append((product_id, currency))
+            return _price(product_id, currency, state["version"])
+
+        def version():
+            return state["version"]
+
+        cached = call_learner(answer, compute, maxsize, version)
+        if not callable(cached):
+            raise Incorrect("make_cached must return a function (the cached version of "
+                            f"`compute`), not a {type_name(cached)}.")
+        keys = []
+        bumped = False
+        for event_ in events:
+            if event_ == "bump":
+                state["version"] += 1
+                bumped = True
+                continue
+            product_id, currency = event_
+            keys.append((state["version"], product_id, currency))
+            got = call_learner(cached, _fresh(product_id), _fresh(currency))
+            want = _price(product_id, currency, state["version"])
+            if got == want:
+                continue
+            if any(got == _price(product_id, currency, v) for v in range(1, state["version"])):
                 raise Incorrect(
-                    f"On a hidden sequence of {len(sequence)} calls with maxsize={maxsize}"
-                    f"{' and cache_clear() in the middle' if clear_at else ''}, the expensive "
-                    f"function ran {len(calls)} times, {more} than an LRU cache of that size "
-                    f"would ({expected_misses}). Keep at most maxsize results, dropping the least "
-                    "recently used; cache_clear() must empty the cache.")
+                    f"After the data changed (version() went to {state['version']}), "
+                    f"cached({product_id}, {currency!r}) returned the result computed under an "
+                    "older version: a stale price. Put version() in the key (or drop the "
+                    "entries when it changes).")
+            if any(got == _price(p, c, v) for p in range(1001, 1009) for c in ("EUR", "USD")
+                   for v in range(1, state["version"] + 1)):
+                raise Incorrect(
+                    f"cached({product_id}, {currency!r}) returned the result of compute for "
+                    "other arguments: the key must hold every argument (and the version).")
+            raise Incorrect(f"cached({product_id}, {currency!r}) returned {short_repr(got, 40)}, "
+                            "not what compute returns.")
+        expected = lru_misses(keys, maxsize)
+        if len(calls) > expected:
+            raise Incorrect(
+                f"On a hidden sequence of {len(keys)} calls with maxsize={maxsize}"
+                f"{' and a version change' if bumped else ''}, compute ran {len(calls)} times, "
+                f"more than an LRU cache of that size would ({expected}): equal arguments must "
+                "hit even when they are different objects (key on the values, not id()), and "
+                "up to maxsize results stay cached.")
+        if len(calls) < expected:
+            raise Incorrect(
+                f"On a hidden sequence of {len(keys)} calls with maxsize={maxsize}, compute ran "
+                f"{len(calls)} times, fewer than an LRU cache of that size would ({expected}): "
+                "the cache keeps more than maxsize results. Bound it (least recently used out "
+                "first): an unbounded cache grows for ever.")
 
     def model_answer(self):
-        return ("def make_cached(compute, maxsize):\n"
-                "    return functools.lru_cache(maxsize=maxsize)(compute)")
+        return ("def make_cached(compute, maxsize, version):\n"
+                "    @functools.lru_cache(maxsize=maxsize)\n"
+                "    def at_version(data_version, product_id, currency):\n"
+                "        return compute(product_id, currency)\n"
+                "\n"
+                "    def cached(product_id, currency):\n"
+                "        return at_version(version(), product_id, currency)\n"
+                "\n"
+                "    return cached")
 
 
 # --------------------------------------------------------------------------------------------
-# 04.q6: five COUNTs in one query
+# 04.q6: orders per total band, in one query
+
+#: Band -> (lowest total included, lowest total of the next band).
+BANDS = {"small": (None, 50), "medium": (50, 200), "large": (200, None)}
 
 
-def _status_counts_reference(session):
-    return status_counts_filter(session.get_bind())
+def _band_columns(shift_bounds=False):
+    columns = []
+    for band, (low, high) in BANDS.items():
+        conditions = []
+        if low is not None:
+            conditions.append(Order.total > low if shift_bounds else Order.total >= low)
+        if high is not None:
+            conditions.append(Order.total <= high if shift_bounds else Order.total < high)
+        columns.append(func.coalesce(func.sum(case((sa.and_(*conditions), 1), else_=0)), 0)
+                       .label(band))
+    return columns
 
 
-def _as_counts(result):
+def _bands_reference(session, shift_bounds=False):
+    row = session.execute(select(*_band_columns(shift_bounds))).one()
+    return {band: int(value) for band, value in row._mapping.items()}
+
+
+def _as_band_counts(result):
     if not isinstance(result, dict):
-        raise Incorrect(f"Return a dict status -> count, not a {type_name(result)}.")
+        raise Incorrect("Return a dict band -> count, e.g. {\"small\": 3, \"medium\": 5, "
+                        f"\"large\": 2}}, not a {type_name(result)}.")
+    missing = [band for band in BANDS if band not in result]
+    if missing:
+        raise Incorrect(f"Your dict has no {', '.join(map(repr, missing))}: every band must be "
+                        "there, with 0 when no order falls in it (a GROUP BY leaves empty "
+                        "groups out).")
+    extra = [k for k in result if k not in BANDS]
+    if extra:
+        raise Incorrect(f"Your dict has other keys ({short_repr(extra, 40)}): only "
+                        f"{', '.join(map(repr, BANDS))}.")
     try:
-        return {str(k): int(v) for k, v in result.items()}
+        return {band: int(result[band]) for band in BANDS}
     except (TypeError, ValueError):
         raise Incorrect("Every count should be an integer.") from None
 
 
-class _StatusCountsCheck(Checker):
+def _hidden_band_rounds(engine):
+    """Two rounds of hidden data: orders on both boundaries, then no small order at all."""
+    with engine.begin() as conn:
+        top = conn.exec_driver_sql("SELECT max(id) FROM orders").scalar_one()
+        conn.execute(Order.__table__.insert(), [
+            {"id": top + i, "user_id": 1 + i, "status": ORDER_STATUSES[i % 5], "total": total,
+             "created_at": datetime(2024, 6, 1)}
+            for i, total in enumerate([50, 50, 200, 200, 200, Decimal("49.99"),
+                                       Decimal("199.99")], start=1)])
+        conn.exec_driver_sql("UPDATE orders SET status = 'cancelled' WHERE id % 11 = 3")
+    yield "orders on the band boundaries"
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM orders WHERE total < 50")
+    yield "no order under 50"
+
+
+class _BandCountsCheck(Checker):
     def grade(self, answer):
         if not callable(answer):
-            raise Incorrect("Pass your function itself: check(\"04.q6\", status_counts) "
+            raise Incorrect("Pass your function itself: check(\"04.q6\", order_bands) "
                             f"(got a {type_name(answer)}).")
         engine = private_dataset()
         try:
-            with engine.begin() as conn:  # hidden data: move some orders to another status
-                conn.exec_driver_sql("UPDATE orders SET status = 'cancelled' WHERE id % 11 = 3")
-            QueryCheck(reference=_status_counts_reference, engine=engine, max_queries=1,
-                       use=_as_counts,
-                       hint="One SELECT with one aggregate per status: count(*) FILTER (WHERE "
-                       "...) or sum(CASE WHEN ... THEN 1 ELSE 0 END).").grade(
-                lambda session: answer(engine))
+            for situation in _hidden_band_rounds(engine):
+                try:
+                    QueryCheck(reference=_bands_reference, engine=engine, max_queries=1,
+                               use=_as_band_counts,
+                               hint="One SELECT with one aggregate per band: count(*) FILTER "
+                               "(WHERE ...) or sum(CASE WHEN ... THEN 1 ELSE 0 END).").grade(
+                        lambda session: answer(engine))
+                except NoAnswer:
+                    raise
+                except Incorrect as exc:
+                    if str(exc).startswith("Your loader returns other rows"):
+                        raise Incorrect(self._why(engine, answer, situation)) from None
+                    raise
+            with count_queries(engine) as counted:
+                call_learner(answer, engine)
+            if not any(re.search(r"\b(count|sum|total)\s*\(", s.sql, re.I)
+                       for s in counted.statements):
+                raise Incorrect("Right counts in one query, but the query sends every order's "
+                                "total to Python to be counted there: let the database count "
+                                "(count(*) FILTER (WHERE ...) or sum(CASE ...)), so only three "
+                                "numbers cross the wire.")
         finally:
             engine.dispose()
+
+    @staticmethod
+    def _why(engine, answer, situation):
+        got = _as_band_counts(call_learner(answer, engine))
+        with Session(engine) as session:
+            shifted = _bands_reference(session, shift_bounds=True)
+            expected = _bands_reference(session)
+        if got == shifted:
+            return ("An order of exactly 50.00 is medium and one of exactly 200.00 is large: "
+                    "each band includes its lower bound (total >= 50) and excludes its upper "
+                    "one (total < 200).")
+        if sum(got.values()) != sum(expected.values()):
+            return (f"With {situation}, your counts add up to {sum(got.values())}, not to the "
+                    f"{sum(expected.values())} orders of the table: every order is in exactly "
+                    "one band, whatever its status.")
+        return (f"With {situation}, your function returns {short_repr(got, 60)}: small is "
+                "total < 50, medium 50 <= total < 200, large total >= 200 (every status).")
+
+    def model_answer(self):
+        return ("def order_bands(engine):\n"
+                "    columns = [func.count().filter(Order.total < 50).label(\"small\"),\n"
+                "               func.count().filter(Order.total >= 50, Order.total < 200)"
+                ".label(\"medium\"),\n"
+                "               func.count().filter(Order.total >= 200).label(\"large\")]\n"
+                "    with engine.connect() as conn:\n"
+                "        return dict(conn.execute(select(*columns)).one()._mapping)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,94 +607,107 @@ QUESTIONS = [
         title="Memory that keeps growing (interview question 7)",
         checker=MultiChoice(
             options={
-                "a": "Walk big tables in batches or stream them (yield_per, server-side "
+                "a": "Call gc.collect() after every request, so the big lists and query "
+                "results the worker still holds are given back",
+                "b": "Walk big tables in batches or stream them (yield_per, server-side "
                 "cursors) instead of loading every row",
-                "b": "Select only the columns you need (ids instead of whole ORM objects)",
-                "c": "Bound every cache and registry that lives longer than a request "
+                "c": "Select only the columns you need (ids instead of whole ORM objects)",
+                "d": "Memoise the loaders with lru_cache(maxsize=None), so each row is built "
+                "once and shared instead of copied",
+                "e": "Bound every cache and registry that outlives a request "
                 "(lru_cache(maxsize=...), TTLs) and drop references you no longer need",
-                "d": "Compare tracemalloc snapshots (or RSS over time) to find what grows",
-                "e": "Call gc.collect() after every request: it shrinks the lists you still hold",
-                "f": "Set the loop variable to None at the end of each iteration over a list",
-                "g": "Avoid reference cycles that hold big objects, or break them (weakref)",
+                "f": "Watch the tracemalloc peak alone: if Python allocations stay flat, the "
+                "process is not growing",
+                "g": "Compare tracemalloc snapshots and the RSS over time to find what grows",
+                "h": "Avoid reference cycles that hold big objects, or break them (weakref)",
+                "i": "Set the loop variable to None at the end of each iteration, so each row "
+                "is freed while the list is walked",
             },
-            correct={"a", "b", "c", "d", "g"},
+            correct={"b", "c", "e", "g", "h"},
             explanations={
-                "e": "gc.collect() only frees unreachable objects (cycles): a list you still "
-                "reference stays whole; this chapter measured it.",
-                "f": "The list still references every element: rebinding the loop variable "
+                "a": "gc.collect() only frees unreachable objects (cycles): a list the worker "
+                "still references stays whole, as the chapter measured.",
+                "d": "An unbounded cache keeps every argument and result alive for the life of "
+                "the process: that is a leak in slow motion, not a saving. Bound it.",
+                "f": "tracemalloc sees only Python's allocator: a driver's buffer (the "
+                "client-side cursor on PostgreSQL) grew the RSS while tracemalloc stayed flat.",
+                "i": "The list still references every element: rebinding the loop variable "
                 "frees nothing. Drop the list, or never build it (stream).",
             },
         ),
         explanation="Memory grows when a process holds more than it needs at once (whole "
         "tables, all columns) or keeps what it no longer needs (unbounded caches, globals, "
         "cycles). Stream and batch, select less, bound caches, break cycles, and measure what "
-        "grows with tracemalloc snapshots or RSS over time; chapter 09 hunts real leaks. A "
-        "forced gc.collect() frees only garbage that already was unreachable.",
+        "grows with tracemalloc snapshots and RSS over time (tracemalloc alone misses C "
+        "memory); chapter 09 hunts real leaks. A forced gc.collect() frees only garbage that "
+        "already was unreachable.",
     ),
     Question(
         id="04.q2",
         title="What gc.collect() frees",
         checker=Choice(
             options={
-                "a": "Most of the memory of `orders`: a collection frees what is not in use",
-                "b": "Nothing of `orders`: it is still referenced; `del orders` (the last "
+                "a": "Most of the memory of orders: a collection frees the objects the code "
+                "is not using at that moment",
+                "b": "Nothing yet: the objects become collectable once the loop over orders "
+                "ends, at the next automatic collection",
+                "c": "Nothing, ever: CPython gives memory back to the system only when the "
+                "worker process exits",
+                "d": "Nothing of orders: it is still referenced; del orders (the last "
                 "reference) frees it at once",
-                "c": "Nothing, ever: Python returns memory only when the process ends",
-                "d": "Only the ORM objects, not the list",
             },
-            correct="b",
+            correct="d",
             explanations={
-                "a": "The collector frees unreachable objects only. `orders` is reachable from "
+                "a": "The collector frees unreachable objects only. orders is reachable from "
                 "your variable: every element stays.",
+                "b": "Finishing a loop drops no reference: the variable orders still holds the "
+                "list, and the list every object. No collection frees them until it goes.",
                 "c": "Reference counting frees an object the moment its last reference goes: "
-                "`del orders` freed almost everything in the experiment.",
-                "d": "The list references every object: they stay as long as the list does.",
+                "del orders freed almost everything in the experiment.",
             },
         ),
         explanation="CPython frees by reference counting, immediately; the cycle collector "
         "(gc) only finds groups of objects that reference each other and nothing else does. "
-        "While `orders` is referenced, gc.collect() frees none of it.",
+        "While orders is referenced, gc.collect() frees none of it.",
     ),
     Question(
         id="04.q3",
-        title="A streaming CSV export",
+        title="A streaming CSV export with a join",
         checker=_ExportCheck(),
-        explanation="yield_per keeps one batch of rows in memory (a server-side cursor on "
-        "PostgreSQL), csv.writer writes each batch as it arrives: the peak stays flat however "
-        "many orders there are; .all() holds every row before the first line is written.",
-        hints=("Start from select(Order.id, Order.user_id, Order.status, Order.total, "
-               "Order.created_at).order_by(Order.id).",),
-        time_limit=60.0,
+        explanation="yield_per opens a server-side cursor (stream_results) and keeps one batch "
+        "of rows in memory, csv.writer writes each batch as it arrives: the peak stays flat "
+        "however many orders there are, and the join runs in the database. .all() holds every "
+        "row before the first line is written.",
+        hints=("Start from select(Order.id, User.email, Order.status, Order.total)"
+               ".join(User, User.id == Order.user_id).order_by(Order.id).",),
+        time_limit=15.0,
     ),
     Question(
         id="04.q4",
-        title="Users with more than k orders, in one query",
-        checker=_HeavyUsersCheck(),
-        explanation="GROUP BY user_id HAVING count(*) > k makes the database count and filter: "
-        "one round trip, and only the answer crosses the wire. A Python loop over every order "
-        "is O(n) at best (a dict), O(n^2) with nested loops.",
-        time_limit=30.0,
+        title="Products in more than k orders, in one query",
+        checker=_PopularProductsCheck(),
+        explanation="GROUP BY product_id HAVING count(DISTINCT order_id) > k makes the database "
+        "count and filter: one round trip, and only the answer crosses the wire. DISTINCT "
+        "because one order may list a product on two lines.",
+        time_limit=15.0,
     ),
     Question(
         id="04.q5",
-        title="Memoise an expensive function",
+        title="Memoise a function of versioned data",
         checker=_MemoCheck(),
-        explanation="functools.lru_cache keys on the arguments, keeps at most maxsize results "
-        "(least recently used out first), counts hits and misses in cache_info() and forgets "
-        "everything on cache_clear(): the invalidation you must call when the data changes.",
+        explanation="Putting the data version in the key makes stale entries unreachable: a "
+        "change of version turns every lookup into a miss, and the LRU bound pushes the old "
+        "entries out first, since nothing uses them any more. functools.lru_cache keys on the "
+        "arguments and keeps at most maxsize results.",
     ),
     Question(
         id="04.q6",
-        title="Five counts in one query",
-        checker=_StatusCountsCheck(),
-        answer="def status_counts(engine):\n"
-        "    columns = [func.count().filter(Order.status == s).label(s)\n"
-        "               for s in ORDER_STATUSES]\n"
-        "    with engine.connect() as conn:\n"
-        "        return dict(conn.execute(select(*columns)).one()._mapping)",
+        title="Three band counts in one query",
+        checker=_BandCountsCheck(),
         explanation="One pass over orders computes every count: `count(*) FILTER (WHERE ...)` "
         "(PostgreSQL, SQLite 3.30+) or the portable `sum(CASE WHEN ... THEN 1 ELSE 0 END)`. "
-        "Five COUNT queries scan the table five times and pay five round trips.",
-        time_limit=30.0,
+        "Three COUNT queries scan the table three times and pay three round trips; a GROUP BY "
+        "on a CASE leaves empty bands out.",
+        time_limit=15.0,
     ),
 ]

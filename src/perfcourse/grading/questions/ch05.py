@@ -1,10 +1,13 @@
 """Chapter 05, caching: cache-aside, keys, invalidation, pattern deletes, stampedes, HTTP caching.
 
 Practical questions run the learner's code against the course's real Redis, under a private key
-prefix of the grader (``grader05:<random>:``) deleted afterwards, and against a private in-memory
-SQLite database: never the learner's own keys or data. They are graded by behaviour the learner
-cannot hard-code: hits, misses and recomputations on a hidden access sequence, keys of hidden
-records, stale reads after updates, the commands sent and the keys left.
+prefix of the grader (``grader05:<random>:``) deleted afterwards, and against a private SQLite
+database of the grader: never the learner's own keys or data. Each practical asks for a variant
+of what the lesson demonstrates (the lesson: plain cache-aside, a record's key, a product's key
+deleted after commit, every key of a pattern deleted), graded by behaviour the learner cannot
+hard-code: loads on a hidden access sequence and the TTLs left, keys of hidden collections,
+stale reads after hidden transactions, the commands sent and the keys left. The reference answers
+live here, private to the grader.
 """
 
 from __future__ import annotations
@@ -12,16 +15,18 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
+import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.orm import Session, object_session
 
-from perfcourse.chapters.caching import CountingRedis, cached, fill_keys
+from perfcourse.chapters.caching import CountingRedis
 from perfcourse.models import Base, Category, Product
 
 from ..bank import Question
@@ -30,6 +35,7 @@ from ..checkers import (
     Choice,
     Incorrect,
     MultiChoice,
+    NoAnswer,
     call_learner,
     need_function,
     short_repr,
@@ -49,292 +55,687 @@ def _PrivateRedis():
     return PrivateRedis("grader05")
 
 
+def _forbid_blocking(client: CountingRedis) -> None:
+    for name in ("KEYS", "FLUSHDB", "FLUSHALL"):
+        if client.calls[name]:
+            raise Incorrect(f"Your function sent {name}: it blocks the whole server (or wipes "
+                            "it). Never use it on a shared Redis.")
+
+
 # --------------------------------------------------------------------------------------------
-# 05.q3: cache-aside
+# 05.q3: cache-aside that also caches misses (cache penetration)
 
 
-_VALUES = {"zero": 0, "empty-list": [], "empty-text": "", "false": False,
-           "product": {"id": 7, "price": "19.90"}, "ids": [3, 1, 2], "ratio": 0.25, "name": "ada"}
+#: Hidden values: records that exist (falsy ones included) and records that do not (None).
+_LOOKUPS = {"zero": 0, "empty-list": [], "empty-text": "", "false": False,
+            "product": {"id": 7, "price": "19.90"}, "ids": [3, 1, 2], "ratio": 0.25,
+            "gone-1": None, "gone-2": None, "gone-3": None}
+_TTL_S, _MISSING_TTL_S = 240, 12
 
 
-class _CachedCheck(Checker):
-    ttl_s = 60
+def _reference_cached_lookup(client, key, ttl_s, missing_ttl_s, load):
+    raw = client.get(key)
+    if raw is not None:
+        return json.loads(raw)  # JSON null: a cached "does not exist"
+    value = load()
+    client.set(key, json.dumps(value), ex=ttl_s if value is not None else missing_ttl_s)
+    return value
 
+
+class _CachedLookupCheck(Checker):
     def grade(self, answer):
-        need_function(answer, 'check("05.q3", cached)')
+        need_function(answer, 'check("05.q3", cached_lookup)')
         rng = random.Random(5003)
-        names = list(_VALUES)
-        sequence = names + [rng.choice(names) for _ in range(30)]
+        names = list(_LOOKUPS)
+        sequence = names + [rng.choice(names) for _ in range(40)]
         rng.shuffle(sequence)
+        # Written by another process before the check: a value and a cached miss.
+        warm = {"warm-hit": {"warm": True}, "warm-missing": None}
         with _PrivateRedis() as redis_:
+            for name, value in warm.items():
+                redis_.client.set(redis_.prefix + name, json.dumps(value), ex=_TTL_S)
             client = CountingRedis(redis_.client)
-            computes = Counter()
-            # A value another process stored (JSON, as the course does): a hit from the start.
-            warm = redis_.prefix + "warm"
-            redis_.client.set(warm, json.dumps({"warm": True}), ex=self.ttl_s)
-            for name in [*sequence, "warm"]:
-                key = redis_.prefix + name
+            loads = Counter()
+            everything = {**_LOOKUPS, **warm}
+            for name in [*sequence, *warm]:
+                expected = everything[name]
 
-                def compute(name=name):
-                    computes[name] += 1
-                    return {"warm": True} if name == "warm" else _VALUES[name]
+                def load(name=name, expected=expected):
+                    loads[name] += 1
+                    return expected
 
-                got = call_learner(answer, client, key, self.ttl_s, compute)
-                expected = {"warm": True} if name == "warm" else _VALUES[name]
+                before = loads[name]
+                got = call_learner(answer, client, redis_.prefix + name, _TTL_S, _MISSING_TTL_S,
+                                   load)
+                if before == 0 and loads[name] == 1 and name in _LOOKUPS:
+                    self._check_ttl(redis_, name, expected)  # at once, before it can expire
+                if expected is None and got is not None:
+                    raise Incorrect(
+                        f"For a record that does not exist (load() returned None) your function "
+                        f"returned {short_repr(got, 40)}: return None, both on the miss and on "
+                        "later hits of the cached miss (store it as JSON null).")
                 if got != expected or type(got) is not type(expected):
+                    hint = " Did you forget `return`?" if got is None else ""
                     raise Incorrect(
                         f"For the key ...:{name} your function returned {short_repr(got, 40)}, "
-                        f"expected {short_repr(expected, 40)}: store the value as JSON "
-                        "(json.dumps) and return json.loads of what GET gives back on a hit.")
-            if computes["warm"]:
-                raise Incorrect("A key already in Redis (JSON) was computed again: on a hit, "
-                                "return the stored value without calling compute.")
-            again = sorted(n for n, times in computes.items() if times > 1)
-            if again:
-                falsy = all(not _VALUES[n] for n in again)
+                        f"expected {short_repr(expected, 40)}: store values as JSON "
+                        f"(json.dumps) and return json.loads of what GET gives back.{hint}")
+            _forbid_blocking(client)
+            again = sorted(n for n, times in loads.items() if times > 1 and n in _LOOKUPS)
+            missing_again = [n for n in again if _LOOKUPS[n] is None]
+            falsy_again = [n for n in again if _LOOKUPS[n] is not None and not _LOOKUPS[n]]
+            if any(_LOOKUPS[n] for n in again) or loads["warm-hit"]:
                 raise Incorrect(
-                    f"compute ran {sum(computes.values())} times for {len(computes)} distinct "
-                    f"keys (again for {', '.join(again)})."
-                    + (" A cached 0, [] or \"\" is a hit too: test `is not None`, not "
-                       "truthiness." if falsy else " Store the value after computing it."))
-            if set(computes) != set(_VALUES):
-                raise Incorrect("Some missing key was never computed: on a miss, call compute().")
-            for name in _VALUES:
-                ttl_ms = redis_.client.pttl(redis_.prefix + name)
-                if ttl_ms == -1:
-                    raise Incorrect("Your keys never expire: pass the TTL to SET (ex= or px=).")
-                if ttl_ms == -2:
-                    raise Incorrect("A computed value was not stored in Redis under its key.")
-                if ttl_ms > self.ttl_s * 1000 + 50:
-                    raise Incorrect(f"A key lives {ttl_ms / 1000:.0f} s, longer than ttl_s "
-                                    f"= {self.ttl_s}: the TTL is in seconds.")
-            if client.calls["KEYS"] or client.calls["FLUSHDB"] or client.calls["FLUSHALL"]:
-                raise Incorrect("Cache-aside needs GET and SET only, never KEYS or FLUSH.")
+                    f"load() ran again for keys already cached ({', '.join(again)}): on a hit "
+                    "(GET returned something), return json.loads of it without calling load().")
+            if falsy_again:
+                raise Incorrect(
+                    f"load() ran again for keys already cached ({', '.join(again)}): a cached "
+                    "0, [], \"\", false or null is a hit too. Test `raw is not None` on what GET "
+                    "returned, not the truthiness of the value.")
+            if loads["warm-hit"]:
+                raise Incorrect("A key already in Redis (JSON written by another process) was "
+                                "loaded again: on a hit, return the stored value without load().")
+            if loads["warm-missing"]:
+                raise Incorrect("A cached miss already in Redis (JSON null) was loaded again: a "
+                                "stored null is a hit that means \"does not exist\".")
+            if missing_again:
+                raise Incorrect(
+                    f"load() ran {sum(loads[n] for n in missing_again)} times for "
+                    f"{len(missing_again)} records that do not exist: every request for them "
+                    "went to the database (cache penetration). Cache the miss too: store JSON "
+                    "null with the shorter missing_ttl_s.")
+
+    @staticmethod
+    def _check_ttl(redis_, name, value):
+        ttl_ms = redis_.client.pttl(redis_.prefix + name)
+        what = "cached miss" if value is None else "cached value"
+        wanted = _MISSING_TTL_S if value is None else _TTL_S
+        if ttl_ms == -2 and value is None:
+            raise Incorrect(
+                "A miss (load() returned None) was not cached, so every request for a record "
+                "that does not exist goes to the database (cache penetration). Cache the miss "
+                "too: store JSON null with the shorter missing_ttl_s.")
+        if ttl_ms == -2:
+            raise Incorrect(f"A {what} was not stored in Redis under its key (...:{name}).")
+        if ttl_ms == -1:
+            raise Incorrect(f"Your {what}s never expire: pass the TTL to SET (ex=...).")
+        if ttl_ms < 1000:
+            raise Incorrect(f"A {what} lives {ttl_ms / 1000:.3g} s instead of {wanted} s: "
+                            "ex= takes seconds, px= milliseconds.")
+        if value is None and ttl_ms > _MISSING_TTL_S * 1000 + 50:
+            raise Incorrect(
+                f"A cached miss lives {ttl_ms / 1000:.0f} s, as long as a value: give misses the "
+                "shorter missing_ttl_s, so a record created meanwhile shows up soon.")
+        if value is not None and ttl_ms <= _MISSING_TTL_S * 1000 + 50:
+            raise Incorrect(
+                f"A value that exists was cached for only {ttl_ms / 1000:.3g} s: values get "
+                "ttl_s (in seconds), only misses get missing_ttl_s.")
+        if ttl_ms > wanted * 1000 + 50:
+            raise Incorrect(f"A {what} lives {ttl_ms / 1000:.0f} s, longer than the "
+                            f"{wanted} s asked for: the TTLs are in seconds.")
+        if ttl_ms < wanted * 1000 * 0.5:
+            raise Incorrect(f"A {what} lives {ttl_ms / 1000:.3g} s instead of {wanted} s: "
+                            "ex= takes seconds, px= milliseconds.")
 
     def model_answer(self):
-        return ("def cached(client, key, ttl_s, compute):\n"
+        return ("def cached_lookup(client, key, ttl_s, missing_ttl_s, load):\n"
                 "    raw = client.get(key)\n"
                 "    if raw is not None:\n"
-                "        return json.loads(raw)\n"
-                "    value = compute()\n"
-                "    client.set(key, json.dumps(value), ex=ttl_s)\n"
+                "        return json.loads(raw)  # JSON null: a cached \"does not exist\"\n"
+                "    value = load()\n"
+                "    ttl = ttl_s if value is not None else missing_ttl_s\n"
+                "    client.set(key, json.dumps(value), ex=ttl)\n"
                 "    return value")
 
 
 # --------------------------------------------------------------------------------------------
-# 05.q4: a key with the record's version
+# 05.q4: the key of a collection (count + newest updated_at)
 
 
-@dataclass
-class _Record:
-    table: str
+@dataclass(frozen=True)
+class _Row:
+    """One product of a category listing, as the learner's function receives it."""
+
     id: int
-    version: int
     updated_at: datetime
     name: str
 
-    def bumped(self) -> _Record:
-        return _Record(self.table, self.id, self.version + 1,
-                       self.updated_at + timedelta(seconds=1, microseconds=250), self.name + "!")
+
+def _reference_listing_key(category_id, products):
+    newest = max((p.updated_at for p in products), default=None)
+    stamp = newest.strftime("%Y%m%d%H%M%S%f") if newest else "none"
+    return f"ch05:categories/{category_id}/products-{len(products)}-{stamp}"
 
 
-def _records() -> list[_Record]:
+def _listings() -> list[tuple[int, list[_Row]]]:
     rng = random.Random(5004)
     base = datetime(2025, 3, 1, 12, 0, 0)
     out = []
-    for table in ("products", "users", "orders"):
-        for _ in range(4):
-            out.append(_Record(table, rng.randint(1, 99_999), rng.randint(1, 40),
-                               base + timedelta(seconds=rng.randint(0, 10**7),
-                                                microseconds=rng.randint(0, 999_999)),
-                               "A name with spaces " * rng.randint(1, 20)))
-    out.append(_Record("users", out[0].id, out[0].version, out[0].updated_at, out[0].name))
+    for size in (5, 9, 2, 14):
+        category_id = rng.randint(10, 9_999)
+        rows = [_Row(rng.randint(1, 99_999),
+                     base + timedelta(seconds=rng.randint(0, 10**7),
+                                      microseconds=rng.randint(0, 999_999)),
+                     "A product name with spaces " * rng.randint(1, 6))
+                for _ in range(size)]
+        out.append((category_id, rows))
     return out
 
 
-class _KeyCheck(Checker):
+def _key_of(answer, category_id, rows, what):
+    try:
+        key = call_learner(answer, category_id, list(rows))
+    except NoAnswer:
+        raise
+    except Incorrect as exc:
+        raise Incorrect(f"{exc} (for {what})") from None
+    if not isinstance(key, str):
+        raise Incorrect(f"Return the key as a string (got a {type_name(key)} for {what}).")
+    return key
+
+
+class _ListingKeyCheck(Checker):
     def grade(self, answer):
-        need_function(answer, 'check("05.q4", record_cache_key)')
-        records = _records()
-        seen: dict[str, _Record] = {}
-        for record in records:
-            key = call_learner(answer, record)
-            if not isinstance(key, str):
-                raise Incorrect(f"Return the key as a string (got a {type_name(key)}).")
+        need_function(answer, 'check("05.q4", listing_cache_key)')
+        rng = random.Random(50041)
+        seen: dict[str, int] = {}
+        for category_id, rows in _listings():
+            newest = max(rows, key=lambda r: r.updated_at)
+            key = _key_of(answer, category_id, rows, f"category {category_id}")
             if not key.startswith("ch05:"):
                 raise Incorrect(f"{short_repr(key, 50)} is outside the chapter's namespace: "
                                 "start every key with \"ch05:\".")
-            if any(c.isspace() for c in key) or len(key) > 120:
-                raise Incorrect(f"{short_repr(key, 60)} holds spaces or is very long: build it "
-                                "from the table, id and version only, never from free text.")
-            same = _Record(record.table, record.id, record.version, record.updated_at,
-                           record.name)
-            if call_learner(answer, same) != key:
-                raise Incorrect("The same record gave two different keys: the key must depend "
-                                "only on what identifies this version of the record.")
-            if key in seen and seen[key] != record:
-                other = seen[key]
+            if any(c.isspace() for c in key):
+                raise Incorrect(f"{short_repr(key, 60)} holds a space (str() of a datetime has "
+                                "one, a name has several): use isoformat(), a timestamp or "
+                                "strftime, never free text.")
+            if len(key) > 120:
+                raise Incorrect(f"The key is {len(key)} characters for {len(rows)} products: "
+                                "keep it bounded (the count and the newest updated_at, not "
+                                "every id).")
+            if _key_of(answer, category_id, [replace(r) for r in rows], "a copy") != key:
+                raise Incorrect("The same products gave two different keys: the key must "
+                                "depend only on the category and its products' data.")
+            shuffled = list(rows)
+            while shuffled == rows:
+                rng.shuffle(shuffled)
+            if _key_of(answer, category_id, shuffled, "the same products reordered") != key:
                 raise Incorrect(
-                    f"Two records share the key {short_repr(key, 50)}: {other.table} "
-                    f"{other.id} and {record.table} {record.id}. Include the table and the id.")
-            seen[key] = record
-            newer = call_learner(answer, record.bumped())
-            if newer == key:
+                    "The same products in another order gave another key: the rows come in any "
+                    "order, so use max(updated_at) and len(), not the first or last row.")
+            if key in seen:
+                raise Incorrect(f"Two categories share the key {short_repr(key, 50)}: put the "
+                                "category id in the key.")
+            seen[key] = category_id
+            if _key_of(answer, category_id + 1, rows, "another category") == key:
+                raise Incorrect(f"Category {category_id} and category {category_id + 1}, with "
+                                "the same products, got the same key: put the category id in "
+                                "the key.")
+            older = [r for r in rows if r is not newest]
+            added = [*rows, _Row(rng.randint(100_000, 199_999),
+                                 min(r.updated_at for r in rows) - timedelta(days=3), "new")]
+            if _key_of(answer, category_id, added, "one product more") == key:
                 raise Incorrect(
-                    f"After {record.table} {record.id} changed (version {record.version} -> "
-                    f"{record.version + 1}) the key stayed {short_repr(key, 50)}: readers "
-                    "would get the old fragment. Put the version (or updated_at) in the key.")
+                    f"After a product (older than the newest) joined category {category_id} "
+                    f"the key stayed {short_repr(key, 50)}: readers would get the old listing. "
+                    "Put the number of products in the key.")
+            if _key_of(answer, category_id, [newest, *older[1:]], "one product less") == key:
+                raise Incorrect(
+                    f"After a product left category {category_id} the key stayed "
+                    f"{short_repr(key, 50)}: put the number of products in the key.")
+            later = [replace(r, updated_at=newest.updated_at + timedelta(seconds=2))
+                     if r is older[0] else r for r in rows]
+            if _key_of(answer, category_id, later, "one product updated") == key:
+                raise Incorrect(
+                    f"After a product of category {category_id} was updated (its updated_at "
+                    f"now the newest) the key stayed {short_repr(key, 50)}: put the newest "
+                    "updated_at (max over the products) in the key.")
+            soon = [replace(r, updated_at=newest.updated_at + timedelta(microseconds=300))
+                    if r is older[0] else r for r in rows]
+            if _key_of(answer, category_id, soon, "an update 0.3 ms later") == key:
+                raise Incorrect(
+                    "An update 0.3 ms after the newest one left the key unchanged: keep the "
+                    "microseconds of updated_at (isoformat(), strftime with %f or timestamp()).")
+        empty = [_key_of(answer, c, [], "a category with no products") for c in (41, 42)]
+        for key in empty:
+            if not key.startswith("ch05:") or any(c.isspace() for c in key):
+                raise Incorrect(f"For a category with no products the key was "
+                                f"{short_repr(key, 50)}: it must start with \"ch05:\" and hold "
+                                "no spaces.")
+        if empty[0] == empty[1]:
+            raise Incorrect("Two empty categories share a key: put the category id in the key.")
+        category_id, rows = _listings()[0]
+        if empty[0] == _key_of(answer, 41, rows, "category 41"):
+            raise Incorrect("An empty category and a full one got the same key.")
+        big = [_Row(i, datetime(2025, 1, 1) + timedelta(minutes=i), "x") for i in range(1, 401)]
+        key = _key_of(answer, 7, big, "a category of 400 products")
+        if len(key) > 120:
+            raise Incorrect(f"For a category of 400 products your key is {len(key)} characters: "
+                            "keep it bounded (the count and the newest updated_at, not every "
+                            "id).")
 
     def model_answer(self):
-        return ('def record_cache_key(record):\n'
-                '    return f"ch05:{record.table}/{record.id}-v{record.version}"')
+        return ("def listing_cache_key(category_id, products):\n"
+                "    newest = max((p.updated_at for p in products), default=None)\n"
+                "    stamp = newest.strftime(\"%Y%m%d%H%M%S%f\") if newest else \"none\"\n"
+                "    return f\"ch05:categories/{category_id}/products-{len(products)}-{stamp}\"")
 
 
 # --------------------------------------------------------------------------------------------
-# 05.q5: an invalidation hook on ORM events
+# 05.q5: invalidate category listings after the commit (never during the flush)
+
+_MAPPER_EVENTS = frozenset({"before_insert", "after_insert", "before_update", "after_update",
+                            "before_delete", "after_delete"})
+_SESSION_EVENTS = frozenset({"before_flush", "after_flush", "after_flush_postexec",
+                             "before_commit", "after_commit", "after_rollback",
+                             "after_soft_rollback", "after_transaction_end", "after_begin",
+                             "after_transaction_create"})
+#: Moments between a change reaching the database and its commit: a reader may run then.
+_WINDOW_EVENTS = ("after_flush", "after_flush_postexec", "before_commit")
+_PENDING = "perfcourse.grader05.stale_listings"
 
 
-def _shop_memory_engine():
+def _reference_listing_invalidation(client, key_for):
+    def note(mapper, connection, target):
+        pending = object_session(target).info.setdefault(_PENDING, set())
+        pending.add(target.category_id)
+        moved_from = sa.inspect(target).attrs.category_id.history.deleted
+        pending.update(c for c in moved_from if c is not None)
+
+    def after_commit(session):
+        categories = session.info.pop(_PENDING, set())
+        if categories:
+            client.delete(*(key_for(c) for c in categories))
+
+    def after_rollback(session):
+        session.info.pop(_PENDING, None)
+
+    return {"after_insert": note, "after_update": note, "after_delete": note,
+            "after_commit": after_commit, "after_rollback": after_rollback}
 
 
-    engine = sa.create_engine("sqlite://", poolclass=StaticPool,
-                              connect_args={"check_same_thread": False})
-    Base.metadata.create_all(engine)
-    return engine
+class _GraderSession(Session):
+    """The grader's own Session class: the learner's session listeners go on it, not on all."""
 
 
-class _HookCheck(Checker):
-    products = 12
+class _Shop:
+    """The grader's private shop (a SQLite file) and the cached listing of each category.
 
-    def grade(self, answer):
+    ``read_missing`` is a concurrent reader: a listing missing from the cache is loaded from
+    what is committed (another connection) and cached again, as any request would do.
+    """
 
+    categories = (1, 2, 3, 4)
 
-        need_function(answer, 'check("05.q5", make_invalidation_hook)')
+    def __init__(self, folder: Path, client, key_for):
+        self.engine = sa.create_engine(f"sqlite:///{folder / 'grader05.db'}")
+        self.client, self.key_for = client, key_for
+        self.recached: set[int] = set()
+        Base.metadata.create_all(self.engine)
         rng = random.Random(5005)
-        engine = _shop_memory_engine()
-        with Session(engine) as session:
-            session.add(Category(id=1, name="grader"))
-            for i in range(1, self.products + 1):
-                session.add(Product(id=i, category_id=1, name=f"p{i}",
+        with Session(self.engine) as session:
+            for c in self.categories:
+                session.add(Category(id=c, name=f"grader {c}"))
+            for i in range(1, 17):
+                session.add(Product(id=i, category_id=self.categories[i % 4], name=f"p{i}",
                                     price=Decimal(rng.randint(100, 9999)) / 100, active=True))
             session.commit()
-        with _PrivateRedis() as redis_:
-            def key_for(product_id):
-                return f"{redis_.prefix}product:{product_id}"
 
-            hook = call_learner(answer, redis_.client, key_for)
-            if not callable(hook):
-                raise Incorrect("make_invalidation_hook must return the listener function "
-                                f"(got a {type_name(hook)}).")
-            events = ("after_update", "after_insert", "after_delete")
-            for name in events:
-                sa.event.listen(Product, name, hook)
-            try:
-                stale, lost = call_learner(self._scenario, engine, redis_.client, key_for, rng)
-            finally:
-                for name in events:
-                    sa.event.remove(Product, name, hook)
-                engine.dispose()
+    def listing(self, category_id: int) -> str:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT id, price FROM products WHERE category_id = :c "
+                                        "ORDER BY id"), {"c": category_id}).all()
+        return json.dumps([[row[0], str(row[1])] for row in rows])
+
+    def warm(self) -> None:
+        self.recached.clear()
+        for c in self.categories:
+            self.client.set(self.key_for(c), self.listing(c), ex=300)
+
+    def read_missing(self, *_args) -> None:
+        for c in self.categories:
+            if not self.client.exists(self.key_for(c)):
+                self.client.set(self.key_for(c), self.listing(c), ex=300)
+                self.recached.add(c)
+
+    def missing(self) -> list[int]:
+        return [c for c in self.categories if not self.client.exists(self.key_for(c))]
+
+    def stale(self) -> list[int]:
+        out = []
+        for c in self.categories:
+            raw = self.client.get(self.key_for(c))
+            if raw is not None and raw.decode() != self.listing(c):
+                out.append(c)
+        return out
+
+    def product_in(self, session, category_id: int) -> Product:
+        return session.scalars(sa.select(Product).where(Product.category_id == category_id)
+                               .order_by(Product.id)).first()
+
+
+def _listeners(answer, client, key_for) -> dict:
+    hooks = call_learner(answer, client, key_for)
+    if not isinstance(hooks, dict) or not hooks:
+        raise Incorrect("make_listing_invalidation must return a dict from event names to "
+                        "listener functions, e.g. {\"after_update\": note, \"after_commit\": "
+                        f"flush_keys}} (got a {type_name(hooks)}).")
+    for name, fn in hooks.items():
+        if name not in _MAPPER_EVENTS | _SESSION_EVENTS:
+            raise Incorrect(
+                f"{name!r} is not an event this exercise knows: use mapper events "
+                f"({', '.join(sorted(_MAPPER_EVENTS))}) or session events "
+                f"({', '.join(sorted(_SESSION_EVENTS))}).")
+        if not callable(fn):
+            raise Incorrect(f"The listener for {name!r} is a {type_name(fn)}, not a function.")
+    return hooks
+
+
+class _ListingInvalidationCheck(Checker):
+    def grade(self, answer):
+        need_function(answer, 'check("05.q5", make_listing_invalidation)')
+        folder = Path(tempfile.mkdtemp(prefix="grader05-"))
+        attached = []
+        try:
+            with _PrivateRedis() as redis_:
+                def key_for(category_id):
+                    return f"{redis_.prefix}listing:{category_id}"
+
+                client = CountingRedis(redis_.client)
+                shop = _Shop(folder, redis_.client, key_for)
+                hooks = _listeners(answer, client, key_for)
+                for name, fn in hooks.items():
+                    target = Product if name in _MAPPER_EVENTS else _GraderSession
+                    sa.event.listen(target, name, fn)
+                    attached.append((target, name, fn))
+                for name in _WINDOW_EVENTS:  # after the learner's: a reader in the window
+                    sa.event.listen(_GraderSession, name, shop.read_missing)
+                    attached.append((_GraderSession, name, shop.read_missing))
+                call_learner(self._scenarios, shop)
+                _forbid_blocking(client)
+        finally:
+            for target, name, fn in attached:
+                sa.event.remove(target, name, fn)
+            if "shop" in locals():
+                shop.engine.dispose()
+            shutil.rmtree(folder, ignore_errors=True)
+
+    @staticmethod
+    def _verify(shop: _Shop, changed: set[int], what: str, event: str) -> None:
+        stale = shop.stale()
         if stale:
-            raise Incorrect(f"{stale} reads after an update returned the old price: the hook "
-                            "must delete the changed product's key (key_for(target.id)).")
+            c = stale[0]
+            if c in shop.recached:
+                raise Incorrect(
+                    f"{what}: the listing of category {c} was deleted before the commit, and a "
+                    "reader in between cached the old listing again. Note the category during "
+                    "the flush (session.info) and delete its key in after_commit.")
+            raise Incorrect(
+                f"{what}: the listing of category {c} still showed the old data after the "
+                f"commit. Note the category in {event} and delete key_for(category) in "
+                "after_commit.")
+        lost = [c for c in shop.missing() if c not in changed]
         if lost:
-            raise Incorrect(f"{lost} products that did not change lost their cached entry: "
-                            "delete only the key of the product the event is about.")
+            raise Incorrect(
+                f"{what}: the listing of category {lost[0]}, which did not change, was deleted "
+                "too. Delete only the keys of the categories this session changed.")
 
-    def _scenario(self, engine, client, key_for, rng):
-
-
-        def read(session, pid):
-            def load():
-                product = session.get(Product, pid)
-                return str(product.price)
-
-            return cached(client, key_for(pid), 300, load)
-
-        stale = lost = 0
-        ids = list(range(1, self.products + 1))
-        for _round in range(3):
-            with Session(engine) as session:
-                for pid in ids:
-                    read(session, pid)
-            changed = rng.sample(ids, 3)
-            with Session(engine) as session:
-                for pid in changed:
-                    product = session.get(Product, pid)
-                    product.price = product.price + Decimal("1.25")
-                session.commit()
-            lost += sum(client.exists(key_for(pid)) == 0 for pid in ids if pid not in changed)
-            with Session(engine) as session:
-                for pid in ids:
-                    truth = str(session.get(Product, pid).price)
-                    stale += read(session, pid) != truth
-        return stale, lost
+    def _scenarios(self, shop: _Shop) -> None:
+        # An update, committed.
+        shop.warm()
+        with _GraderSession(shop.engine) as session:
+            product = shop.product_in(session, 1)
+            product.price += Decimal("1.25")
+            session.flush()  # as a query's autoflush would
+            session.commit()
+        self._verify(shop, {1}, "After a price update", "after_update")
+        # An insert, a delete.
+        shop.warm()
+        with _GraderSession(shop.engine) as session:
+            session.add(Product(id=101, category_id=2, name="new", price=Decimal("3.50"),
+                                active=True))
+            session.commit()
+        self._verify(shop, {2}, "After a product was inserted", "after_insert")
+        shop.warm()
+        with _GraderSession(shop.engine) as session:
+            session.delete(shop.product_in(session, 3))
+            session.commit()
+        self._verify(shop, {3}, "After a product was deleted", "after_delete")
+        # A product moves: the old category's listing is stale too.
+        shop.warm()
+        with _GraderSession(shop.engine) as session:
+            shop.product_in(session, 4).category_id = 1
+            session.commit()
+        stale = shop.stale()
+        if stale == [4]:
+            raise Incorrect(
+                "After a product moved from category 4 to 1, the listing of category 4 still "
+                "showed it: on update note the old category as well (sqlalchemy.inspect(target)"
+                ".attrs.category_id.history.deleted).")
+        self._verify(shop, {1, 4}, "After a product moved to another category", "after_update")
+        # A rollback deletes nothing, now or at the next commit.
+        shop.warm()
+        with _GraderSession(shop.engine) as session:
+            shop.product_in(session, 2).price += Decimal("2")
+            session.flush()
+            shop.read_missing()
+            session.rollback()
+            gone = shop.missing()
+            if gone:
+                raise Incorrect(
+                    f"After a rollback the listing of category {gone[0]} was deleted: nothing "
+                    "changed, so on rollback forget the noted keys and delete none.")
+            shop.product_in(session, 3).price += Decimal("1")
+            session.commit()
+        if 2 in shop.missing():
+            raise Incorrect(
+                "A change to category 2 was rolled back, yet its listing was deleted at the next "
+                "commit: clear the noted keys in after_rollback.")
+        self._verify(shop, {3}, "After a rollback and a commit", "after_update")
+        # Two sessions: one commits while the other has flushed but not committed.
+        shop.warm()
+        with _GraderSession(shop.engine) as first, _GraderSession(shop.engine) as second:
+            shop.product_in(first, 4).price += Decimal("4")
+            first.flush()
+            second.get(Product, 1)
+            second.commit()
+            shop.read_missing()
+            first.commit()
+        if shop.stale():
+            raise Incorrect(
+                "Another session's commit deleted the key of a change that was flushed but not "
+                "committed yet, and a reader cached the old listing again: keep the noted keys "
+                "per session (session.info), not in one shared set.")
+        self._verify(shop, {4}, "With two sessions", "after_update")
 
     def model_answer(self):
-        return ("def make_invalidation_hook(client, key_for):\n"
-                "    def hook(mapper, connection, target):\n"
-                "        client.delete(key_for(target.id))\n"
-                "    return hook")
+        return (
+            "def make_listing_invalidation(client, key_for):\n"
+            "    def note(mapper, connection, target):\n"
+            "        pending = object_session(target).info.setdefault(\"stale\", set())\n"
+            "        pending.add(target.category_id)\n"
+            "        old = sqlalchemy.inspect(target).attrs.category_id.history.deleted\n"
+            "        pending.update(c for c in old if c is not None)\n"
+            "\n"
+            "    def after_commit(session):\n"
+            "        categories = session.info.pop(\"stale\", set())\n"
+            "        if categories:\n"
+            "            client.delete(*(key_for(c) for c in categories))\n"
+            "\n"
+            "    def after_rollback(session):\n"
+            "        session.info.pop(\"stale\", None)\n"
+            "\n"
+            "    return {\"after_insert\": note, \"after_update\": note, \"after_delete\": note,\n"
+            "            \"after_commit\": after_commit, \"after_rollback\": after_rollback}")
 
 
 # --------------------------------------------------------------------------------------------
-# 05.q6: delete_pattern with SCAN
+# 05.q6: delete the leaked keys of a pattern (no TTL) with SCAN, in batches
 
 
-class _DeletePatternCheck(Checker):
+def _reference_delete_leaked(client, pattern, batch=500):
+    deleted, keys = 0, []
+
+    def flush(keys):
+        with client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.ttl(key)
+            ttls = pipe.execute()
+        leaked = [key for key, ttl in zip(keys, ttls) if ttl == -1]
+        return client.delete(*leaked) if leaked else 0
+
+    for key in client.scan_iter(match=pattern, count=batch):
+        keys.append(key)
+        if len(keys) == batch:
+            deleted += flush(keys)
+            keys = []
+    if keys:
+        deleted += flush(keys)
+    return deleted
+
+
+class _BatchRedis(CountingRedis):
+    """A counting client that also records the largest batch sent and how SCAN was called."""
+
+    #: More SCANs from cursor 0 than this: the loop starts over instead of following the cursor.
+    restarts_allowed = 3
+
+    def __init__(self, source):
+        super().__init__(source)
+        self.largest_batch = 0
+        self.scan_from_zero = 0
+        self.largest_scan_count = 0
+
+    def execute_command(self, *args, **options):
+        name = args[0].decode() if isinstance(args[0], bytes) else str(args[0])
+        name = name.upper()
+        if name == "SCAN":
+            self._note_scan(args)
+        elif name in ("DEL", "UNLINK", "EXISTS", "MGET", "TOUCH"):
+            self.largest_batch = max(self.largest_batch, len(args) - 1)
+        return super().execute_command(*args, **options)
+
+    def _note_scan(self, args):
+        if str(args[1]) == "0":
+            self.scan_from_zero += 1
+            if self.scan_from_zero > self.restarts_allowed:
+                raise Incorrect(
+                    "Your loop called SCAN with cursor 0 again and again: pass the cursor each "
+                    "SCAN returns to the next call and stop when it comes back as 0 "
+                    "(client.scan_iter does this).")
+        words = [a.decode() if isinstance(a, bytes) else str(a) for a in args]
+        for i, word in enumerate(words[:-1]):
+            if word.upper() == "COUNT":
+                self.largest_scan_count = max(self.largest_scan_count, int(words[i + 1]))
+
+    def pipeline(self, transaction: bool = True, shard_hint=None):
+        pipe = super().pipeline(transaction, shard_hint)
+        execute = pipe.execute
+
+        def counted_execute(raise_on_error: bool = True):
+            self.largest_batch = max(self.largest_batch, len(pipe.command_stack))
+            return execute(raise_on_error)
+
+        pipe.execute = counted_execute
+        return pipe
+
+
+class _DeleteLeakedCheck(Checker):
     matching = 1500
+    batch = 100
     others = 300
 
     def grade(self, answer):
-        need_function(answer, 'check("05.q6", delete_pattern)')
+        need_function(answer, 'check("05.q6", delete_leaked)')
+        rng = random.Random(5006)
         with _PrivateRedis() as redis_:
-            fill_keys(redis_.client, redis_.prefix + "session:", self.matching)
-            fill_keys(redis_.client, redis_.prefix + "user:", self.others)
-            fill_keys(redis_.client, redis_.prefix + "sessions-archive:", 20)
-            client = CountingRedis(redis_.client)
-            result = call_learner(answer, client, redis_.prefix + "session:*")
-            calls = client.calls
-            for forbidden in ("KEYS", "FLUSHDB", "FLUSHALL"):
-                if calls[forbidden]:
-                    raise Incorrect(
-                        f"Your function sent {forbidden}: it blocks the whole server (or wipes "
-                        "it). Walk the keyspace with SCAN (client.scan_iter(match=...)).")
-            if not calls["SCAN"]:
-                raise Incorrect("Your function never sent SCAN: iterate with "
+            prefix = redis_.prefix
+            leaked, expiring = set(), set()
+            raw = redis_.client
+            with raw.pipeline(transaction=False) as pipe:
+                for i in range(self.matching):
+                    key = f"{prefix}cache:item:{i}"
+                    if i % 25 == 0:
+                        pipe.hset(key, mapping={"id": i})  # not every cached value is a string
+                    else:
+                        pipe.set(key, "x")
+                    if rng.random() < 0.6:
+                        leaked.add(key.encode())
+                    else:
+                        pipe.expire(key, 600)
+                        expiring.add(key.encode())
+                for i in range(self.others):  # no TTL either, but outside the pattern
+                    pipe.set(f"{prefix}session:{i}", "x")
+                    pipe.set(f"{prefix}cache-archive:{i}", "x")
+                pipe.execute()
+            client = _BatchRedis(raw)
+            result = call_learner(answer, client, f"{prefix}cache:*", self.batch)
+            _forbid_blocking(client)
+            if not client.calls["SCAN"]:
+                raise Incorrect("Your function never sent SCAN: walk the keys with "
                                 "client.scan_iter(match=pattern, count=...).")
-            left = redis_.keys()
-            matching_left = sum(1 for k in left if k.startswith(
-                (redis_.prefix + "session:").encode()))
-            others_left = len(left) - matching_left
-            if matching_left:
-                raise Incorrect(f"{matching_left} matching keys are still there: delete every "
-                                "key SCAN returns.")
-            if others_left != self.others + 20:
-                raise Incorrect(f"{self.others + 20 - others_left} keys that do not match the "
-                                "pattern were deleted too: use match=pattern.")
-            deletions = calls["DEL"] + calls["UNLINK"] + calls["PIPELINE"]
-            budget = math.ceil(self.matching / 50) + 1
-            if deletions > budget:
+            left = set(redis_.keys())
+            leaked_left = len(leaked & left)
+            expiring_lost = len(expiring - left)
+            others_lost = 2 * self.others - len({k for k in left if not k.startswith(
+                f"{prefix}cache:".encode())})
+            if expiring_lost:
                 raise Incorrect(
-                    f"All deleted, but with {deletions} round trips for {self.matching} keys: "
-                    "collect the keys in batches and delete each batch with one DEL (or UNLINK) "
-                    "call.")
-            if result != self.matching:
-                raise Incorrect(f"Return the number of keys deleted ({self.matching} here), not "
+                    f"{expiring_lost} matching keys that had a TTL were deleted too: delete only "
+                    "the leaked ones, whose TTL is -1 (no expiry); -2 means the key is gone.")
+            if others_lost:
+                raise Incorrect(f"{others_lost} keys that do not match the pattern were deleted: "
+                                "pass match=pattern to SCAN.")
+            if leaked_left:
+                raise Incorrect(
+                    f"{leaked_left} of {len(leaked)} matching keys without a TTL are still "
+                    "there: follow SCAN's cursor until it comes back as 0, and delete every "
+                    "key whose TTL is -1.")
+            self._check_round_trips(client)
+            if isinstance(result, bool) or not isinstance(result, int) or result != len(leaked):
+                raise Incorrect(f"Return the number of keys deleted ({len(leaked)} here), not "
                                 f"{short_repr(result, 30)}.")
 
+    def _check_round_trips(self, client: _BatchRedis) -> None:
+        if client.largest_scan_count > 1000:
+            raise Incorrect(
+                f"SCAN was asked for COUNT {client.largest_scan_count}: one such call walks "
+                "much of the keyspace at once, as KEYS does. Keep COUNT near the batch size.")
+        if client.largest_batch > self.batch:
+            raise Incorrect(
+                f"One round trip carried {client.largest_batch} keys, more than batch = "
+                f"{self.batch}: split the keys into batches of at most `batch`.")
+        trips = sum(n for name, n in client.calls.items() if name != "SCAN")
+        budget = 2 * math.ceil(self.matching / self.batch) + 3
+        if trips > budget:
+            per_key = client.calls["TTL"] + client.calls["PTTL"] + client.calls["DEL"]
+            detail = (" (a TTL or DEL per key?)" if per_key > self.matching // 2 else
+                      " (a round trip per SCAN reply? SCAN replies hold any number of keys)")
+            raise Incorrect(
+                f"All right, but with {trips} round trips besides SCAN for {self.matching} "
+                f"matching keys{detail}: collect `batch` keys, then ask their TTLs in one "
+                "pipeline and delete the leaked ones with one DEL (or UNLINK).")
+
     def model_answer(self):
-        return ("def delete_pattern(client, pattern, batch=500):\n"
-                "    deleted, keys = 0, []\n"
-                "    for key in client.scan_iter(match=pattern, count=batch):\n"
-                "        keys.append(key)\n"
-                "        if len(keys) == batch:\n"
-                "            deleted += client.delete(*keys)\n"
-                "            keys = []\n"
-                "    if keys:\n"
-                "        deleted += client.delete(*keys)\n"
-                "    return deleted")
+        return (
+            "def delete_leaked(client, pattern, batch=500):\n"
+            "    def clean(keys):\n"
+            "        with client.pipeline(transaction=False) as pipe:\n"
+            "            for key in keys:\n"
+            "                pipe.ttl(key)\n"
+            "            ttls = pipe.execute()\n"
+            "        leaked = [k for k, ttl in zip(keys, ttls) if ttl == -1]\n"
+            "        return client.delete(*leaked) if leaked else 0\n"
+            "\n"
+            "    deleted, keys = 0, []\n"
+            "    for key in client.scan_iter(match=pattern, count=batch):\n"
+            "        keys.append(key)\n"
+            "        if len(keys) == batch:\n"
+            "            deleted, keys = deleted + clean(keys), []\n"
+            "    if keys:\n"
+            "        deleted += clean(keys)\n"
+            "    return deleted")
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,18 +748,26 @@ QUESTIONS = [
             options={
                 "a": "Fragment caching: rendered pieces of templates, keyed by record id and "
                 "version",
-                "b": "Low-level cache-aside: expensive results in Redis with a TTL",
-                "c": "HTTP caching: ETag and Last-Modified, answered with 304 Not Modified",
-                "d": "A shared external store (Redis) that every app process and server reads",
-                "e": "Cache every query result forever and never delete anything",
-                "f": "A Python dict in each gunicorn worker as the place where counters live",
+                "b": "Query results cached with no TTL, trusting LRU eviction to drop the stale "
+                "ones",
+                "c": "Low-level cache-aside: expensive results in Redis with a TTL",
+                "d": "HTTP caching: ETag and Last-Modified, answered with 304 Not Modified",
+                "e": "A Python dict in each gunicorn worker as the store for shared view "
+                "counters",
+                "f": "A shared external store (Redis) that every app process and server reads",
+                "g": "Pages of logged-in users served with Cache-Control: public, so a CDN "
+                "keeps them",
             },
-            correct={"a", "b", "c", "d"},
+            correct={"a", "c", "d", "f"},
             explanations={
-                "e": "Without expiry or invalidation a cache serves stale data and grows "
-                "without bound: every entry needs a TTL, a versioned key or a delete on change.",
-                "f": "Each worker process has its own dict: counts split between workers and "
+                "b": "Eviction drops the entries nobody reads, not the ones that changed: a hot "
+                "entry is read all the time, so it stays and goes on serving old data. Every "
+                "entry needs a TTL, a versioned key or a delete on change.",
+                "e": "Each worker process has its own dict: counts split between workers and "
                 "vanish on restart. Shared counters belong in Redis (INCR).",
+                "g": "public lets a shared cache (a CDN) store one user's page and serve it to "
+                "others. Per-user responses are private (the chapter's orders API: private, "
+                "no-cache).",
             },
         ),
         explanation="The guide's four layers: fragments (view), low-level cache-aside (data), "
@@ -371,80 +780,104 @@ QUESTIONS = [
         checker=MultiChoice(
             options={
                 "a": "Cache at several levels: application, database results, CDN/browser",
-                "b": "Invalidate on change: delete or re-version the key when the record changes",
-                "c": "Meaningful, bounded keys: namespace, kind, id, version",
-                "d": "A TTL on every entry, chosen from how stale the data may be",
-                "e": "Warm the cache for hot keys before traffic arrives",
-                "f": "Delete key patterns with KEYS in production",
-                "g": "Put raw user input (search text) into keys as is",
+                "b": "Clear a namespace with KEYS ns:* then one DEL, the fewest round trips",
+                "c": "Invalidate on change: delete or re-version the key when the record changes",
+                "d": "Meaningful, bounded keys: namespace, kind, id, version",
+                "e": "Raw search text in keys as typed, so that keys stay readable in redis-cli",
+                "f": "A TTL on every entry, chosen from how stale the data may be",
+                "g": "Delete a record's key in the flush, before the commit, so none read it",
+                "h": "Warm the cache for hot keys before traffic arrives",
             },
-            correct={"a", "b", "c", "d", "e"},
+            correct={"a", "c", "d", "f", "h"},
             explanations={
-                "f": "KEYS walks every key of the server in one command and blocks all other "
-                "clients meanwhile: use SCAN with MATCH and COUNT.",
-                "g": "Raw input makes unbounded, unsafe keys (spaces, huge strings, endless "
-                "variants): normalise it and use a digest.",
+                "b": "KEYS walks every key of the server in one command and blocks all other "
+                "clients meanwhile, however few round trips it saves: use SCAN with MATCH and "
+                "COUNT, and delete in batches.",
+                "e": "Raw input makes unbounded, unsafe keys (spaces, huge strings, endless "
+                "variants of one query): normalise it and use a digest.",
+                "g": "Between the flush and the commit a reader still sees the old row and puts "
+                "it back in the cache, stale until the TTL. Note the key in the flush, delete it "
+                "after the commit.",
             },
         ),
         explanation="Levels, invalidation, keys, TTLs and warming are the guide's five points; "
-        "SCAN and digests keep the cache itself from becoming the bottleneck.",
+        "SCAN, digests and deleting after the commit keep the cache itself correct and fast.",
     ),
     Question(
         id="05.q3",
-        title="Cache-aside with a TTL",
-        checker=_CachedCheck(),
-        explanation="GET first; only a miss (None) computes, then SET with the TTL. Testing "
-        "`if raw:` would treat a cached 0 or [] as a miss and hit the database every time.",
-        hints=("raw = client.get(key); if raw is not None: return json.loads(raw); otherwise "
-               "compute, client.set(key, json.dumps(value), ex=ttl_s), return the value.",),
+        title="Cache-aside that caches misses too",
+        checker=_CachedLookupCheck(),
+        explanation="GET first; a stored JSON null is a hit that means \"does not exist\", so "
+        "requests for missing ids stop reaching the database (cache penetration). Misses get a "
+        "shorter TTL, so a record created meanwhile shows up soon; a cached 0 or [] is a hit "
+        "too (test `is not None` on what GET returned).",
+        hints=("raw = client.get(key); if raw is not None: return json.loads(raw). Otherwise "
+               "value = load(); SET json.dumps(value) with ex=ttl_s, or ex=missing_ttl_s when "
+               "value is None; return value.",),
+        time_limit=10.0,
     ),
     Question(
         id="05.q4",
-        title="A cache key with the record's version",
-        checker=_KeyCheck(),
-        explanation="Namespace + table + id + version (Rails `cache_key_with_version`): a change "
-        "makes a new key, the old entry is never read again and expires by itself. No free text, "
-        "so keys stay short and safe.",
-        hints=('An f-string: "ch05:" then the table, the id and the version, with separators.',),
+        title="The key of a category listing",
+        checker=_ListingKeyCheck(),
+        explanation="Namespace + category + count + newest updated_at (the guide's "
+        "`products/#{count}-#{max(updated_at)}`): adding, removing or updating a product makes "
+        "a new key, whatever the order of the rows, and the old listing is simply never read "
+        "again. Bounded, with no free text.",
+        hints=("Count with len(products), take max(p.updated_at for p in products) (default "
+               "None for an empty category) and format it with microseconds, no spaces.",),
     ),
     Question(
         id="05.q5",
-        title="Invalidate on ORM events",
-        checker=_HookCheck(),
-        explanation="A mapper event receives (mapper, connection, target); deleting the key of "
-        "`target.id` makes the next read a miss that loads the new row. Deleting more (a whole "
-        "pattern) is also fresh but throws hits away.",
-        hints=("def hook(mapper, connection, target): client.delete(key_for(target.id))",),
-        time_limit=20.0,
+        title="Invalidate listings after the commit",
+        checker=_ListingInvalidationCheck(),
+        explanation="Mapper events see each changed product during the flush, but the change is "
+        "not committed yet: deleting then lets a reader cache the old listing again. So note "
+        "the categories in session.info (the old one too when a product moves) and delete their "
+        "keys in after_commit; on rollback forget them.",
+        hints=("Return {\"after_insert\": note, \"after_update\": note, \"after_delete\": note, "
+               "\"after_commit\": delete_noted, \"after_rollback\": forget}; note() adds "
+               "target.category_id to object_session(target).info.",),
+        time_limit=15.0,
     ),
     Question(
         id="05.q6",
-        title="Pattern delete with SCAN",
-        checker=_DeletePatternCheck(),
+        title="Delete leaked keys with SCAN",
+        checker=_DeleteLeakedCheck(),
         explanation="scan_iter walks the keyspace in slices (the server serves others in "
-        "between); batching the deletes keeps round trips at one per batch, not one per key.",
-        hints=("for key in client.scan_iter(match=pattern, count=500): collect; every 500 keys "
-               "call client.delete(*batch); return the total deleted.",),
-        time_limit=20.0,
+        "between); asking the TTLs of a batch in one pipeline and deleting the leaked ones with "
+        "one DEL keeps round trips at two per batch, not two per key.",
+        hints=("Collect keys from client.scan_iter(match=pattern, count=batch); per batch, a "
+               "pipeline of pipe.ttl(key), then client.delete(*keys whose TTL is -1); return "
+               "the total deleted.",),
+        time_limit=15.0,
     ),
     Question(
         id="05.q7",
         title="Stampede at expiry",
         checker=Choice(
             options={
-                "a": "A lost update: use INCR instead of GET and SET",
-                "b": "A cache stampede: let one request recompute under a lock (SET NX PX) or "
-                "refresh early at random, while the others wait or serve the old value",
-                "c": "Cache penetration: cache the misses of ids that do not exist",
-                "d": "Too short a TTL: set it ten times longer and the problem is gone",
+                "a": "A cache stampede: one request rebuilds under a SET NX PX lock (or early, "
+                "at random) while the others wait or get the old list",
+                "b": "Cache penetration: cache the misses as well, with a short TTL, so that "
+                "the 200 requests stop reaching the database",
+                "c": "A lost update: the 200 requests overwrite each other's value; use INCR or "
+                "a WATCH transaction so that no write is lost",
+                "d": "Too short a TTL: make it ten times longer, or drop the expiry, so that "
+                "the list stays cached for everyone",
+                "e": "Redis is overloaded: add read replicas so that the 200 GETs of the key "
+                "are spread over several servers",
             },
-            correct="b",
+            correct="a",
             explanations={
-                "a": "Nothing is counted here: hundreds of requests rebuild the same value at "
-                "once.",
-                "c": "The key exists in the database; it just expired for everyone at once.",
-                "d": "A longer TTL makes the stampede rarer, not smaller: at expiry every "
-                "request still misses together.",
+                "b": "Penetration is about ids that do not exist, missed every time. The list "
+                "exists; it expired for everyone at once, and each miss rebuilds it.",
+                "c": "Nothing is counted or updated concurrently here: hundreds of requests "
+                "rebuild the same value at once.",
+                "d": "A longer TTL makes the stampede rarer, not smaller: at expiry every request "
+                "still misses together (and without expiry the list goes stale).",
+                "e": "200 GETs are nothing for Redis; the cost is 200 two-second queries on the "
+                "database, which replicas of Redis do not remove.",
             },
         ),
         explanation="Simultaneous misses on one hot key all recompute: without protection the "
@@ -455,18 +888,21 @@ QUESTIONS = [
         title="Headers of a fingerprinted asset",
         checker=Choice(
             options={
-                "a": "Cache-Control: no-store",
-                "b": "Cache-Control: public, max-age=31536000, immutable",
-                "c": "Cache-Control: no-cache, with an ETag",
-                "d": "Cache-Control: private, max-age=60",
+                "a": "Cache-Control: no-cache, with an ETag",
+                "b": "Cache-Control: private, max-age=31536000",
+                "c": "Cache-Control: public, max-age=31536000, immutable",
+                "d": "Cache-Control: no-store",
+                "e": "Cache-Control: public, max-age=60, must-revalidate",
             },
-            correct="b",
+            correct="c",
             explanations={
-                "a": "no-store forbids caching: every page view downloads the file again.",
-                "c": "no-cache makes every use a revalidation round trip; right for the plain "
+                "a": "no-cache makes every use a revalidation round trip: right for the plain "
                 "name, wasted on a name that changes with the content.",
-                "d": "private keeps CDNs out and 60 s forces frequent refetches of a file that "
-                "can never change under this name.",
+                "b": "private keeps shared caches (CDNs) out, yet the file is the same for every "
+                "user: exactly what a CDN should keep.",
+                "d": "no-store forbids caching: every page view downloads the file again.",
+                "e": "60 s forces frequent refetches of a file that can never change under this "
+                "name.",
             },
         ),
         explanation="app.3f2a9c1b.css can never change: new content gets a new name. So caches "

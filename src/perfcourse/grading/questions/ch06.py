@@ -3,13 +3,17 @@
 Practical questions run the learner's code against the course's real Redis under a private key
 prefix of the grader (``grader06:<random>:``) or private RQ queues (``grader06-<random>-high``
 ...), all deleted afterwards; no worker is needed. They are graded by behaviour the learner
-cannot hard-code: charges made on a hidden sequence of deliveries, delays drawn for hidden
-attempts and seeds (bounds and spread), and the queue each hidden task landed in.
+cannot hard-code: refunds made on a hidden sequence of deliveries and on duplicates delivered
+concurrently (a client that pauses after every read, so a check-then-act race always shows),
+delays replayed draw by draw from hidden seeds, and the queue each hidden task landed in.
+Reference answers are private to this module.
 """
 
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 from rq import Queue
 
@@ -24,7 +28,9 @@ from ..checkers import (
     call_learner,
     need_function,
     short_repr,
+    time_limit,
     type_name,
+    values_equal,
 )
 from ..datasets import PrivateRedis
 
@@ -51,105 +57,293 @@ class _PrivateRedis(PrivateRedis):
 
 
 # --------------------------------------------------------------------------------------------
-# 06.q2: an idempotent charge
+# 06.q2: an idempotent refund job, keyed by the refund request
 
 
-class _ChargeOnceCheck(Checker):
+#: Redis commands that only read: the grader's client pauses after each, as a busy server would
+#: between a worker's GET and its SET, so a check-then-act sequence races every time.
+_READS = frozenset({
+    "get", "exists", "sismember", "smismember", "smembers", "scard", "hget", "hexists",
+    "hgetall", "hkeys", "hlen", "lrange", "llen", "lindex", "lpos", "mget", "ttl", "pttl",
+    "type", "keys", "scan", "scan_iter", "getbit", "strlen", "zscore", "zrange",
+})
+_RACE_PAUSE_S = 0.05
+
+
+class _PausingClient:
+    """The grader's Redis client for concurrent deliveries: every read command returns after a
+    short pause. Atomic commands (SET NX, SETNX, INCR, a MULTI/EXEC pipeline) are unaffected."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if name.lower() not in _READS or not callable(attr):
+            return attr
+
+        def paused(*args, **kwargs):
+            value = attr(*args, **kwargs)
+            time.sleep(_RACE_PAUSE_S)
+            return value
+
+        return paused
+
+
+def _refunds(rng):
+    """Hidden refund requests: (refund_id, order_id, amount_cents); some orders get several."""
+    orders = [rng.randint(10_000, 99_999) for _ in range(5)]
+    refunds = []
+    for number in range(9):
+        order_id = orders[number % len(orders)] if number < 7 else orders[0]
+        refunds.append((f"rf-{rng.randint(100_000, 999_999)}-{number}", order_id,
+                        rng.randint(100, 20_000)))
+    return refunds
+
+
+def _entry(refund):
+    refund_id, order_id, amount_cents = refund
+    return f"{refund_id}:{order_id}:{amount_cents}"
+
+
+def _deliver_together(answer, client, prefix, refund, copies, seconds):
+    """``copies`` threads, released together by a barrier, each delivering the same refund."""
+    barrier = threading.Barrier(copies)
+    results: list = [None] * copies
+    errors: list = [None] * copies
+
+    def deliver(slot):
+        try:
+            barrier.wait(timeout=5)
+            with time_limit(seconds):
+                results[slot] = call_learner(answer, client, prefix, *refund)
+        except Incorrect as exc:
+            errors[slot] = exc
+        except threading.BrokenBarrierError:
+            errors[slot] = Incorrect("The grader could not start the duplicate deliveries together.")
+
+    threads = [threading.Thread(target=deliver, args=(slot,), daemon=True,
+                                name=f"grader06-delivery-{slot}") for slot in range(copies)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + seconds + 1
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if any(thread.is_alive() for thread in threads):
+        raise Incorrect(f"A delivery was still running after {seconds:g} s: look for a loop "
+                        "that waits for a key that never appears.")
+    for error in errors:
+        if error is not None:
+            raise error
+    return results
+
+
+class _RefundOnceCheck(Checker):
+    copies = 4  # concurrent deliveries of one refund
+    min_ttl_s = 86_400
+
+    def _need_bool(self, value):
+        if not isinstance(value, bool):
+            raise Incorrect("Return True when this call refunded, False for a duplicate (got "
+                            f"{short_repr(value, 40)}, a {type_name(value)}).")
+
     def grade(self, answer):
-        need_function(answer, 'check("06.q2", charge_once)')
+        need_function(answer, 'check("06.q2", refund_once)')
         rng = random.Random(6002)
-        orders = {rng.randint(1000, 99_999): rng.randint(100, 50_000) for _ in range(8)}
-        # Every order delivered 1 to 4 times, interleaved: retries and duplicate deliveries.
-        deliveries = [o for o in orders for _ in range(rng.randint(1, 4))]
+        refunds = _refunds(rng)
+        # Every refund delivered 1 to 3 times, interleaved: retries and duplicate deliveries.
+        deliveries = [r for r in refunds for _ in range(rng.randint(1, 3))]
         rng.shuffle(deliveries)
         with _PrivateRedis() as redis_:
-            ledger = redis_.prefix + "charges"
-            first_seen: set[int] = set()
-            for order_id in deliveries:
-                charged = call_learner(answer, redis_.client, redis_.prefix, order_id,
-                                       orders[order_id])
-                expected = order_id not in first_seen
-                first_seen.add(order_id)
-                if not isinstance(charged, bool):
-                    raise Incorrect(f"Return True when the order was charged, False for a "
-                                    f"duplicate (got {short_repr(charged, 40)}).")
-                if charged != expected:
+            ledger = redis_.prefix + "refunds"
+            seen: set[str] = set()
+            orders_refunded: set[int] = set()
+            for refund in deliveries:
+                refund_id, order_id, _ = refund
+                done = call_learner(answer, redis_.client, redis_.prefix, *refund)
+                self._need_bool(done)
+                expected = refund_id not in seen
+                if done != expected:
+                    if expected and order_id in orders_refunded:
+                        raise Incorrect(
+                            f"Refund {refund_id!r} was delivered for the first time and you "
+                            f"returned False: order {order_id} had another refund before. Key "
+                            "the idempotency on the refund id, not the order id: an order may "
+                            "be refunded in several parts.")
                     raise Incorrect(
-                        f"Delivery of order {order_id} returned {charged}, expected {expected}: "
-                        "the first delivery charges (True), every later one is a duplicate "
-                        "(False).")
+                        f"Delivery of refund {refund_id!r} returned {done}, expected {expected}: "
+                        "the first delivery of a refund id refunds (True), every later one is a "
+                        "duplicate (False).")
+                seen.add(refund_id)
+                orders_refunded.add(order_id)
             entries = [v.decode() for v in redis_.client.lrange(ledger, 0, -1)]
-            expected_entries = sorted(f"{o}:{c}" for o, c in orders.items())
+            expected_entries = sorted(_entry(r) for r in refunds)
             if sorted(entries) != expected_entries:
                 twice = sorted({e for e in entries if entries.count(e) > 1})
                 raise Incorrect(
-                    f"{len(deliveries)} deliveries of {len(orders)} orders left {len(entries)} "
-                    f"charges in the ledger (expected {len(orders)}, one per order)"
-                    + (f"; charged more than once: {', '.join(twice[:3])}." if twice else ".")
-                    + " RPUSH f\"{order_id}:{amount_cents}\" to key_prefix + \"charges\" only "
-                    "when SET NX on the order's idempotency key succeeded.")
-            # A second process (another worker) must see the same keys: the state lives in Redis.
-            again = call_learner(answer, redis_.client, redis_.prefix, deliveries[0],
-                                 orders[deliveries[0]])
-            if again is not False:
-                raise Incorrect("A duplicate delivered later was charged again: keep the "
-                                "idempotency key in Redis (not in a Python set), with a TTL "
-                                "longer than any retry window.")
+                    f"{len(deliveries)} deliveries of {len(refunds)} refunds left {len(entries)} "
+                    f"entries in the ledger (expected {len(refunds)}, one per refund, each "
+                    "f\"{refund_id}:{order_id}:{amount_cents}\" on key_prefix + \"refunds\")"
+                    + (f"; refunded more than once: {', '.join(twice[:3])}." if twice else "."))
             keys = [k.decode() for k in redis_.client.scan_iter(match=redis_.prefix + "*")]
-            if len(keys) < len(orders) + 1:
-                raise Incorrect("Store one idempotency key per order under key_prefix "
-                                "(e.g. key_prefix + f\"charged:{order_id}\") with SET NX.")
+            markers = [k for k in keys if k != ledger]
+            if len(markers) < len(refunds):
+                raise Incorrect("Keep the idempotency state in Redis, one key per refund id under "
+                                "key_prefix (not in a Python set: a second worker process would "
+                                "not see it, and it is lost on restart).")
+            for key in markers:
+                ttl = redis_.client.ttl(key)
+                if ttl == -1:
+                    raise Incorrect(f"The key {key[len(redis_.prefix):]!r} never expires: give "
+                                    "each idempotency key an expiry (SET ... NX EX), at least a "
+                                    "day, so they do not pile up forever.")
+                if 0 <= ttl < self.min_ttl_s - 60:
+                    raise Incorrect(f"The key {key[len(redis_.prefix):]!r} expires after {ttl} s: "
+                                    "keep it at least a day (86 400 s), longer than any retry "
+                                    "window, or a late retry refunds again.")
+            # Duplicates delivered at the same moment by several workers.
+            racing = [(f"rf-race-{rng.randint(100_000, 999_999)}-{n}", rng.randint(10_000, 99_999),
+                       rng.randint(100, 20_000)) for n in range(3)]
+            client = _PausingClient(redis_.client)
+            for refund in racing:
+                results = _deliver_together(answer, client, redis_.prefix, refund, self.copies,
+                                            seconds=5.0)
+                for value in results:
+                    self._need_bool(value)
+                count = redis_.client.lrange(ledger, 0, -1).count(_entry(refund).encode())
+                if count != 1 or results.count(True) != 1:
+                    raise Incorrect(
+                        f"{self.copies} workers delivered refund {refund[0]!r} at the same "
+                        f"moment: it was refunded {count} times and {results.count(True)} "
+                        "deliveries returned True. Checking first (GET or EXISTS) and then "
+                        "setting is a race: both workers see no key. Claim the key in one atomic "
+                        "command, SET with nx=True, and refund only if it succeeded.")
 
     def model_answer(self):
-        return ("def charge_once(client, key_prefix, order_id, amount_cents):\n"
-                "    key = f\"{key_prefix}charged:{order_id}\"\n"
-                "    if not client.set(key, 1, nx=True, ex=86_400):\n"
+        return ("def refund_once(client, key_prefix, refund_id, order_id, amount_cents):\n"
+                "    key = f\"{key_prefix}refund:{refund_id}\"\n"
+                "    if not client.set(key, 1, nx=True, ex=7 * 86_400):\n"
                 "        return False\n"
-                "    client.rpush(f\"{key_prefix}charges\", f\"{order_id}:{amount_cents}\")\n"
+                "    client.rpush(f\"{key_prefix}refunds\", f\"{refund_id}:{order_id}:{amount_cents}\")\n"
                 "    return True")
 
 
 # --------------------------------------------------------------------------------------------
-# 06.q3: exponential backoff with jitter
+# 06.q3: decorrelated jitter, capped
 
 
-class _BackoffCheck(Checker):
-    base_s, cap_s = 1.0, 60.0
+def _decorrelated(previous_s, rng, base_s, cap_s):
+    return min(cap_s, rng.uniform(base_s, 3 * previous_s))
+
+
+def _decorrelated_mirrored(previous_s, rng, base_s, cap_s):  # the same draw, bounds swapped
+    return min(cap_s, rng.uniform(3 * previous_s, base_s))
+
+
+def _uncapped(previous_s, rng, base_s, cap_s):
+    return rng.uniform(base_s, 3 * previous_s)
+
+
+def _cap_inside(previous_s, rng, base_s, cap_s):
+    return rng.uniform(base_s, min(cap_s, 3 * previous_s))
+
+
+def _times_two(previous_s, rng, base_s, cap_s):
+    return min(cap_s, rng.uniform(base_s, 2 * previous_s))
+
+
+def _from_zero(previous_s, rng, base_s, cap_s):
+    return min(cap_s, rng.uniform(0, 3 * previous_s))
+
+
+def _from_base_only(previous_s, rng, base_s, cap_s):
+    return min(cap_s, rng.uniform(base_s, 3 * base_s))
+
+
+def _no_jitter(previous_s, rng, base_s, cap_s):
+    return min(cap_s, 3 * previous_s)
+
+
+_BACKOFF_MISTAKES = (
+    (_no_jitter, "There is no jitter: draw the delay with rng.uniform(base_s, 3 * previous_s)."),
+    (_uncapped, "The delay is not capped: return min(cap_s, the drawn delay)."),
+    (_cap_inside, "Cap the drawn delay, min(cap_s, rng.uniform(base_s, 3 * previous_s)), not "
+     "the upper bound of the draw: they differ once 3 * previous_s passes the cap."),
+    (_times_two, "The upper bound of the draw is 3 * previous_s, not 2 * previous_s."),
+    (_from_zero, "The lower bound of the draw is base_s, not 0: every retry waits at least base_s."),
+    (_from_base_only, "Grow from the previous delay: the upper bound is 3 * previous_s, not "
+     "3 * base_s."),
+)
+
+#: Hidden (base_s, cap_s) settings and seeds; the chain starts with previous_s = base_s.
+_BACKOFF_SETTINGS = ((1.0, 30.0), (0.5, 20.0), (2.0, 90.0), (0.25, 5.0))
+
+
+class _DecorrelatedJitterCheck(Checker):
+    retries = 14
 
     def grade(self, answer):
         need_function(answer, 'check("06.q3", retry_delay)')
-        for attempt in (1, 2, 3, 4, 5, 6, 7, 9, 12, 20):
-            ceiling = min(self.cap_s, self.base_s * 2 ** (attempt - 1))
-            delays = []
-            for seed in range(40):
-                rng = random.Random(6003 * 1000 + seed)
-                delay = call_learner(answer, attempt, rng)
-                if isinstance(delay, bool) or not isinstance(delay, (int, float)):
-                    raise Incorrect(f"Return the delay in seconds as a number (got a "
-                                    f"{type_name(delay)}).")
-                if not ceiling / 2 - 1e-9 <= delay <= ceiling + 1e-9:
-                    raise Incorrect(
-                        f"For attempt {attempt} you returned {delay:.3f} s; it must lie between "
-                        f"{ceiling / 2:g} and {ceiling:g} s: half to all of min(cap, "
-                        "base * 2**(attempt - 1)). Attempts count from 1.")
-                delays.append(delay)
-            if len(set(round(d, 9) for d in delays)) < 10:
-                raise Incorrect(
-                    f"For attempt {attempt}, 40 different seeds gave only {len(set(delays))} "
-                    "distinct delays: draw the jitter from the rng you are given "
-                    "(rng.uniform), so jobs that failed together retry apart.")
-            if max(delays) - min(delays) < ceiling / 4:
-                raise Incorrect(f"For attempt {attempt} the delays spread over less than a "
-                                "quarter of the allowed range: use the whole upper half.")
-        rng_a, rng_b = random.Random(7), random.Random(7)
-        if call_learner(answer, 3, rng_a) != call_learner(answer, 3, rng_b):
-            raise Incorrect("The same seed gave two different delays: use only the rng passed "
-                            "in, not the random module or the clock.")
+        for base_s, cap_s in _BACKOFF_SETTINGS:
+            for seed in range(6003, 6003 + 5):
+                rng_learner, rng_reference = random.Random(seed), random.Random(seed)
+                previous = base_s
+                for retry in range(1, self.retries + 1):
+                    state = rng_reference.getstate()
+                    expected = _decorrelated(previous, rng_reference, base_s, cap_s)
+                    got = call_learner(answer, previous, rng_learner, base_s=base_s, cap_s=cap_s)
+                    if isinstance(got, bool) or not isinstance(got, (int, float)):
+                        raise Incorrect("Return the delay in seconds as a number (got a "
+                                        f"{type_name(got)}).")
+                    mirrored = _decorrelated_mirrored(previous, _replay(state), base_s, cap_s)
+                    if values_equal(got, expected) or values_equal(got, mirrored):
+                        if rng_learner.getstate() != rng_reference.getstate():
+                            raise Incorrect(
+                                "Right delays so far, but your code drew more than one number "
+                                "from rng: draw once per call, so a retry's delay depends only "
+                                "on the seed and the previous delay.")
+                        previous = got
+                        continue
+                    shown = (f"retry_delay({previous:g}, rng, base_s={base_s:g}, "
+                             f"cap_s={cap_s:g}) (retry {retry} of a hidden chain)")
+                    if rng_learner.getstate() == state:
+                        hint = _first_mistake(got, (previous, None, base_s, cap_s), _BACKOFF_MISTAKES[:1])
+                        raise Incorrect(
+                            f"{shown} returned {got:g} without drawing from the rng passed in."
+                            + (hint or " Draw the random part with rng.uniform(...), not the "
+                               "random module or the clock, so the grader can replay it."))
+                    hint = ""
+                    if rng_learner.getstate() != rng_reference.getstate():
+                        hint = (" Your code drew more than one number from rng: draw once per "
+                                "call, rng.uniform(base_s, 3 * previous_s).")
+                    for mistake, text in _BACKOFF_MISTAKES[1:] if not hint else ():
+                        if values_equal(got, mistake(previous, _replay(state), base_s, cap_s)):
+                            hint = " " + text
+                            break
+                    raise Incorrect(f"{shown} returned {got:g}; the same draw gives {expected:g}."
+                                    + (hint or " Return min(cap_s, rng.uniform(base_s, 3 * "
+                                       "previous_s)), one draw per call."))
 
     def model_answer(self):
-        return ("def retry_delay(attempt, rng, base_s=1.0, cap_s=60.0):\n"
-                "    ceiling = min(cap_s, base_s * 2 ** (attempt - 1))\n"
-                "    return ceiling / 2 + rng.uniform(0, ceiling / 2)")
+        return ("def retry_delay(previous_s, rng, base_s=1.0, cap_s=30.0):\n"
+                "    return min(cap_s, rng.uniform(base_s, 3 * previous_s))")
+
+
+def _replay(state):
+    rng = random.Random()
+    rng.setstate(state)
+    return rng
+
+
+def _first_mistake(got, args, mistakes):
+    for mistake, hint in mistakes:
+        try:
+            made = mistake(*args)
+        except Exception:  # noqa: BLE001 - a mistake that does not apply to this input
+            continue
+        if values_equal(got, made):
+            return " " + hint
+    return ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,8 +370,6 @@ def _expected_queue(task: dict) -> str:
 
 class _RouteCheck(Checker):
     def grade(self, answer):
-
-
         need_function(answer, 'check("06.q4", enqueue_routed)')
         with _PrivateRedis() as redis_:
             queues = {name: Queue(f"grader06-{redis_.run}-{name}", connection=redis_.client)
@@ -194,6 +386,10 @@ class _RouteCheck(Checker):
                     if job.func_name != "perfcourse.chapters.background_jobs.process_task" or len(job.args) != 1:
                         raise Incorrect(f"A job on {name} runs {job.func_name}{job.args}: "
                                         "enqueue func with the task as its one argument.")
+                    if job.args[0]["id"] in landed:
+                        raise Incorrect(f"Task {job.args[0]['id']} was enqueued twice (on "
+                                        f"{landed[job.args[0]['id']]!r} and {name!r}): enqueue "
+                                        "each task exactly once, on one queue.")
                     landed[job.args[0]["id"]] = name
             if len(landed) != len(tasks):
                 raise Incorrect(f"{len(tasks)} tasks, {len(landed)} jobs on the three queues: "
@@ -225,22 +421,26 @@ QUESTIONS = [
         title="How do you implement background job processing? (interview question 8)",
         checker=MultiChoice(
             options={
-                "a": "A Redis-backed queue with separate worker processes (Sidekiq; RQ or Celery "
-                "in Python)",
-                "b": "Several queues by priority, workers listening to the urgent ones first",
-                "c": "Retries with exponential backoff, and jobs written to be idempotent",
-                "d": "Monitoring: queue lengths, failed jobs and their errors, job durations",
-                "e": "Cron-like scheduling that enqueues recurring jobs",
-                "f": "A thread started in the request handler, so no extra process is needed",
-                "g": "Retrying failed jobs immediately and forever until they pass",
+                "a": "A Redis-backed queue with separate worker processes that import the jobs by name",
+                "b": "A thread pool inside the web process, so jobs start at once and need no broker",
+                "c": "Several queues by priority, with workers listening to the urgent ones first",
+                "d": "Pass the ORM objects themselves as job arguments, so the job needs no query",
+                "e": "Retries with exponential backoff and jitter, and jobs written to be idempotent",
+                "f": "Monitoring of queue lengths, failed jobs with their tracebacks, and job durations",
+                "g": "Retry a failed job at once and until it passes, so a transient error loses no work",
+                "h": "One scheduler process that enqueues the recurring jobs on a cron timetable",
             },
-            correct={"a", "b", "c", "d", "e"},
+            correct={"a", "c", "e", "f", "h"},
             explanations={
-                "f": "A thread dies with the web process (a deploy, a crash) and loses the job; "
-                "it also competes with requests for that process. A queue in Redis survives and "
-                "lets any worker pick the job up.",
+                "b": "A thread in the web process dies with it (a deploy, a crash) and loses the "
+                "job, and it competes with requests for that process. A queue in Redis survives "
+                "and lets any worker pick the job up.",
+                "d": "Arguments are pickled into Redis when the job is enqueued: the job would "
+                "work on a stale copy, and large. Pass ids (send_welcome(user_id)) and load fresh "
+                "data when the job runs.",
                 "g": "Immediate, endless retries hammer a service that is already failing; back "
-                "off exponentially, cap the attempts, then park the job in the failed registry.",
+                "off exponentially with jitter, cap the attempts, then park the job in the "
+                "failed registry.",
             },
         ),
         explanation="The guide's five points, each run in this chapter: a Redis queue and "
@@ -249,25 +449,25 @@ QUESTIONS = [
     ),
     Question(
         id="06.q2",
-        title="An idempotent charge job",
-        checker=_ChargeOnceCheck(),
-        explanation="SET with NX is atomic in Redis: of any number of deliveries (retries, a "
-        "worker that died after charging, a duplicate enqueue), exactly one creates the key and "
-        "charges; the others see it and return. A Python set would be lost with the process and "
-        "not shared between workers.",
-        hints=("if not client.set(f\"{key_prefix}charged:{order_id}\", 1, nx=True, ex=86_400): "
-               "return False; then RPUSH the charge and return True.",),
-        time_limit=20.0,
+        title="An idempotent refund job, keyed by the refund request",
+        checker=_RefundOnceCheck(),
+        explanation="SET with NX is one atomic command in Redis: of any number of deliveries "
+        "(retries, a worker that died after refunding, two workers at once) exactly one creates "
+        "the key and refunds. Checking with GET first and then setting leaves a gap in which a "
+        "second worker sees no key too. The key is the refund request, since one order may be "
+        "refunded in parts, and it expires once no retry can arrive.",
+        hints=("key = f\"{key_prefix}refund:{refund_id}\"; if not client.set(key, 1, nx=True, "
+               "ex=7 * 86_400): return False; then RPUSH the entry and return True.",),
+        time_limit=15.0,
     ),
     Question(
         id="06.q3",
-        title="Exponential backoff with jitter",
-        checker=_BackoffCheck(),
-        explanation="The ceiling doubles per attempt up to a cap; drawing the delay from its "
-        "upper half (equal jitter) keeps a minimum wait while spreading jobs that failed "
-        "together, so they do not all retry in the same second.",
-        hints=("ceiling = min(cap_s, base_s * 2 ** (attempt - 1)); return ceiling / 2 + "
-               "rng.uniform(0, ceiling / 2)",),
+        title="Decorrelated jitter, capped",
+        checker=_DecorrelatedJitterCheck(),
+        explanation="Each delay is drawn between the base and three times the previous delay, "
+        "then capped: it grows about exponentially, jobs that failed together drift apart at "
+        "once (each chain depends on its own draws), and the cap bounds the longest wait.",
+        hints=("return min(cap_s, rng.uniform(base_s, 3 * previous_s))",),
     ),
     Question(
         id="06.q4",
@@ -277,28 +477,27 @@ QUESTIONS = [
         "listening to high, default, low then always serves the urgent work first. Anything a "
         "user is waiting for, and money, goes to high; bulk work to low.",
         hints=("Pick the name with if/elif, then return queues[name].enqueue(func, task).",),
-        time_limit=20.0,
+        time_limit=15.0,
     ),
     Question(
         id="06.q5",
         title="Forked work horses and database connections",
         checker=Choice(
             options={
-                "a": "Nothing: SQLAlchemy engines are safe to share between processes",
-                "b": "Dispose of the engine's inherited pool in the child (engine.dispose("
-                "close=False)) or create connections in the job, never reuse the parent's",
-                "c": "Use SimpleWorker in production so that nothing is forked",
-                "d": "Open one connection at import time and share it through a global",
+                "a": "Nothing: the work horse gets its own copy of the engine, so its pool is private",
+                "b": "Reset the inherited pool in the horse with engine.dispose(close=False), or connect in the job",
+                "c": "Call engine.dispose() in the horse, so the inherited connections are closed first",
+                "d": "Open one connection when the worker starts and share it with every job as a global",
             },
             correct="b",
             explanations={
-                "a": "The pool's sockets are copied into the child by fork; two processes then "
-                "talk over one connection and their messages interleave.",
-                "c": "SimpleWorker avoids forks but loses the isolation: a job that leaks "
-                "memory or crashes takes the worker down with it, and it cannot kill a stuck "
-                "job cleanly.",
-                "d": "A global connection opened before the fork is exactly what gets shared "
-                "by every work horse.",
+                "a": "The pool's sockets are copied into the child by fork, not reopened: two "
+                "processes then talk over one connection and their messages interleave.",
+                "c": "Closing in the child sends the database a goodbye on the socket the worker "
+                "still uses: on PostgreSQL that ends the parent's session. Forget the inherited "
+                "connections without closing them.",
+                "d": "A connection opened before the fork is exactly what every work horse "
+                "inherits and shares.",
             },
         ),
         explanation="RQ's default worker forks a work horse per job: the child inherits the "
@@ -310,23 +509,22 @@ QUESTIONS = [
         title="A report every night at 04:00",
         checker=Choice(
             options={
-                "a": "A job that ends with enqueue_in(timedelta(hours=24)) of itself",
-                "b": "A cron entry (rq cron, rq-scheduler, Celery beat, or the system crontab) "
-                "that enqueues the report job at 04:00; a worker runs it like any other job",
-                "c": "A request handler that checks the clock on every request",
-                "d": "time.sleep until 04:00 inside a worker",
+                "a": "A scheduler process (rq cron, Celery beat, crontab) that enqueues the report job at 04:00",
+                "b": "A report job that ends by enqueueing itself again with enqueue_in(timedelta(hours=24))",
+                "c": "A check in the request handler that enqueues the report once the clock passes 04:00",
+                "d": "A long-running job that calls time.sleep until 04:00, then builds the report itself",
             },
-            correct="b",
+            correct="a",
             explanations={
-                "a": "A self-rescheduling job drifts by its own run time each day and stops "
+                "b": "A self-rescheduling job drifts by its own run time each day and stops "
                 "for good the first time it fails or is lost.",
                 "c": "Requests are not a clock: nothing runs on a quiet night, and two requests "
-                "at once would both start the report.",
+                "at once would both enqueue the report.",
                 "d": "A sleeping job blocks a worker for hours and is lost on every deploy.",
             },
         ),
-        explanation="Scheduling and execution are separate: a scheduler process enqueues at the "
-        "cron time (Sidekiq-cron, whenever); workers run the job with the usual retries and "
+        explanation="Scheduling and execution are separate: one scheduler process enqueues at "
+        "the cron time (Sidekiq-cron, whenever); workers run the job with the usual retries and "
         "monitoring.",
     ),
 ]

@@ -1,0 +1,86 @@
+"""No function the course ships solves a practical exercise (STYLE.md rule 6).
+
+Reference answers live with the grader only. Every public function of a chapter module, and of
+the platform modules a lesson leans on for the same jobs (statistics, statement counting,
+plans), is offered as the answer to every practical question of its chapter (the platform ones
+to every practical) when it takes as many arguments as the model answer; each must be refused.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+
+import pytest
+
+from perfcourse.grading.bank import questions
+from perfcourse.grading.checkers import Choice, MultiChoice, Number, Value
+
+from .kit import fails
+
+CHAPTER_MODULES = {
+    "01": "performance_fundamentals",
+    "02": "query_optimization",
+    "03": "database_scaling",
+    "04": "memory_and_cpu",
+    "05": "caching",
+    "06": "background_jobs",
+    "07": "infrastructure_scaling",
+}
+PLATFORM_MODULES = ["perfcourse.stats", "perfcourse.timing", "perfcourse.statements"]
+
+#: Functions that act on servers or processes when called with whatever a check passes them:
+#: offering them as answers could stop a database backend or a server, so they are left out.
+#: They take arguments no practical asks for (a pid, a server), so none could pass anyway.
+UNSAFE = {"terminate_backend", "serve", "drop_shards", "drop_profiles", "delete_namespace"}
+
+PRACTICAL = [
+    q for q in questions()
+    if not isinstance(q.checker, (Choice, MultiChoice, Number, Value))
+    and ("def " in q.model_answer() or "INDEX" in q.model_answer().upper())
+]
+
+
+def _arity(q) -> int | None:
+    """How many positional arguments the model answer takes (None: not a function)."""
+    found = re.search(r"^def \w+\(([^)]*)\)", q.model_answer(), re.MULTILINE)
+    if not found:
+        return None
+    params = [p for p in found.group(1).split(",") if p.strip() and not p.strip().startswith("*")]
+    return len([p for p in params if "=" not in p])
+
+
+def _callable_with(fn, arity: int | None) -> bool:
+    """Whether ``fn`` could be called as the answer is (a function of ``arity`` arguments)."""
+    if arity is None:
+        return True
+    try:
+        inspect.signature(fn).bind(*range(arity))
+    except TypeError:
+        return False
+    return True
+
+
+def _public_functions(module_name: str):
+    module = importlib.import_module(module_name)
+    for name in getattr(module, "__all__", ()):
+        value = getattr(module, name)
+        if inspect.isfunction(value) and name not in UNSAFE:
+            yield f"{module_name.rsplit('.', 1)[-1]}.{name}", value
+
+
+def _cases():
+    for q in PRACTICAL:
+        names = list(PLATFORM_MODULES)
+        if q.chapter in CHAPTER_MODULES:
+            names.append(f"perfcourse.chapters.{CHAPTER_MODULES[q.chapter]}")
+        for module_name in names:
+            for label, fn in _public_functions(module_name):
+                if _callable_with(fn, _arity(q)):
+                    yield pytest.param(q.id, fn, id=f"{q.id}-{label}")
+
+
+@pytest.mark.parametrize(("qid", "fn"), list(_cases()))
+def test_no_course_function_passes_a_practical(qid, fn):
+    fails(qid, fn)

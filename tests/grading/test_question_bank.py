@@ -1,0 +1,137 @@
+"""The question bank as a learner meets it: keys nobody can guess, options that match the page.
+
+Every choice question's right key is spread over the letters (per chapter and overall), no
+multi-select answer is the leading block of its options, the notebook states each option with the
+bank's own text, answers are accepted in the forms a learner types, and no question lets learner
+code run longer than the cap.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import nbformat
+import pytest
+
+from perfcourse.config import repo_root
+from perfcourse.grading.bank import GRADED_CALL, MAX_TIME_LIMIT, questions
+from perfcourse.grading.checkers import Choice, MultiChoice
+
+from .kit import fails, passes
+
+SINGLE = [q for q in questions() if isinstance(q.checker, Choice)]
+MULTI = [q for q in questions() if isinstance(q.checker, MultiChoice)]
+CHAPTERS = sorted({q.chapter for q in SINGLE})
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.replace("`", "").split()).casefold()
+
+
+def _question_markdown() -> dict[str, str]:
+    """Per graded question id, the markdown cell that states it (the last one before its check)."""
+    found = {}
+    for path in sorted((repo_root() / "solutions").glob("*.ipynb")):
+        markdown = ""
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type == "markdown":
+                markdown = cell.source
+            elif cell.cell_type == "code":
+                for qid in GRADED_CALL.findall(cell.source):
+                    found[qid] = markdown
+    return found
+
+
+MARKDOWN = _question_markdown()
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_right_keys_spread_over_the_letters_in_each_chapter(chapter):
+    keys = [q.checker.correct for q in SINGLE if q.chapter == chapter]
+    letters = min(len(q.checker.options) for q in SINGLE if q.chapter == chapter)
+    most = max(Counter(keys).values())
+    assert most <= -(-len(keys) // letters), f"chapter {chapter}: right keys {keys}"
+
+
+def test_right_keys_spread_over_the_letters_overall():
+    counts = Counter(q.checker.correct for q in SINGLE)
+    letters = "abcd"
+    spread = [counts.get(k, 0) for k in letters]
+    assert max(spread) - min(spread) <= 1, f"right keys per letter: {dict(counts)}"
+
+
+@pytest.mark.parametrize("q", MULTI, ids=lambda q: q.id)
+def test_a_multiselect_answer_is_not_the_leading_block(q):
+    letters = list(q.checker.options)
+    right = q.checker.correct
+    assert set(letters[: len(right)]) != right, f"{q.id}: right options {sorted(right)} lead"
+    assert len(set(letters) - right) >= 2, f"{q.id}: fewer than two wrong options"
+
+
+@pytest.mark.parametrize("q", SINGLE + MULTI, ids=lambda q: q.id)
+def test_every_wrong_option_has_its_own_explanation(q):
+    wrong = set(q.checker.options) - ({q.checker.correct} if isinstance(q.checker, Choice) else q.checker.correct)
+    missing = sorted(wrong - set(q.checker.explanations))
+    assert not missing, f"{q.id}: no explanation for wrong options {missing}"
+    texts = [q.checker.explanations[k] for k in wrong]
+    assert len(set(texts)) == len(texts), f"{q.id}: two wrong options share one explanation"
+
+
+@pytest.mark.parametrize("q", SINGLE + MULTI, ids=lambda q: q.id)
+def test_the_notebook_states_each_option_as_the_bank_grades_it(q):
+    assert q.id in MARKDOWN, f"{q.id} is checked in no master notebook"
+    page = _normal(MARKDOWN[q.id])
+    for key, text in q.checker.options.items():
+        assert re.search(rf"\({key}\)", page), f"{q.id}: option ({key}) is not on the page"
+        assert _normal(text) in page, f"{q.id}: the page words option ({key}) otherwise than {text!r}"
+
+
+@pytest.mark.parametrize("q", SINGLE, ids=lambda q: q.id)
+def test_a_choice_is_accepted_as_learners_type_it(q):
+    key = q.checker.correct
+    for typed in (key, key.upper(), f" {key} ", f"({key})"):
+        passes(q.id, typed)
+    wrong = next(k for k in q.checker.options if k != key)
+    fails(q.id, wrong.upper(), q.checker.explanations[wrong][:40])
+
+
+@pytest.mark.parametrize("q", MULTI, ids=lambda q: q.id)
+def test_a_multiselect_is_accepted_as_learners_type_it(q):
+    right = sorted(q.checker.correct)
+    for typed in (set(right), [k.upper() for k in right], ", ".join(right), " ".join(right)):
+        passes(q.id, typed)
+    fails(q.id, set(right[:-1]), "more")
+    wrong = next(k for k in q.checker.options if k not in q.checker.correct)
+    fails(q.id, {*right, wrong}, q.checker.explanations[wrong][:40])
+
+
+def test_no_question_lets_learner_code_run_past_the_cap():
+    over = {q.id: q.time_limit for q in questions() if q.time_limit > MAX_TIME_LIMIT}
+    assert not over, f"time limits above {MAX_TIME_LIMIT:g} s: {over}"
+
+
+def test_the_cap_is_what_a_runaway_answer_meets(monkeypatch):
+    """A question asking for more than the cap still stops learner code at the cap."""
+    from perfcourse.grading import FunctionCheck, Question, register, unregister
+    from perfcourse.grading import bank
+
+    def reference(n):
+        return n
+
+    def runaway(n):
+        while True:
+            try:
+                pass
+            except BaseException:  # noqa: BLE001 - what a learner writes
+                pass
+
+    monkeypatch.setattr(bank, "MAX_TIME_LIMIT", 0.3)
+    register(Question(id="99.q7", title="cap", checker=FunctionCheck(reference, lambda rng: [1]),
+                      time_limit=60), replace=True)
+    try:
+        fails("99.q7", runaway, "stopped after 0.3 s")
+    finally:
+        unregister("99.q7")
+
+
