@@ -1,23 +1,35 @@
 """Chapter 03, database scaling: replicas and read-your-writes, sharding, connection pools.
 
-Practical questions are graded by behaviour the learner cannot hard-code: which engine each
-statement went to (``count_queries`` on each of two private in-memory databases) for a hidden
-sequence of reads and writes, and how many hidden keys move when a shard is added or removed.
+Practical questions are graded by behaviour the learner cannot hard-code:
 
-The lab's questions (03.q8-03.q10): stale reads and the replica's share of reads for a hidden
-browsing and editing sequence on the real primary/replica pair (in a schema of the grader's);
-a cross-shard average on hidden shard contents, with the statements and rows each shard sent;
-pool settings for hidden request profiles, run against the course's PostgreSQL with counted
-connects, closes and timeouts.
+* 03.q2: which engine each statement of a hidden sequence (reads, ORM and Core writes, locking
+  reads, commits, rollbacks) went to, compared step by step with a private reference run on
+  twin in-memory databases;
+* 03.q3: how many hidden keys move when a shard is added or removed, and whether the function
+  answers the same in "another process" (``hash()`` of a str salted differently);
+* 03.q8 (lab): stale reads and needless primary reads, request by request, on the real
+  primary/replica pair, with the replica's lag changed between phases (a time window fails);
+* 03.q9 (lab): a cross-shard average on hidden shard contents, with the statements and rows
+  each shard sent;
+* 03.q10 (lab): pool settings for hidden request profiles (one whose Little's-law product is a
+  float just above an integer, one busier than its threads), run against the course's
+  PostgreSQL with counted connects, closes and timeouts.
 """
 
 from __future__ import annotations
 
+import builtins
 import math
 import random
+import re
 import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from decimal import Decimal
+from fractions import Fraction
 
 import sqlalchemy as sa
 from sqlalchemy import select
@@ -37,12 +49,40 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------------------------
-# 03.q2: a Session that routes writes to the primary and reads to the replica
+# 03.q2: a routing Session that keeps a transaction on the primary once it wrote or locked rows
+#
+# The lesson's RoutingSession sends every read to the replica. The exercise asks for another
+# rule: a locking read (SELECT ... FOR UPDATE) counts as a write, and once the current
+# transaction has written (or locked), its later reads go to the primary too, until commit() or
+# rollback() ends it; then reads return to the replica.
+
+_WRITE_CLAUSES = (sa.Insert, sa.Update, sa.Delete)
+
+
+class _TransactionRoutingReference(Session):
+    """The model answer, run on twin databases to learn where each hidden step belongs."""
+
+    def __init__(self, primary, replica, **kwargs):
+        super().__init__(**kwargs)
+        self.primary, self.replica = primary, replica
+        self.wrote = False
+
+    def get_bind(self, mapper=None, clause=None, **kwargs):
+        locks = getattr(clause, "_for_update_arg", None) is not None
+        if self._flushing or isinstance(clause, _WRITE_CLAUSES) or locks:
+            self.wrote = True
+        return self.primary if self.wrote else self.replica
+
+    def commit(self):
+        super().commit()
+        self.wrote = False
+
+    def rollback(self):
+        super().rollback()
+        self.wrote = False
 
 
 def _memory_users(rows: list[dict]):
-
-
     engine = sa.create_engine("sqlite://", poolclass=StaticPool,
                               connect_args={"check_same_thread": False})
     User.__table__.create(engine)
@@ -57,86 +97,192 @@ def _users(rng: random.Random, n: int) -> list[dict]:
             for i in range(1, n + 1)]
 
 
-def _routing_scenario(session_class, primary, replica, rng: random.Random) -> list[str]:
-    """Run a hidden mix of reads and writes; return what each step expects ('p' or 'r')."""
+def _plain_read(rng: random.Random, always_queries: bool = False):
+    kind = rng.choice(["select", "count"] if always_queries else ["get", "select", "count"])
+    if kind == "get":
+        user_id = rng.randint(1, 30)
+        return f"session.get(User, {user_id})", lambda s: s.get(User, user_id)
+    if kind == "select":
+        limit = rng.randint(1, 5)
+        return ("session.scalars(select(User).where(User.premium))",
+                lambda s: s.scalars(select(User).where(User.premium.is_(True)).limit(limit)).all())
+    return ("select count(*) of users",
+            lambda s: s.execute(select(sa.func.count()).select_from(User)).scalar())
 
 
-    expected = []
-    with session_class(primary, replica) as session:
-        for _ in range(rng.randint(2, 4)):
-            step = rng.choice(["get", "select", "count"])
-            if step == "get":
-                session.get(User, rng.randint(1, 30))
-            elif step == "select":
-                session.scalars(select(User).where(User.premium.is_(True))
-                                .limit(rng.randint(1, 5))).all()
+def _routing_steps(rng: random.Random) -> list[tuple[str, str, Callable]]:
+    """A hidden sequence: ``(kind, label, step(session))``; kinds name what a step tests."""
+    new_id = iter(range(1000 + 100 * rng.randint(0, 9), 2000))
+
+    def reads(kind, count):
+        return [(kind, *_plain_read(rng, kind != "read")) for _ in range(count)]
+
+    def orm_write(s, user_id, value):
+        s.get(User, user_id).first_name = value
+        s.flush()
+
+    def orm_write_block():
+        user_id, value = rng.randint(31, 40), f"Changed{rng.randint(1, 99)}"
+        return [("read", *_plain_read(rng)),
+                ("write", f"change User {user_id} and flush", lambda s: orm_write(s, user_id, value)),
+                *reads("read after write", rng.randint(1, 2)),
+                ("commit", "session.commit()", lambda s: s.commit()),
+                *reads("read after commit", 1)]
+
+    def core_write_block():
+        if rng.random() < 0.5:
+            user_id = rng.randint(1, 10)
+            label = f"update(User).where(User.id == {user_id})"
+            statement = sa.update(User).where(User.id == user_id).values(active=False)
+        else:
+            user_id = rng.randint(41, 50)
+            label = f"delete(User).where(User.id == {user_id})"
+            statement = sa.delete(User).where(User.id == user_id)
+        end = rng.choice(["commit", "rollback"])
+        return [("write", label, lambda s: s.execute(statement)),
+                *reads("read after write", 1),
+                (end, f"session.{end}()", lambda s: getattr(s, end)()),
+                *reads(f"read after {end}", rng.randint(1, 2))]
+
+    def insert_block():
+        user_id = next(new_id)
+        user = {"id": user_id, "email": f"new{user_id}@example.com", "first_name": "N",
+                "last_name": "U", "created_at": datetime(2025, 2, 1)}
+        return [("write", f"session.add(User(id={user_id})) and a query (autoflush)",
+                 lambda s: (s.add(User(**user)), s.scalars(select(User.id).limit(1)).all())),
+                *reads("read after write", 1),
+                ("rollback", "session.rollback()", lambda s: s.rollback()),
+                *reads("read after rollback", 1)]
+
+    def lock_block():
+        user_id = rng.randint(11, 30)
+        if rng.random() < 0.5:
+            label = f"session.get(User, {user_id}, with_for_update=True)"
+            step = lambda s: s.get(User, user_id, with_for_update=True)  # noqa: E731
+        else:
+            label = f"select(User).where(User.id == {user_id}).with_for_update()"
+            step = lambda s: s.scalars(  # noqa: E731
+                select(User).where(User.id == user_id).with_for_update()).all()
+        return [("read", *_plain_read(rng)), ("lock", label, step),
+                *reads("read after lock", 1),
+                ("commit", "session.commit()", lambda s: s.commit()),
+                *reads("read after commit", 1)]
+
+    def commit_flush_block():
+        user_id, value = rng.randint(31, 40), f"Saved{rng.randint(1, 99)}"
+        return [("read", f"session.get(User, {user_id})", lambda s: s.get(User, user_id)),
+                ("change", f"change User {user_id} (no flush yet)",
+                 lambda s: setattr(s.get(User, user_id), "last_name", value)),
+                ("commit", "session.commit() (its flush sends the UPDATE)", lambda s: s.commit()),
+                *reads("read after commit", rng.randint(1, 2))]
+
+    blocks = [orm_write_block(), core_write_block(), insert_block(), lock_block(),
+              core_write_block(), commit_flush_block()]
+    rng.shuffle(blocks)
+    steps = reads("read", rng.randint(1, 3))
+    for block in blocks:
+        steps += block
+    return steps
+
+
+def _run_routing(session_class, steps, primary, replica, learner: bool) -> list[tuple[int, int, list]]:
+    """Run ``steps`` in one session; per step (statements on primary, on replica, replica kinds)."""
+    made = []
+    with count_queries(primary) as on_primary, count_queries(replica) as on_replica:
+        def run(step):
+            seen = (on_primary.count, on_replica.count)
+            if learner:
+                call_learner(step)
             else:
-                session.execute(select(sa.func.count()).select_from(User)).scalar()
-            expected.append("r")
-        user = session.get(User, rng.randint(31, 40))
-        expected.append("r")
-        user.first_name = f"Changed{rng.randint(1, 99)}"
-        session.commit()  # the flush sends one UPDATE
-        expected.append("p")
-        session.add(User(id=1000 + rng.randint(1, 99), email="new@example.com",
-                         first_name="N", last_name="U", created_at=datetime(2025, 2, 1)))
-        session.flush()
-        expected.append("p")
-        session.execute(sa.update(User).where(User.id == rng.randint(1, 10))
-                        .values(active=False))
-        expected.append("p")
-        session.execute(sa.delete(User).where(User.id == rng.randint(41, 50)))
-        expected.append("p")
-        session.commit()
-        session.scalars(select(User.email).where(User.id == rng.randint(1, 20))).all()
-        expected.append("r")
-    return expected
+                step()
+            made.append((on_primary.count - seen[0], on_replica.count - seen[1],
+                         [s.kind for s in on_replica.statements[seen[1]:]]))
+
+        session = (call_learner if learner else (lambda f, *a: f(*a)))(
+            session_class, primary, replica)
+        if not isinstance(session, Session):
+            raise Incorrect(f"{type_name(session)}(primary, replica) is not a Session: subclass "
+                            "sqlalchemy.orm.Session.")
+        close = (call_learner if learner else (lambda f, *a: f(*a)))
+        try:
+            for _, _, step in steps:
+                run(lambda step=step: step(session))
+        except BaseException:
+            with suppress(Incorrect):  # the first hint is the one to show
+                close(session.close)
+            raise
+        close(session.close)
+    return made
+
+
+_ROUTING_HINTS = {
+    "read": "A read in a transaction that had not written went to the primary: only writes, "
+            "locking reads and the reads after them in the same transaction need the primary.",
+    "read after write": "A read after a write in the same transaction (before commit) went to "
+                        "the replica, which cannot see the uncommitted change: once a transaction "
+                        "has written, keep its reads on the primary.",
+    "read after lock": "A read after a locking read in the same transaction went to the replica: "
+                       "the locked rows are on the primary; treat the lock like a write.",
+    "read after commit": "After commit() a read still went to the primary: the transaction that "
+                         "wrote has ended, reads go back to the replica. Clear your flag after "
+                         "super().commit() (the commit's own flush is a write).",
+    "read after rollback": "After rollback() a read still went to the primary: the transaction "
+                           "that wrote has ended; clear your flag on rollback too.",
+    "lock": "A locking read (with_for_update(), SELECT ... FOR UPDATE) went to the replica: a "
+            "replica cannot lock rows (PostgreSQL refuses FOR UPDATE in a read-only transaction). "
+            "A statement whose `_for_update_arg` is not None counts as a write.",
+    "commit": "The commit's flush went to the wrong engine: a flush is a write.",
+    "write": "A write went to the replica, which is read-only: flushes (`self._flushing`) and "
+             "Core insert/update/delete (`clause`) go to the primary.",
+}
 
 
 class _RoutingCheck(Checker):
+    seeds = (301, 302, 303)
+
     def grade(self, answer):
-
-
         if not (isinstance(answer, type) and issubclass(answer, Session)):
             raise Incorrect("Pass your Session subclass itself: check(\"03.q2\", "
-                            f"MyRoutingSession) (got a {type_name(answer)}).")
-        for seed in (301, 302, 303):
+                            f"TransactionRoutingSession) (got a {type_name(answer)}).")
+        for seed in self.seeds:
             rng = random.Random(seed)
             rows = _users(rng, 60)
-            primary, replica = _memory_users(rows), _memory_users(rows)
+            steps = _routing_steps(rng)
+            engines = [_memory_users(rows) for _ in range(4)]
             try:
-                with count_queries(primary) as on_primary, count_queries(replica) as on_replica:
-                    expected = call_learner(_routing_scenario, answer, primary, replica, rng)
-                reads, writes = expected.count("r"), expected.count("p")
-                wrong_reads = on_primary.select_count
-                wrong_writes = on_replica.count - on_replica.select_count
-                if wrong_writes:
-                    kinds = sorted({s.kind for s in on_replica.statements if s.kind != "SELECT"})
-                    raise Incorrect(
-                        f"{wrong_writes} write statement(s) ({', '.join(kinds)}) went to the "
-                        "replica: a replica is read-only. During a flush `self._flushing` is "
-                        "true; Core writes arrive as `clause` (sa.Insert, sa.Update, sa.Delete).")
-                if on_primary.count - wrong_reads != writes:
-                    raise Incorrect(
-                        f"The primary received {on_primary.count - wrong_reads} writes, "
-                        f"{writes} were sent: route every write to self.primary.")
-                if wrong_reads:
-                    raise Incorrect(
-                        f"{wrong_reads} of the {reads} reads went to the primary: send every "
-                        "statement that is not a write to self.replica.")
-                if on_replica.select_count != reads:
-                    raise Incorrect(
-                        f"The replica received {on_replica.select_count} reads, {reads} were "
-                        "sent: return self.replica for reads.")
+                expected = _run_routing(_TransactionRoutingReference, steps, *engines[:2],
+                                        learner=False)
+                got = _run_routing(answer, steps, *engines[2:], learner=True)
             finally:
-                primary.dispose()
-                replica.dispose()
+                for engine in engines:
+                    engine.dispose()
+            for (kind, label, _), want, have in zip(steps, expected, got):
+                if have[:2] == want[:2]:
+                    continue
+                where = (f"For `{label}` your session sent {have[0]} statement(s) to the primary "
+                         f"and {have[1]} to the replica (expected {want[0]} and {want[1]}). ")
+                if any(k != "SELECT" for k in have[2]):
+                    raise Incorrect(where + _ROUTING_HINTS["write"])
+                raise Incorrect(where + _ROUTING_HINTS.get(kind, ""))
 
     def model_answer(self):
-        return ("def get_bind(self, mapper=None, clause=None, **kwargs):\n"
-                "    if self._flushing or isinstance(clause, (sa.Insert, sa.Update, sa.Delete)):\n"
-                "        return self.primary\n"
-                "    return self.replica")
+        return (
+            "class TransactionRoutingSession(Session):\n"
+            "    def __init__(self, primary, replica, **kwargs):\n"
+            "        super().__init__(**kwargs)\n"
+            "        self.primary, self.replica = primary, replica\n"
+            "        self.wrote = False  # the current transaction wrote or locked rows\n\n"
+            "    def get_bind(self, mapper=None, clause=None, **kwargs):\n"
+            "        locks = getattr(clause, \"_for_update_arg\", None) is not None\n"
+            "        if self._flushing or isinstance(clause, (sa.Insert, sa.Update, sa.Delete)) or locks:\n"
+            "            self.wrote = True\n"
+            "        return self.primary if self.wrote else self.replica\n\n"
+            "    def commit(self):\n"
+            "        super().commit()\n"
+            "        self.wrote = False\n\n"
+            "    def rollback(self):\n"
+            "        super().rollback()\n"
+            "        self.wrote = False")
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,8 +301,34 @@ def _hidden_keys(rng: random.Random, n: int) -> list:
     return keys
 
 
+def _contains_text(value, depth: int = 0) -> bool:
+    if isinstance(value, (str, bytes)):
+        return True
+    if isinstance(value, (tuple, frozenset)) and depth < 4:
+        return any(_contains_text(v, depth + 1) for v in value)
+    return False
+
+
+@contextmanager
+def _hash_of_another_process(salt: int):
+    """``hash()`` as another Python process computes it: str and bytes hashes are salted per
+    process (PYTHONHASHSEED), ints are not. Only calls of the builtin are affected (dicts and
+    sets use the object's own hash), so the grader can ask "what would this function return in
+    another worker?" without starting one."""
+    real = builtins.hash
+
+    def salted(value):
+        return real((salt, value)) if _contains_text(value) else real(value)
+
+    builtins.hash = salted
+    try:
+        yield
+    finally:
+        builtins.hash = real
+
+
 class _ShardFunctionCheck(Checker):
-    keys = 6000
+    keys = 3000
 
     def grade(self, answer):
         if not callable(answer):
@@ -178,6 +350,18 @@ class _ShardFunctionCheck(Checker):
         if call_learner(lambda: [answer(k, list(four)) for k in keys[:200]]) != on_four[:200]:
             raise Incorrect("Your function gave two answers for the same key: a router must be "
                             "deterministic (no random choice).")
+        sample = [k for k in keys if isinstance(k, str)][:300]
+        here = call_learner(lambda: [answer(k, list(four)) for k in sample])
+        for salt in (0x5EED, 0xC0FFEE):
+            with _hash_of_another_process(salt):
+                there = call_learner(lambda: [answer(k, list(four)) for k in sample])
+            if there != here:
+                moved = sum(a != b for a, b in zip(here, there))
+                raise Incorrect(
+                    f"In another process your function sends {moved} of {len(sample)} string keys "
+                    "to another shard: Python's hash() of a str is salted per process "
+                    "(PYTHONHASHSEED), so two web workers would disagree. Use a stable hash: "
+                    "hashlib (md5, sha1, blake2b) of the encoded text.")
         share = {s: on_four.count(s) / len(keys) for s in four}
         if min(share.values()) < 0.12:
             raise Incorrect(f"The keys are not spread: the emptiest of 4 shards got "
@@ -211,29 +395,218 @@ class _ShardFunctionCheck(Checker):
 
 # --------------------------------------------------------------------------------------------
 # 03.q8 (lab): read-your-writes on the real replica pair
+#
+# The grader plays the requests itself (one learner session per request, a cookie per user)
+# and waits for the replica between them, outside the learner's time budget. The lag changes
+# between two phases (200 ms, then 2 s with a 0.8 s pause before the editors come back), so a
+# fixed time window in the cookie fails one of them: too short for the long lag, or still
+# sending users to the primary after the short lag has passed.
+
+_LSN_TEXT = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+
+
+class _ReadYourWritesScenario:
+    """One hidden run of page views and edits on ``primary``/``replica`` (schema of the grader)."""
+
+    def __init__(self, answer, pair, primary, replica, rng: random.Random):
+        self.answer, self.pair, self.rng = answer, pair, rng
+        self.primary, self.replica = primary, replica
+        self.probe = sa.create_engine(pair.replica_url, poolclass=sa.pool.NullPool,
+                                      isolation_level="AUTOCOMMIT")
+        with primary.connect() as conn:
+            self.ids = [row[0] for row in conn.execute(select(User.id).order_by(User.id))]
+        self.cookies: dict[int, dict] = {i: {} for i in self.ids}
+        self.latest: dict[int, str] = {}
+        self.written_at: dict[int, str] = {}  # the primary's LSN after each user's last edit
+        self.delay_ms = 0
+
+    # ---- the grader's side: lag, waiting, probes (never inside the learner's budget)
+
+    def set_lag(self, delay_ms: int) -> None:
+        replicas.set_apply_delay(self.pair, delay_ms)
+        self.delay_ms = delay_ms
+
+    def wait_for_replica(self) -> None:
+        scaling.wait_for_replay(self.replica, scaling.current_lsn(self.primary), timeout_s=30)
+
+    def pending(self, user_id: int) -> bool:
+        """Whether ``user_id``'s last edit is not on the replica yet."""
+        lsn = self.written_at.get(user_id)
+        return lsn is not None and not scaling.replica_has_replayed(self.probe, lsn)
+
+    # ---- requests, each through a new learner session
+
+    def _session(self, user_id: int):
+        session = self.answer(self.primary, self.replica, self.cookies[user_id])
+        if not isinstance(session, Session):
+            raise Incorrect(f"ReadYourWritesSession(primary, replica, cookie) made a "
+                            f"{type_name(session)}, not a Session.")
+        return session
+
+    def _email(self, session, user_id: int) -> str:
+        return session.scalars(select(User.email).where(User.id == user_id)).one()
+
+    def _reads(self) -> tuple[int, int]:
+        return _users_reads(self.on_primary), _users_reads(self.on_replica)
+
+    def view(self, viewer: int, target: int, moment: str) -> None:
+        pending = self.pending(viewer)
+        before = self._reads()
+
+        def request():
+            with self._session(viewer) as session:
+                return self._email(session, target)
+
+        seen = call_learner(request)
+        after = self._reads()
+        on_primary = after[0] - before[0]
+        if viewer == target and viewer in self.latest and seen != self.latest[viewer]:
+            raise Incorrect(self._stale_hint(viewer, moment))
+        if on_primary and not pending:
+            raise Incorrect(self._primary_hint(viewer, moment))
+
+    def edit(self, user_id: int, tag: str, flush_first: bool) -> None:
+        """A form post: change the email, read it back. ``flush_first``: flush and read inside the
+        transaction before the commit; otherwise the commit's own flush sends the UPDATE."""
+        email = f"{tag}.{user_id}.{uuid.uuid4().hex[:10]}@example.com"
+
+        def request():
+            with self._session(user_id) as session:
+                user = session.get(User, user_id)
+                user.email = email
+                in_transaction = email
+                if flush_first:
+                    session.flush()
+                    in_transaction = self._email(session, user_id)
+                session.commit()
+                return in_transaction, self._email(session, user_id)
+
+        in_transaction, after_commit = call_learner(request)
+        self.latest[user_id] = email
+        self.written_at[user_id] = scaling.current_lsn(self.primary)
+        if in_transaction != email:
+            raise Incorrect(
+                "Inside the transaction that changed the email (flushed, not committed yet) the "
+                "read showed the old one: it went to the replica, which never sees uncommitted "
+                "changes. Once a session has written, its reads go to the primary.")
+        if after_commit != email:
+            raise Incorrect(self._stale_hint(user_id, "right after commit(), in the same request"))
+
+    # ---- hints
+
+    def _stale_hint(self, user_id: int, moment: str) -> str:
+        cookie = self.cookies[user_id]
+        values = list(cookie.values()) if isinstance(cookie, dict) else []
+        lsns = [v for v in values if isinstance(v, str) and _LSN_TEXT.match(v)]
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        lag = f"{self.delay_ms / 1000:g} s"
+        start = (f"A user read their own profile {moment}, and got the old email (the replica "
+                 f"lagged {lag}). ")
+        if lsns and all(scaling.replica_has_replayed(self.probe, v) for v in lsns):
+            return start + (
+                f"The cookie's LSN {lsns[-1]} was already replayed while the edit was not: it "
+                "was taken before the commit. Call scaling.current_lsn(self.primary) after "
+                "super().commit().")
+        if lsns:
+            return start + (
+                f"The cookie holds an LSN the replica has not replayed ({lsns[-1]}), yet the read "
+                "went to the replica: in get_bind, read from the primary while "
+                "scaling.replica_has_replayed(self.replica, lsn) is false.")
+        if numbers:
+            return start + (
+                "Your cookie holds a number (a time?), no LSN: a time window works only while "
+                "the lag stays below it. Store scaling.current_lsn(self.primary) after the "
+                "commit and ask the replica whether it has replayed it.")
+        if not values:
+            return start + (
+                "The user's cookie was empty after the edit: each request has a new session, so "
+                "only the cookie remembers the write. Store scaling.current_lsn(self.primary) "
+                "in self.cookie after the commit.")
+        return start + ("Keep the primary's LSN after the commit in the cookie and read from the "
+                        "primary until the replica has replayed it.")
+
+    def _primary_hint(self, user_id: int, moment: str) -> str:
+        if user_id not in self.latest:
+            return (f"A read {moment} by a user who never wrote went to the primary: only a user "
+                    "whose own write is not on the replica yet needs the primary.")
+        values = list(self.cookies[user_id].values())
+        window = any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        return (f"A user's edit was already on the replica (replayed), yet their read {moment} "
+                "went to the primary. "
+                + ("A time window keeps users on the primary longer than the lag (here "
+                   f"{self.delay_ms / 1000:g} s); " if window else "")
+                + "ask the replica with scaling.replica_has_replayed(self.replica, lsn) and "
+                "return to it as soon as it has the write.")
+
+    # ---- the run
+
+    def browse(self, times: int, moment: str) -> None:
+        for _ in range(times):
+            viewer = self.rng.choice(self.ids)
+            target = viewer if self.rng.random() < 0.4 else self.rng.choice(self.ids)
+            self.view(viewer, target, moment)
+
+    def play(self, short_ms: int, long_ms: int, pause_s: float) -> None:
+        with count_queries(self.primary) as self.on_primary, \
+                count_queries(self.replica) as self.on_replica:
+            self.set_lag(short_ms)
+            self.browse(5, "before any edit")
+            editors = self.rng.sample(self.ids, 2)
+            for n, user_id in enumerate(editors):
+                # the first edit of a phase starts with nothing pending on the replica, its
+                # UPDATE replays at once and only its commit waits: a cookie LSN taken before
+                # the commit's flush looks replayed while the commit is not
+                self.edit(user_id, "short", flush_first=n > 0)
+                self.view(user_id, user_id, "in the request after their edit (the redirect)")
+            self.browse(3, "while edits were on their way to the replica")
+            self.wait_for_replica()
+            for user_id in editors:
+                self.view(user_id, user_id, f"after the replica had replayed their edit "
+                          f"(lag {short_ms / 1000:g} s)")
+            self.set_lag(long_ms)
+            late = [*self.rng.sample([i for i in self.ids if i not in editors], 2), editors[0]]
+            for n, user_id in enumerate(late):
+                self.edit(user_id, "long", flush_first=n > 0)
+                self.view(user_id, user_id, "in the request after their edit (the redirect)")
+            time.sleep(pause_s)
+            for user_id in late:
+                self.view(user_id, user_id, f"{pause_s:g} s after their edit")
+            self.wait_for_replica()
+            for user_id in late:
+                self.view(user_id, user_id, f"after the replica had replayed their edit "
+                          f"(lag {long_ms / 1000:g} s)")
+            self.browse(4, "after every edit was replayed")
+
+    def close(self) -> None:
+        self.probe.dispose()
+
+
+def _users_reads(counter) -> int:
+    return sum(1 for s in counter.statements if s.kind == "SELECT" and "users" in s.sql)
 
 
 class _ReadYourWritesCheck(Checker):
     schema = "ch03_grader"
-    apply_delay_ms = 1000  # a read right after a commit is stale on any machine
-    min_replica_share = 0.5
-    seed, rounds = 308, 2
+    short_ms, long_ms, pause_s = 200, 2000, 0.8
+    users, seed = 24, 308
 
     def grade(self, answer):
-
-
         if not callable(answer):
             raise Incorrect("Pass your session class itself: check(\"03.q8\", "
                             f"ReadYourWritesSession) (got a {type_name(answer)}).")
         before = replicas.running_replica_pair()
-        pair = replicas.start_replica_pair(self.apply_delay_ms)
+        pair = replicas.start_replica_pair(0)
         primary, replica = scaling.profile_engines(pair, self.schema)
+        scenario = None
         try:
-            scaling.prepare_profiles(primary, replica, users=30)
-            trial = call_learner(scaling.read_your_writes_trial, answer, primary, replica,
-                                 self.seed, self.rounds)
+            scaling.prepare_profiles(primary, replica, users=self.users)
+            scenario = _ReadYourWritesScenario(answer, pair, primary, replica,
+                                               random.Random(self.seed))
+            scenario.play(self.short_ms, self.long_ms, self.pause_s)
         finally:
             try:
+                if scenario is not None:
+                    scenario.close()
                 scaling.drop_profiles(primary)
             except sa.exc.DBAPIError:
                 pass  # a transaction the learner's session leaked holds the table: leave it
@@ -244,18 +617,6 @@ class _ReadYourWritesCheck(Checker):
                     replicas.stop_replica_pair()
                 else:
                     replicas.set_apply_delay(pair, before.apply_delay_ms)
-        if trial["stale"]:
-            raise Incorrect(
-                f"{trial['stale']} of the {trial['checked']} reads of a user's own profile after "
-                "their edit showed the old email: the replica had not replayed the edit yet. "
-                "After a commit, keep the primary's LSN in the cookie; read from the primary "
-                "until scaling.replica_has_replayed(self.replica, lsn) is true.")
-        if trial["replica_share"] < self.min_replica_share:
-            raise Incorrect(
-                f"No stale read, but only {trial['replica_reads']} of the {trial['reads']} reads "
-                f"went to the replica ({trial['replica_share']:.0%}; at least "
-                f"{self.min_replica_share:.0%} should): send a read to the primary only while "
-                "this user's last write has not reached the replica.")
 
     def model_answer(self):
         return (
@@ -327,8 +688,6 @@ def _order_shards(rng: random.Random):
 
     Returns ``(engines, connections, orders)``: ``orders`` is every ``(shard, status, total)``.
     """
-
-
     n = rng.randint(3, 5)
     sizes = [0, rng.randint(5, 15), rng.randint(60, 120), rng.randint(400, 700),
              rng.randint(150, 300)][:n]
@@ -369,6 +728,20 @@ def _exact_averages(orders) -> dict[str, float]:
     return {status: float(sums[status] / counts[status]) for status in sorted(sums)}
 
 
+def _averages_of_shard_averages(orders, shard_count: int) -> list[dict[str, float]]:
+    """The classic wrong gathers: the mean of the shards' averages, over the shards that have
+    the status, and over every shard (a shard without it counted as 0)."""
+    per_shard: dict[str, dict[str, list]] = {}
+    for shard, status, total in orders:
+        per_shard.setdefault(status, {}).setdefault(shard, []).append(total)
+    having, every = {}, {}
+    for status, by_shard in per_shard.items():
+        averages = [sum(v) / len(v) for v in by_shard.values()]
+        having[status] = float(sum(averages) / len(averages))
+        every[status] = float(sum(averages) / shard_count)
+    return [having, every]
+
+
 def _as_float(value):
     if isinstance(value, bool) or value is None:
         return None
@@ -380,8 +753,6 @@ def _as_float(value):
 
 class _ShardedAverageCheck(Checker):
     def grade(self, answer):
-
-
         if not callable(answer):
             raise Incorrect("Pass your function itself: check(\"03.q9\", "
                             f"average_total_by_status) (got a {type_name(answer)}).")
@@ -389,7 +760,7 @@ class _ShardedAverageCheck(Checker):
             engines, connections, orders = _order_shards(random.Random(seed))
             try:
                 expected = _exact_averages(orders)
-                naive = scaling.average_total_by_status_naive(engines)
+                naive = _averages_of_shard_averages(orders, len(engines))
                 for connection in connections:
                     connection.rows_fetched = 0  # count only the learner's rows
                 counters = {name: count_queries(e).start() for name, e in engines.items()}
@@ -411,7 +782,8 @@ class _ShardedAverageCheck(Checker):
                         raise Incorrect(f"The average for {status!r} is a "
                                         f"{type_name(got[status])}: return numbers.")
                     if not math.isclose(number, value, rel_tol=1e-9, abs_tol=0.006):
-                        if math.isclose(number, naive.get(status, math.nan), rel_tol=1e-6):
+                        if any(math.isclose(number, wrong.get(status, math.nan), rel_tol=1e-9,
+                                            abs_tol=0.006) for wrong in naive):
                             raise Incorrect(
                                 f"For {status!r} you return {number:.2f}, the average of the "
                                 f"shards' averages; the average of all its orders is {value:.2f}. "
@@ -456,9 +828,22 @@ class _ShardedAverageCheck(Checker):
 #: Hidden request profiles: threads of one process, steady requests/s, seconds on a connection.
 _POOL_PROFILES = (
     {"threads": 6, "requests_per_s": 130, "db_time_s": 0.018},
+    {"threads": 10, "requests_per_s": 200, "db_time_s": 0.035},  # 7 exactly; 7.000000000000001 in floats
+    {"threads": 4, "requests_per_s": 300, "db_time_s": 0.02},    # 6 busy > 4 threads
     {"threads": 9, "requests_per_s": 350, "db_time_s": 0.013},
-    {"threads": 5, "requests_per_s": 90, "db_time_s": 0.016},
 )
+
+
+def _busy_connections(profile: dict) -> int:
+    """Little's law in exact decimals (no float rounding), rounded up."""
+    return math.ceil(Fraction(str(profile["requests_per_s"])) * Fraction(str(profile["db_time_s"])))
+
+
+def _pool_reference(profile: dict) -> tuple[int, int]:
+    """Pool settings for ``profile``: the busy connections, capped by the threads."""
+    busy = _busy_connections(profile)
+    size = max(1, min(busy, profile["threads"]))  # a process never has more busy than threads
+    return size, profile["threads"] - size
 
 
 def _settings(value) -> tuple[int, int]:
@@ -482,18 +867,33 @@ def _settings(value) -> tuple[int, int]:
 
 class _PoolSettingsCheck(Checker):
     def grade(self, answer):
-
-
         if not callable(answer):
             raise Incorrect("Pass your function itself: check(\"03.q10\", pool_settings) "
                             f"(got a {type_name(answer)}).")
         for profile in _POOL_PROFILES:
-            size, overflow = _settings(call_learner(answer, dict(profile)))
+            got = call_learner(answer, dict(profile))
             threads = profile["threads"]
-            steady = math.ceil(profile["requests_per_s"] * profile["db_time_s"])
+            steady, _ = _pool_reference(profile)
             shown = (f"For {threads} threads, {profile['requests_per_s']} requests/s and "
-                     f"{profile['db_time_s'] * 1000:g} ms on a connection, pool_size={size}, "
-                     f"max_overflow={overflow}: ")
+                     f"{profile['db_time_s'] * 1000:g} ms on a connection, ")
+            raw = got if not isinstance(got, dict) else (got.get("pool_size"), got.get("max_overflow"))
+            if (isinstance(raw, (tuple, list)) and len(raw) == 2
+                    and all(isinstance(v, int) and not isinstance(v, bool) for v in raw)):
+                if raw[1] < 0:
+                    raise Incorrect(
+                        shown + f"max_overflow={raw[1]} is negative: Little's law gives more "
+                        "connections than the process has threads, but only a thread can hold "
+                        "one. Cap pool_size at the threads (max_overflow is then 0).")
+                floating = math.ceil(profile["requests_per_s"] * profile["db_time_s"])
+                if raw[0] == floating != _busy_connections(profile):
+                    raise Incorrect(
+                        shown + f"pool_size={raw[0]}: {profile['requests_per_s']} × "
+                        f"{profile['db_time_s']} is {profile['requests_per_s'] * profile['db_time_s']!r} "
+                        f"in floating point, and math.ceil makes it {floating}; the steady load "
+                        f"keeps {steady} busy. Round to a few decimals before ceil (or use "
+                        "Fraction/Decimal).")
+            size, overflow = _settings(got)
+            shown += f"pool_size={size}, max_overflow={overflow}: "
             run = scaling.pool_trial(scaling.postgres_engine, threads, steady, size, overflow)
             timeouts = run["steady_timeouts"] + run["burst_timeouts"]
             if timeouts:
@@ -517,9 +917,10 @@ class _PoolSettingsCheck(Checker):
 
     def model_answer(self):
         return ("def pool_settings(profile):\n"
-                "    steady = math.ceil(profile[\"requests_per_s\"] * profile[\"db_time_s\"])\n"
-                "    return {\"pool_size\": steady,\n"
-                "            \"max_overflow\": profile[\"threads\"] - steady}")
+                "    busy = profile[\"requests_per_s\"] * profile[\"db_time_s\"]  # Little's law\n"
+                "    steady = math.ceil(round(busy, 9))  # 200 × 0.035 is 7.000000000000001\n"
+                "    size = max(1, min(steady, profile[\"threads\"]))  # only threads hold one\n"
+                "    return {\"pool_size\": size, \"max_overflow\": profile[\"threads\"] - size}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,19 +931,24 @@ QUESTIONS = [
         title="Read-your-writes with a lagging replica",
         checker=Choice(
             options={
-                "a": "Add a second replica so reads spread over two servers",
-                "b": "For a short while after a user writes, serve that user's reads from the "
+                "a": "For a short while after a user writes, serve that user's reads from the "
                 "primary (or wait until a replica has replayed the write's LSN)",
-                "c": "Raise the engine's pool_size",
-                "d": "Retry the read on the same replica until the value changes",
+                "b": "Add a second replica so the reads spread over two servers and each "
+                "replica has less replay work to do",
+                "c": "Raise the engine's pool_size so the read right after the write gets a "
+                "connection of its own without waiting",
+                "d": "Retry the read on the same replica a few times until the value it returns "
+                "differs from the one shown before",
             },
-            correct="b",
+            correct="a",
             explanations={
-                "a": "A second replica lags just as much: the stale read comes from replication "
-                "lag, not from load.",
-                "c": "More connections do not make a replica replay faster.",
-                "d": "Polling may work after the lag but cannot tell 'not replayed yet' from "
-                "'nothing changed'; wait for the LSN instead, or read the primary.",
+                "b": "A second replica lags just as much: the stale read comes from replication "
+                "lag (asynchronous replay), not from load, and each replica replays all the WAL.",
+                "c": "The read did not wait for a connection, it got one to a replica that had "
+                "not replayed the write yet; more connections do not make a replica replay faster.",
+                "d": "Retrying cannot tell 'not replayed yet' from 'nothing changed' (a user who "
+                "saved the same name would loop), and it adds the lag to the request; wait for "
+                "the write's LSN instead, or read the primary.",
             },
         ),
         explanation="Replication is asynchronous: a replica shows a commit only after it has "
@@ -553,14 +959,17 @@ QUESTIONS = [
     ),
     Question(
         id="03.q2",
-        title="A read/write routing Session",
+        title="A routing Session that keeps a writing transaction on the primary",
         checker=_RoutingCheck(),
         explanation="Session.get_bind is asked for an engine for every statement. Flushes "
-        "(self._flushing) and Core INSERT/UPDATE/DELETE are writes: the primary. Everything "
-        "else, including session.get and lazy loads, is a read: the replica.",
-        hints=("`self._flushing` is true while the ORM flushes pending changes; Core writes come "
-               "as `clause`, an instance of sa.Insert, sa.Update or sa.Delete.",),
-        time_limit=20.0,
+        "(self._flushing), Core INSERT/UPDATE/DELETE and locking reads (with_for_update) go to "
+        "the primary; after one of them, the rest of the transaction stays there (the replica "
+        "cannot see its uncommitted changes nor hold its locks). commit() and rollback() end the "
+        "transaction, and reads go back to the replica.",
+        hints=("Keep a flag set in get_bind by writes and locking reads "
+               "(getattr(clause, '_for_update_arg', None) is not None); read it for every read; "
+               "clear it in commit() and rollback(), after calling super().",),
+        time_limit=15.0,
     ),
     Question(
         id="03.q3",
@@ -573,7 +982,7 @@ QUESTIONS = [
         "stable hash (md5, sha1): Python's hash() of a str changes between processes.",
         hints=("Give every shard a score for this key, e.g. md5(f'{shard}:{key}'), and return "
                "the shard with the highest score.",),
-        time_limit=30.0,
+        time_limit=15.0,
     ),
     Question(
         id="03.q4",
@@ -590,18 +999,20 @@ QUESTIONS = [
         title="Dead pooled connections",
         checker=Choice(
             options={
-                "a": "pool_size=20",
-                "b": "pool_pre_ping=True",
-                "c": "poolclass=NullPool",
-                "d": "pool_timeout=60",
+                "a": "pool_recycle=1800",
+                "b": "pool_size=20",
+                "c": "pool_timeout=60",
+                "d": "pool_pre_ping=True",
             },
-            correct="b",
+            correct="d",
             explanations={
-                "a": "More connections means more dead ones after the failover, not fewer.",
-                "c": "NullPool would avoid it by opening a connection per checkout: it pays a "
-                "connect on every request to fix a rare event.",
-                "d": "pool_timeout is how long a checkout waits for a free connection; the "
-                "dead connection is handed out at once.",
+                "a": "pool_recycle replaces connections older than 1800 s at checkout; the "
+                "failover killed connections of every age, so a younger one is still handed out "
+                "dead. It is the fix for idle timeouts of a known length, not for failovers.",
+                "b": "More connections means more dead ones after the failover, not fewer: each "
+                "is handed out once and fails.",
+                "c": "pool_timeout is how long a checkout waits for a free connection; the dead "
+                "connection is free and handed out at once.",
             },
         ),
         explanation="pool_pre_ping runs a cheap ping at checkout; a dead connection is replaced "
@@ -613,19 +1024,20 @@ QUESTIONS = [
         title="Scaling the database (interview question 4)",
         checker=Choice(
             options={
-                "a": "Add read replicas and route reads to them",
-                "b": "Shard every table by user id across four servers",
-                "c": "Raise max_connections and every pool_size",
+                "a": "Shard every table by user id across four servers",
+                "b": "Raise max_connections and every pool_size",
+                "c": "Add read replicas and route reads to them",
                 "d": "Switch every engine to NullPool",
             },
-            correct="a",
+            correct="c",
             explanations={
-                "b": "Sharding splits the data and the writes; it costs cross-shard queries and "
+                "a": "Sharding splits the data and the writes; it costs cross-shard queries and "
                 "rebalancing. It is the step for data or write volume one server cannot hold, "
-                "not for a read-heavy load.",
-                "c": "More connections add contention on a saturated CPU; they do not add "
-                "capacity.",
-                "d": "NullPool opens a connection per checkout: more work for the database.",
+                "not for a read-heavy load that fits on one server.",
+                "b": "More connections add contention on a CPU that is already at 85%; they do "
+                "not add capacity.",
+                "d": "NullPool opens a connection per checkout: more work for a busy database, "
+                "not less.",
             },
         ),
         explanation="The first database step of scaling an application: when reads dominate, "
@@ -638,17 +1050,23 @@ QUESTIONS = [
         title="A query across shards",
         checker=Choice(
             options={
-                "a": "One query on the shard of the first user",
-                "b": "One query on every shard, then merge the partial results in the "
+                "a": "Run it on one shard and multiply each day's revenue by the number of shards",
+                "b": "Run it on every shard, then add the shards' revenues day by day in the "
                 "application (scatter-gather)",
-                "c": "It cannot be answered once the data is sharded",
-                "d": "One query on the shard with the most orders",
+                "c": "Run it on every shard, then average the shards' revenues day by day in "
+                "the application",
+                "d": "It cannot be answered once the data is sharded: keep an unsharded copy for "
+                "reports",
             },
             correct="b",
             explanations={
-                "a": "That shard holds only its own users' orders.",
-                "c": "It can: every shard answers for its users, the application combines them.",
-                "d": "The other shards' orders would be missing.",
+                "a": "Shards are not copies of each other: their users spend differently and "
+                "their sizes differ (range sharding, a new shard), so one shard × 8 is a guess.",
+                "c": "Revenue adds up: the total is the sum of the shards' revenues. An average "
+                "of 8 partial revenues is an eighth of the total, and averages of averages weigh "
+                "a small shard like a big one.",
+                "d": "It can: each shard answers for its own users, and sums add up. A reporting "
+                "copy is an option for heavy analytics, not a requirement.",
             },
         ),
         explanation="A query that does not name the shard key must visit every shard: N "
@@ -671,7 +1089,7 @@ QUESTIONS = [
                "scaling.current_lsn(self.primary) in self.cookie.",
                "In get_bind, a read goes to the primary while the session has written or while "
                "the cookie's LSN is not replayed: scaling.replica_has_replayed(self.replica, lsn)."),
-        time_limit=60.0,
+        time_limit=15.0,
     ),
     Question(
         id="03.q9",
@@ -685,7 +1103,7 @@ QUESTIONS = [
         hints=("Per shard: select(Order.status, func.sum(Order.total), func.count())"
                ".group_by(Order.status). Add up sums and counts per status over the shards, "
                "then divide.",),
-        time_limit=30.0,
+        time_limit=15.0,
     ),
     Question(
         id="03.q10",
@@ -696,9 +1114,12 @@ QUESTIONS = [
         "open (a smaller pool opens and closes overflow connections all the time). A burst can "
         "have every thread of the process holding a connection: pool_size + max_overflow = "
         "threads, so no checkout waits past pool_timeout, and not more, since every promised "
-        "connection counts against the server's max_connections across all processes.",
+        "connection counts against the server's max_connections across all processes. When "
+        "Little's law gives more than the threads, the threads are the limit: pool_size = "
+        "threads, max_overflow = 0.",
         hints=("Little's law: connections busy at once = requests/s × seconds on a connection; "
-               "round up (math.ceil). Whatever the burst needs beyond that is max_overflow.",),
+               "round up (math.ceil, after round(x, 9) to drop float noise), and never above the "
+               "threads. Whatever the burst needs beyond that is max_overflow.",),
         time_limit=10.0,
     ),
 ]
