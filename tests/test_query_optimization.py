@@ -221,52 +221,20 @@ def test_keyset_vs_offset(seeded):
 @pytest.mark.parametrize("since,top,recent", [
     (datetime(2025, 6, 1), 10, 3), (datetime(2024, 1, 1), 3, 1), (datetime(2030, 1, 1), 5, 3)])
 def test_lab_reference_matches_slow_report_in_3_queries(seeded, since, top, recent):
+    # the reference lives with the grader (STYLE rule 6); it must agree with the app's report
+    from perfcourse.grading.questions.ch02 import _top_customers_reference
+
     with Session(seeded) as session:
         slow = queries.top_customers_report_slow(session, since, top, recent)
     with Session(seeded) as session, count_queries(seeded) as counted:
-        fast = queries.top_customers_report(session, since, top, recent)
+        fast = _top_customers_reference(session, since, top, recent)
     assert fast == slow
     assert counted.count <= 3
 
 
-def test_lab_questions_grade_reference_and_reject_slow():
-    from perfcourse.grading import check
-
-    check("02.q8", queries.top_customers_report)
-    check("02.q9", list(queries.LAB_INDEXES))
-    with pytest.raises(AssertionError, match="queries"):
-        check("02.q8", queries.top_customers_report_slow)
-    with pytest.raises(AssertionError, match="full"):
-        check("02.q9", ["CREATE INDEX ix_status ON orders (status)"])
-
-
-def test_lesson_practical_questions_reject_the_naive_answers():
-    from datetime import date, timedelta
-
-    from sqlalchemy import func
-
-    from perfcourse.grading import check
-    from perfcourse.models import Order, User
-
-    def lazy(session, ids):
-        return session.scalars(select(User).where(User.id.in_(ids)).order_by(User.id)).all()
-
-    def on_day(day: date):
-        return select(Order.id).where(func.date(Order.created_at) == day.isoformat())
-
-    def on_range(day: date):
-        start = datetime(day.year, day.month, day.day)
-        return select(Order.id).where(Order.created_at >= start,
-                                      Order.created_at < start + timedelta(days=1))
-
-    with pytest.raises(AssertionError, match="N\\+1"):
-        check("02.q3", lazy)
-    with pytest.raises(AssertionError, match="index"):
-        check("02.q5", on_day)
-    check("02.q5", on_range)
-    with pytest.raises(AssertionError):
-        check("02.q4", "CREATE INDEX ix_total ON orders (total)")
-    check("02.q4", "CREATE INDEX ix_sc ON orders (status, created_at)")
+def test_the_module_ships_the_slow_report_only():
+    assert "top_customers_report_slow" in queries.__all__
+    assert not {"top_customers_report", "LAB_INDEXES"} & set(dir(queries))
 
 
 def test_prefix_plans_drops_expression_indexes(scratch):

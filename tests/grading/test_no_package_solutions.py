@@ -62,11 +62,13 @@ def _callable_with(fn, arity: int | None) -> bool:
     return True
 
 
-def _public_functions(module_name: str):
+def _public_callables(module_name: str, classes: bool):
+    """The module's public functions (and classes, when the answer is a class)."""
     module = importlib.import_module(module_name)
     for name in getattr(module, "__all__", ()):
         value = getattr(module, name)
-        if inspect.isfunction(value) and name not in UNSAFE:
+        wanted = inspect.isfunction(value) or (classes and inspect.isclass(value))
+        if wanted and name not in UNSAFE and getattr(value, "__module__", "") == module_name:
             yield f"{module_name.rsplit('.', 1)[-1]}.{name}", value
 
 
@@ -76,8 +78,9 @@ def _cases():
         if q.chapter in CHAPTER_MODULES:
             names.append(f"perfcourse.chapters.{CHAPTER_MODULES[q.chapter]}")
         for module_name in names:
-            for label, fn in _public_functions(module_name):
-                if _callable_with(fn, _arity(q)):
+            classes = bool(re.search(r"^class ", q.model_answer(), re.MULTILINE))
+            for label, fn in _public_callables(module_name, classes):
+                if classes or _callable_with(fn, _arity(q)):
                     yield pytest.param(q.id, fn, id=f"{q.id}-{label}")
 
 
