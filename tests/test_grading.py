@@ -522,3 +522,14 @@ def test_runner_counts_a_deleted_check_cell_as_failed(tmp_path, capsys):
     assert main_grade([str(learner)]) == 0
     out = capsys.readouterr().out
     assert "score: 0/2" in out and "no check cell for this question" in out
+
+
+def test_loading_the_bank_keeps_the_questions_function():
+    """The package ``perfcourse.grading.questions`` never shadows the function of that name."""
+    import importlib
+
+    import perfcourse.grading as grading
+
+    load_bank()
+    importlib.import_module("perfcourse.grading.questions")
+    assert callable(grading.questions) and grading.questions("00")

@@ -31,6 +31,10 @@ Adding a question (``src/perfcourse/grading/questions/ch02.py``)::
 
 from __future__ import annotations
 
+# The question modules' package is imported before the function ``questions`` is bound here:
+# importing a submodule for the first time sets the parent's attribute of that name, which
+# would otherwise replace the function with the package as soon as the bank loads.
+from . import questions as _question_modules  # noqa: F401
 from .bank import (
     GraderError,
     Question,
