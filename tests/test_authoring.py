@@ -289,3 +289,27 @@ def test_no_notebook_of_the_course_shows_a_test_marker():
                 if any(line.strip() in MARKER_TAGS for line in cell.source.splitlines()):
                     shown.append(f"{folder}/{path.name} cell {index}")
     assert not shown, f"test markers in code (use cell tags): {shown}"
+
+
+def test_reset_restores_a_learner_notebook_and_keeps_the_learners_copy(tmp_path, capsys):
+    from perfcourse.authoring import main_reset, reset
+
+    make_master(tmp_path)
+    assign(root=tmp_path)
+    learner = tmp_path / "notebooks" / "00-demo.ipynb"
+    handed_out = learner.read_text()
+    worked = handed_out.replace("answer = ...", 'answer = "b"')
+    learner.write_text(worked)
+    backups = tmp_path / "backups"
+    kept = reset(learner, backups=backups)
+    assert learner.read_text() == handed_out
+    assert kept.parent == backups and kept.read_text() == worked
+    assert reset(learner, backups=backups) is None  # as handed out: nothing kept twice
+    learner.write_text(worked)
+    second = reset(learner, backups=backups)
+    assert second != kept and kept.is_file() and second.is_file()  # never overwritten
+    learner.unlink()
+    assert reset(learner, backups=backups) is None and learner.read_text() == handed_out
+    master = tmp_path / "solutions" / "00-demo.ipynb"
+    assert main_reset([str(master)]) == 2
+    assert "learner notebooks" in capsys.readouterr().err

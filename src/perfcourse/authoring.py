@@ -6,6 +6,10 @@
     Without arguments, every master of the course. Deterministic: running it twice changes
     nothing, and a file whose content is already right is not rewritten. ``--check`` writes
     nothing and exits 1 naming every stale, missing or orphaned learner file (for CI).
+``perfcourse reset NOTEBOOK``
+    Put a learner notebook (``notebooks/`` or ``labs/``) back as it was handed out, from its
+    master; the learner's copy is kept first under ``data/backups/`` (git-ignored, never
+    overwritten: each backup has its own time stamp).
 ``perfcourse outputs [MASTERS] [--timeout S]``
     Re-execute masters in place with nbclient (kernel ``python3``, working directory the
     notebook's folder, a time limit per cell) to refresh their committed outputs.
@@ -62,6 +66,7 @@ import re
 import sys
 import tempfile
 import textwrap
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +76,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
 from .config import course_root as find_course_root
+from .config import data_dir
 from .grading.bank import graded_ids
 from .grading.runner import nocolor_ipython_dir
 
@@ -100,6 +106,8 @@ __all__ = [
     "learner_notebook",
     "learner_path",
     "main_assign",
+    "main_reset",
+    "reset",
     "main_outputs",
     "refresh_outputs",
     "render",
@@ -514,6 +522,67 @@ def refresh_outputs(master: Path, timeout: int = 120, kernel_name: str = "python
     for cell in nb.cells:
         cell.get("metadata", {}).pop("execution", None)  # timestamps would churn every run
     master.write_text(render(nb), encoding="utf-8", newline="\n")
+
+
+def master_of(learner: Path) -> Path:
+    """``<root>/notebooks/NN-slug.ipynb`` or ``<root>/labs/...`` -> ``<root>/solutions/...``."""
+    learner = Path(learner).resolve()
+    if learner.parent.name not in ("notebooks", "labs"):
+        raise AuthoringError(
+            f"{learner.name}: reset restores learner notebooks, the ones in notebooks/ or labs/"
+        )
+    master = learner.parent.parent / "solutions" / learner.name
+    if not master.is_file():
+        raise AuthoringError(f"{learner.name}: no master solutions/{learner.name} to restore it from")
+    return master
+
+
+def reset(learner: Path, *, backups: Path | None = None) -> Path | None:
+    """Restore ``learner`` from its master; return where the learner's copy was kept (or None).
+
+    The copy goes to ``backups`` (default ``data/backups/``) as ``NN-slug.<time>.ipynb``; a
+    notebook already as handed out is left alone and gets no backup.
+    """
+    learner = Path(learner)
+    text = render(learner_notebook(master_of(learner)))
+    if learner.is_file() and learner.read_text(encoding="utf-8") == text:
+        return None
+    kept = None
+    if learner.is_file():
+        folder = Path(backups) if backups else data_dir() / "backups"
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        kept = folder / f"{learner.stem}.{stamp}.ipynb"
+        n = 1
+        while kept.exists():
+            n += 1
+            kept = folder / f"{learner.stem}.{stamp}-{n}.ipynb"
+        kept.write_bytes(learner.read_bytes())
+    learner.write_text(text, encoding="utf-8", newline="\n")
+    return kept
+
+
+def main_reset(argv: list[str] | None = None) -> int:
+    """``perfcourse reset NOTEBOOK``: restore a learner notebook, keeping a backup."""
+    parser = argparse.ArgumentParser(
+        prog="perfcourse reset",
+        description="Put a learner notebook back as it was handed out; your copy is kept in "
+        "data/backups/ first.",
+    )
+    parser.add_argument("notebooks", nargs="+", type=Path, help="notebooks/NN-....ipynb or labs/...")
+    args = parser.parse_args(argv)
+    for notebook in args.notebooks:
+        try:
+            kept = reset(notebook)
+        except AuthoringError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if kept is None:
+            print(f"{notebook}: already as handed out, nothing to do")
+        else:
+            print(f"{notebook}: restored; your copy is kept as {_relative(kept)}")
+    print("If the notebook is open in JupyterLab, reload it (File > Reload Notebook from Disk).")
+    return 0
 
 
 def main_outputs(argv: list[str] | None = None) -> int:

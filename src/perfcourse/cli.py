@@ -118,6 +118,7 @@ DELEGATED = {
     "grade": ("perfcourse.grading.runner", "main_grade", "grade notebooks (save them first!)"),
     "assign": ("perfcourse.authoring", "main_assign", "generate learner notebooks from masters"),
     "outputs": ("perfcourse.authoring", "main_outputs", "re-execute masters to refresh outputs"),
+    "reset": ("perfcourse.authoring", "main_reset", "restore a learner notebook (yours is backed up)"),
 }
 
 

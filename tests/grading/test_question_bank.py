@@ -113,8 +113,7 @@ def test_no_question_lets_learner_code_run_past_the_cap():
 
 def test_the_cap_is_what_a_runaway_answer_meets(monkeypatch):
     """A question asking for more than the cap still stops learner code at the cap."""
-    from perfcourse.grading import FunctionCheck, Question, register, unregister
-    from perfcourse.grading import bank
+    from perfcourse.grading import FunctionCheck, Question, bank, register, unregister
 
     def reference(n):
         return n
@@ -135,3 +134,10 @@ def test_the_cap_is_what_a_runaway_answer_meets(monkeypatch):
         unregister("99.q7")
 
 
+
+
+def test_no_two_multiselects_share_a_pattern_of_right_letters():
+    """A learner who spotted "a, c, d, f, h" once must not be able to reuse it."""
+    patterns = Counter("".join(sorted(q.checker.correct)) for q in MULTI)
+    shared = {p: n for p, n in patterns.items() if n > 1}
+    assert not shared, f"right-letter patterns used more than once: {shared}"

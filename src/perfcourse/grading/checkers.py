@@ -24,8 +24,11 @@ How the time limit works: on Linux and macOS, in the main thread (where IPython 
 cells), ``SIGALRM`` interrupts the learner's code with :class:`LearnerTimeout` at the next Python
 bytecode. Learner code that swallows it (a bare ``except:`` in a loop) is interrupted again every
 :data:`REPEAT_S` seconds, and from then on at every line it runs (a line tracer that raises), so
-each swallowing ``try`` is left at its ``except`` line: no ``try`` nesting keeps the check. Elsewhere (Windows, or a call from another thread) the code runs in a daemon thread that
-is waited for; when the limit passes, the thread is sent an asynchronous ``LearnerTimeout`` as well.
+each swallowing ``try`` is left at its ``except`` line: no ``try`` nesting keeps the check.
+
+Elsewhere (Windows, or a call from another thread) the code runs in a daemon thread that is
+waited for; when the limit passes, the thread is sent an asynchronous ``LearnerTimeout`` (again
+every :data:`REPEAT_S` seconds for a while, for code that swallows it).
 Code stuck inside one long C call cannot be interrupted that way: the thread then keeps running in
 the background until the call returns (it holds no lock of the grader and dies with the kernel),
 while the check already reports the timeout.
@@ -33,12 +36,12 @@ while the check already reports the timeout.
 
 from __future__ import annotations
 
+import ast
 import copy
 import ctypes
 import inspect
 import math
 import numbers
-import ast
 import random
 import re
 import signal

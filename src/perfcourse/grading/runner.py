@@ -10,7 +10,9 @@ failed, so deleting a check cell does not raise a score.
 
 Modes:
 
-* default: print the table and ``score: k/N`` per notebook; exit 0 when grading ran.
+* default: print the table and ``score: k/N`` per notebook; exit 0 when grading ran. Without
+  paths (every notebook of ``notebooks/`` and ``labs/``) it is the learner's progress: a summary
+  with the questions still open, also written to ``data/progress.html`` for an instructor.
 * ``--expect-full`` (masters in CI): exit 0 only if every check passed and every cell ran.
 * ``--expect-untouched`` (untouched learner versions in CI): exit 0 only if every graded check
   failed with ``AssertionError`` and every other cell ran.
@@ -21,6 +23,7 @@ Run serially: the plugin is not xdist-safe.
 from __future__ import annotations
 
 import argparse
+import getpass
 import importlib.util
 import json
 import os
@@ -28,13 +31,15 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from dataclasses import dataclass, field
+from html import escape
 from importlib import resources
 from pathlib import Path
 
 import nbformat
 
-from ..config import course_root
+from ..config import course_root, data_dir
 from .bank import RIGHT_MARK, graded_ids, load_bank
 from .nbplugin import REPORT_ENV
 
@@ -48,6 +53,8 @@ __all__ = [
     "grade_notebook",
     "main_grade",
     "nocolor_ipython_dir",
+    "progress_page",
+    "write_progress_page",
     "NotebookResult",
     "QuestionResult",
     "sanitize_file",
@@ -255,9 +262,14 @@ def format_result(result: NotebookResult, width: int = 100) -> str:
     return "\n".join(lines)
 
 
+def _open_questions(result: NotebookResult) -> list[QuestionResult]:
+    return [q for q in result.questions if not q.right]
+
+
 def format_summary(results: list[NotebookResult]) -> str:
+    """One line per notebook: its score and the questions still open."""
     name_w = max(len(_display(r.path)) for r in results)
-    lines = ["summary", f"  {'notebook':<{name_w}}  score"]
+    lines = ["summary", f"  {'notebook':<{name_w}}  score  still open"]
     total_k = total_n = 0
     for r in results:
         if r.error:
@@ -265,9 +277,51 @@ def format_summary(results: list[NotebookResult]) -> str:
             continue
         k, n = r.score
         total_k, total_n = total_k + k, total_n + n
-        lines.append(f"  {_display(r.path):<{name_w}}  {k}/{n}")
+        still_open = ", ".join(q.qid for q in _open_questions(r)) or "-"
+        lines.append(f"  {_display(r.path):<{name_w}}  {f'{k}/{n}':<5}  {still_open}")
     lines.append(f"total score: {total_k}/{total_n}")
     return "\n".join(lines)
+
+
+def progress_page(results: list[NotebookResult], *, who: str, when: str) -> str:
+    """The progress table as a self-contained HTML page (for an instructor to collect)."""
+    rows = []
+    total_k = total_n = 0
+    for r in results:
+        name = escape(r.path.name)
+        if r.error:
+            rows.append(f"<tr><td>{name}</td><td>not graded</td><td>{escape(r.error[:200])}</td></tr>")
+            continue
+        k, n = r.score
+        total_k, total_n = total_k + k, total_n + n
+        still_open = "".join(
+            f"<li><b>{escape(q.qid)}</b> {escape(q.title)}: <i>{escape(q.hint[:160])}</i></li>"
+            for q in _open_questions(r)
+        )
+        done = ' class="done"' if k == n else ""
+        rows.append(f"<tr{done}><td>{name}</td><td>{k}/{n}</td><td><ul>{still_open}</ul></td></tr>")
+    return (
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>perfcourse progress</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}tr.done{background:#e8f5e9}"
+        "ul{margin:0;padding-left:1.2em}</style></head><body>\n"
+        f"<h1>perfcourse progress</h1><p>{escape(who)}, graded {escape(when)}: "
+        f"<b>{total_k}/{total_n}</b> questions right.</p>\n"
+        "<table><tr><th>notebook</th><th>score</th><th>still open (with the last hint)</th></tr>\n"
+        + "\n".join(rows) + "\n</table></body></html>\n"
+    )
+
+
+def write_progress_page(results: list[NotebookResult], path: Path | None = None) -> Path:
+    """Write :func:`progress_page` to ``path`` (default ``data/progress.html``); return it."""
+    path = Path(path) if path else data_dir() / "progress.html"
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):  # no user name in a minimal container
+        who = "this learner"
+    path.write_text(progress_page(results, who=who, when=time.strftime("%Y-%m-%d %H:%M")),
+                    encoding="utf-8")
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,8 +405,11 @@ def main_grade(argv: list[str] | None = None) -> int:
             problems += [f"{_display(path)}: {p}" for p in untouched_problems(result)]
         elif args.expect_full:
             problems += [f"{_display(path)}: {p}" for p in full_problems(result)]
-    if len(results) > 1:
+    if len(results) > 1 or not args.paths:
         print(format_summary(results))
+    if not (args.paths or args.expect_untouched or args.expect_full):
+        page = write_progress_page(results)
+        print(f"progress page: {_display(page)} (open it in a browser, or hand it to your instructor)")
     if args.expect_untouched or args.expect_full:
         wanted = "untouched" if args.expect_untouched else "full"
         if problems:
