@@ -18,20 +18,23 @@ CONFIGURED_DATABASE_URL ?= postgresql://127.0.0.1:5432/test
 CONFIGURED_REDIS_URL    ?= redis://127.0.0.1:6379/0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lab lint test test-package test-notebooks test-grading test-configured bench \
+.PHONY: help setup lab lint test test-quick test-package test-notebooks test-grading test-configured bench \
         assign outputs grade doctor services-down clean lock
 
 help: ## list the targets
 	@echo "perfcourse - make targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 24
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock binder/jupyterlab-overrides.json
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || \
 		{ echo "perfcourse needs Python 3.11 or newer as '$(PYTHON)' (try: make lab PYTHON=python3.11)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@# JupyterLab without the "news" prompt (no network, nothing covering the first notebook)
+	mkdir -p $(VENV)/share/jupyter/lab/settings
+	cp binder/jupyterlab-overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
 	@touch $@
 
 setup: $(STAMP) ## create .venv (when missing or stale), install pinned packages, seed the dataset
@@ -47,6 +50,11 @@ lint: $(STAMP) ## style (ruff over the package, tests and notebooks) and the pac
 
 test: setup lint test-package test-notebooks test-grading ## set up, then lint and the whole suite
 	@echo "make test: all suites passed"
+
+test-quick: $(STAMP) ## maintainers' quick tier: fast package tests on SQLite and chapter 00's master (~3 min)
+	$(BIN)/python -m pytest tests -q -m "not slow" -k "not postgres and not configured and not embedded" \
+		--ignore=tests/grading
+	$(BIN)/python -m pytest --nbval $(NBVAL) solutions/00-setup-and-dataset.ipynb -q
 
 test-package: $(STAMP) ## package tests (both backends, embedded and configured servers)
 	$(BIN)/python -m pytest tests -q

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -88,6 +89,8 @@ def test_binder_post_build_in_a_fresh_venv(tmp_path):
     )
     assert "already up to date" in check.stdout
     assert sys.prefix != str(env_dir)
+    overrides = env_dir / "share" / "jupyter" / "lab" / "settings" / "overrides.json"
+    assert overrides.read_text() == (ROOT / "binder" / "jupyterlab-overrides.json").read_text()
 
 
 @pytest.mark.slow
@@ -131,6 +134,13 @@ def test_lab_command_serves_jupyterlab_behind_a_token(tmp_path):
         assert refused is not None and refused.code == 403
         with urllib.request.urlopen(f"{api}?token={token}", timeout=10) as answer:
             assert answer.status == 200
+        # no "news" prompt over the first notebook: the overrides `make setup` installs
+        settings = (f"http://127.0.0.1:{port}/lab/api/settings/"
+                    f"@jupyterlab/apputils-extension:notification?token={token}")
+        with urllib.request.urlopen(settings, timeout=10) as answer:
+            defaults = json.loads(answer.read())["schema"]["properties"]  # overrides set defaults
+        assert defaults["fetchNews"]["default"] == "false"
+        assert defaults["checkForUpdates"]["default"] is False
     finally:
         server.terminate()
         server.wait(timeout=30)
