@@ -49,3 +49,30 @@ def test_run_all_reaches_the_last_cell_and_shows_hints(tmp_path, monkeypatch):
         assert "bank.py" not in shown and "Traceback" not in shown
     others = [c for c in code if not graded_ids(c.source)]
     assert not [o for c in others for o in c.outputs if o.output_type == "error"]
+
+
+MASTERS = sorted((ROOT / "solutions").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", MASTERS, ids=lambda p: p.name)
+def test_every_check_of_a_master_is_stored_as_right(path):
+    """With strict nbval (which reruns each master and compares every output with the stored
+    one), this proves a master scores N/N without running it a second time: `make test` grades
+    the masters from the execution nbval already made."""
+    from perfcourse.grading.bank import RIGHT_MARK
+
+    nb = nbformat.read(str(path), as_version=4)
+    checked = 0
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        tags = cell.get("metadata", {}).get("tags", [])
+        assert not {"nbval-ignore-output", "nbval-skip", RAISES_TAG} & set(tags) or not graded_ids(cell.source), (
+            f"{path.name} cell {index}: a graded cell must have its output compared")
+        printed = "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
+        errors = [o for o in cell.outputs if o.get("output_type") == "error"]
+        for qid in graded_ids(cell.source):
+            assert not errors and f"{RIGHT_MARK} {qid} right" in printed, (
+                f"{path.name} cell {index}: {qid} is not stored as right; run `make outputs`")
+            checked += 1
+    assert checked, f"{path.name} has no graded cell"
