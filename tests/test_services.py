@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -63,15 +64,19 @@ def test_redis_client_both_ways(redis_client):
     assert redis_client.incr(key) == 2
 
 
-def test_embedded_redis_is_shared_by_processes(monkeypatch):
+def test_embedded_redis_is_shared_by_processes(monkeypatch, tmp_path):
     monkeypatch.delenv("REDIS_URL", raising=False)
-    url = services.redis_url()
-    assert url.startswith("redis://127.0.0.1:")
-    other = subprocess.run(
-        [sys.executable, "-c", "from perfcourse import services; print(services.redis_url())"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    assert other == url
+    monkeypatch.setenv("PERFCOURSE_DATA", str(tmp_path))  # a server of this test's own
+    try:
+        url = services.redis_url()
+        assert url.startswith("unix://")
+        other = subprocess.run(
+            [sys.executable, "-c", "from perfcourse import services; print(services.redis_url())"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        assert other == url
+    finally:
+        services.stop_embedded_redis()
 
 
 def test_unreachable_redis_is_one_clear_sentence(monkeypatch):
@@ -148,3 +153,22 @@ def test_cli_drop_removes_a_dataset(tmp_path):
                             env=env, check=True, capture_output=True, text=True)
     assert "dropped shop_tiny" in result.stdout
     assert not (tmp_path / "shop_tiny.sqlite").exists()
+
+
+def test_embedded_redis_is_reachable_by_its_owner_only(tmp_path, monkeypatch):
+    """A workshop server has many accounts: the embedded Redis listens on no TCP port, only on
+    a unix socket inside a folder that only the learner may enter."""
+    import stat
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("PERFCOURSE_DATA", str(tmp_path))
+    try:
+        client = services.redis_client()
+        assert client.config_get("port")["port"] == "0"
+        sock = Path(client.connection_pool.connection_kwargs["path"])
+        assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+        assert stat.S_IMODE(sock.stat().st_mode) & 0o077 == 0
+        assert client.ping()
+        client.close()
+    finally:
+        services.stop_embedded_redis()

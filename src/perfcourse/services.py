@@ -26,7 +26,6 @@ import redis
 from .config import data_dir
 from .errors import BackendUnavailable
 from .locks import file_lock
-from .net import free_port
 from .replicas import REPLICATION_DIR, replica_pair_running, stop_replica_pair
 
 __all__ = [
@@ -180,7 +179,7 @@ def _redis_executable() -> str:
 
 
 def start_embedded_redis() -> str:
-    """Start (or reuse) the embedded Redis server; return its URL (loopback only)."""
+    """Start (or reuse) the embedded Redis server; return its URL (a unix socket, owner only)."""
     embedded = _embedded_redis()
     state = embedded.read_state()
     if state:
@@ -192,12 +191,26 @@ def start_embedded_redis() -> str:
         return _launch_redis(embedded)
 
 
+#: Longest unix socket path the kernel accepts (sun_path is 108 bytes on Linux, 104 on macOS).
+_MAX_SOCKET_PATH = 100
+
+
 def _launch_redis(embedded: EmbeddedRedis) -> str:
-    port = free_port()
+    # A unix socket in a folder only its owner may enter: on a shared workshop server no other
+    # account can reach this learner's Redis (a loopback port would be open to every local user).
+    embedded.folder.chmod(0o700)
+    sock = embedded.folder / "redis.sock"
+    if len(str(sock)) > _MAX_SOCKET_PATH:
+        raise BackendUnavailable(
+            f"The embedded Redis needs a shorter data folder path than {embedded.folder} for its "
+            "socket: set PERFCOURSE_DATA to a shorter folder (e.g. ~/perfcourse-data), or set REDIS_URL."
+        )
+    sock.unlink(missing_ok=True)  # left by a server that was killed
     command = [
         _redis_executable(),
-        "--bind", "127.0.0.1",
-        "--port", str(port),
+        "--port", "0",  # no TCP at all
+        "--unixsocket", str(sock),
+        "--unixsocketperm", "700",
         "--daemonize", "yes",
         "--pidfile", str(embedded.pid_file),
         "--dir", str(embedded.folder),
@@ -214,18 +227,19 @@ def _launch_redis(embedded: EmbeddedRedis) -> str:
             f"The embedded Redis did not start ({exc}); see {embedded.folder / 'redis.log'}. "
             "Run `perfcourse services down` and try again, or set REDIS_URL."
         ) from None
-    url = f"redis://127.0.0.1:{port}/0"
+    url = f"unix://{sock}?db=0"
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if embedded.pid_file.is_file():
-            with contextlib.suppress(OSError):
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    pid = int(embedded.pid_file.read_text().strip())
-                    embedded.state_file.write_text(json.dumps({"pid": pid, "url": url}))
-                    return url
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
+                probe.settimeout(0.5)
+                probe.connect(str(sock))
+                pid = int(embedded.pid_file.read_text().strip())
+                embedded.state_file.write_text(json.dumps({"pid": pid, "url": url}))
+                return url
         time.sleep(0.05)
     raise BackendUnavailable(
-        f"The embedded Redis started but did not answer on port {port}; see "
+        f"The embedded Redis started but did not answer on {sock}; see "
         f"{embedded.folder / 'redis.log'}. Run `perfcourse services down` and try again."
     )
 
