@@ -9,6 +9,8 @@ and PostgreSQL where the helper writes SQL of its own). Assertions are on counts
 from __future__ import annotations
 
 import json
+import math
+import time
 
 import pytest
 import redis
@@ -105,10 +107,10 @@ def test_counting_client_counts_commands_and_pipelines(redis_client, ns):
     assert counting.calls["PIPELINE"] == 1 and counting.pipelined["SET"] == 2
 
 
-def test_scan_and_keys_delete_the_same_keys(redis_client, ns):
-    df = caching.compare_pattern_deletes(redis_client, ns, n_keys=2500, count=500)
-    assert df.keys_deleted.tolist() == [2500, 2500]
-    assert df.keys_left.tolist() == [0, 0]
+def test_delete_pattern_uses_scan_and_batches(redis_client, ns):
+    caching.fill_keys(redis_client, f"{ns}:scan:", 2500)
+    assert caching.delete_pattern(redis_client, f"{ns}:scan:*", count=500) == 2500
+    assert _keys(redis_client, ns) == []
     other = f"{ns}:keep"
     redis_client.set(other, 1)
     caching.fill_keys(redis_client, f"{ns}:gone:", 120)
@@ -122,29 +124,86 @@ def test_scan_and_keys_delete_the_same_keys(redis_client, ns):
 # --- counters, stampedes ------------------------------------------------------------------
 
 
+def _get_then_set(client, key, pause):
+    """GET + SET"""
+    value = int(client.get(key) or 0)
+    pause()
+    client.set(key, value + 1)
+
+
+def _incr(client, key, pause):
+    """INCR"""
+    client.incr(key)
+
+
 def test_get_set_loses_updates_incr_does_not(redis_client, ns):
-    naive = caching.counter_race(redis_client, f"{ns}:n", workers=3, rounds=10, atomic=False)
-    atomic = caching.counter_race(redis_client, f"{ns}:n", workers=3, rounds=10, atomic=True)
-    assert (naive["counted"], naive["lost"]) == (10, 20)
-    assert (atomic["counted"], atomic["lost"]) == (30, 0)
+    naive = caching.counter_race(redis_client, f"{ns}:n", _get_then_set, workers=3, rounds=10)
+    atomic = caching.counter_race(redis_client, f"{ns}:n", _incr, workers=3, rounds=10)
+    assert (naive["case"], naive["counted"], naive["lost"]) == ("GET + SET", 10, 20)
+    assert (atomic["case"], atomic["counted"], atomic["lost"]) == ("INCR", 30, 0)
     assert _keys(redis_client, ns) == []
 
 
+def _fetch_without_lock(client, key, compute):
+    """every miss recomputes"""
+    value = client.get(key)
+    if value is None:
+        value = compute()
+        client.set(key, value, ex=60)
+    return value
+
+
+def _fetch_with_lock(client, key, compute):
+    """SET NX PX lock"""
+    value = client.get(key)
+    if value is not None:
+        return value
+    if client.set(key + ":lock", "1", nx=True, px=5000):
+        try:
+            value = compute()
+            client.set(key, value, ex=60)
+        finally:
+            client.delete(key + ":lock")
+        return value
+    while value is None:
+        time.sleep(0.005)
+        value = client.get(key)
+    return value
+
+
 def test_stampede_counts_are_deterministic(redis_client, ns):
-    none = caching.stampede(redis_client, f"{ns}:hot", threads=6, compute_s=0.01)
-    locked = caching.stampede(redis_client, f"{ns}:hot", threads=6, protection="lock",
+    none = caching.stampede(redis_client, f"{ns}:hot", _fetch_without_lock, threads=6,
+                            compute_s=0.01)
+    locked = caching.stampede(redis_client, f"{ns}:hot", _fetch_with_lock, threads=6,
                               compute_s=0.01)
+    assert none["case"] == "every miss recomputes" and locked["case"] == "SET NX PX lock"
     assert none["recomputations"] == 6 and none["served"] == 6
     assert locked["recomputations"] == 1 and locked["served"] == 6
     assert _keys(redis_client, ns) == []
 
 
+def test_stampede_says_when_fetch_never_reads(redis_client, ns):
+    def blind(client, key, compute):
+        return compute()
+
+    with pytest.raises(TimeoutError, match="never read the key"):
+        caching.stampede(redis_client, f"{ns}:hot", blind, threads=2, compute_s=0.0)
+
+
+def _xfetch(now, expiry, rng):
+    """XFetch with delta 1 s, beta 1"""
+    return now - 1.0 * 1.0 * math.log(1.0 - rng.random()) >= expiry
+
+
 def test_xfetch_recomputes_more_as_expiry_nears():
-    table = caching.xfetch_recomputes(window_s=5)
+    table = caching.xfetch_recomputes(_xfetch, window_s=5)
     assert table.seconds_before_expiry.tolist() == [5, 4, 3, 2, 1]
     assert table.requests.tolist() == [50] * 5
     assert table.would_recompute.iloc[-1] > table.would_recompute.iloc[0]
-    assert table.equals(caching.xfetch_recomputes(window_s=5))
+    assert table.equals(caching.xfetch_recomputes(_xfetch, window_s=5))
+    assert 0 < table.attrs["first_refresh_before_expiry_s"] <= 5
+    never = caching.xfetch_recomputes(lambda now, expiry, rng: False, window_s=2)
+    assert never.would_recompute.sum() == 0
 
 
 # --- workloads and hit rates ----------------------------------------------------------------
@@ -173,16 +232,32 @@ def test_hit_rates_grow_with_size_and_ttl():
 # --- the product page, on every database -----------------------------------------------------
 
 
-def test_product_page_and_workload_queries(seeded, redis_client, ns):
+def test_product_page_and_queries_counted_per_case(seeded, redis_client, ns):
+    from perfcourse.timing import Benchmark
+
     page = caching.product_page(seeded, 5)
     assert page["id"] == 5 and page["category"] and page["units"] >= page["orders"]
     workload = [1, 2, 1, 3, 2, 1]
-    plain = caching.serve_workload(seeded, workload)
-    assert plain["db_queries"] == caching.PRODUCT_PAGE_QUERIES * len(workload)
-    cache = caching.Cache(redis_client, ns)
-    served = caching.serve_workload(seeded, workload, cache)
-    assert (served["hits"], served["misses"]) == (3, 3)
-    assert served["db_queries"] == caching.PRODUCT_PAGE_QUERIES * 3
+    bench = Benchmark(repeat=2, warmup=1)
+
+    @bench.case
+    def no_cache(workload):
+        """no cache"""
+        for pid in workload:
+            caching.product_page(seeded, pid)
+
+    @bench.case(setup=lambda workload: caching.delete_pattern(redis_client, f"{ns}:*"))
+    def cold(workload):
+        """cache-aside, cold"""
+        for pid in workload:
+            caching.cached(redis_client, caching.cache_key("p", pid, namespace=ns), 30,
+                           lambda pid=pid: caching.product_page(seeded, pid))
+
+    table = caching.run_counting_queries(bench, seeded, workload=workload).set_index("case")
+    assert table.db_queries.to_dict() == {"no cache": caching.PRODUCT_PAGE_QUERIES * 6,
+                                          "cache-aside, cold": caching.PRODUCT_PAGE_QUERIES * 3}
+    assert [case.fn for case in bench.cases] == [no_cache, cold]  # restored
+    caching.delete_pattern(redis_client, f"{ns}:*")
 
 
 # --- invalidation, fragments -----------------------------------------------------------------
@@ -272,8 +347,15 @@ def test_degraded_pages_serve_every_page(tiny, redis_mode, redis_client, ns):
 # --- HTTP caching --------------------------------------------------------------------------
 
 
-def test_conditional_requests_get_304_from_a_real_server(tiny):
-    app = caching.create_app(tiny)
+def _orders_validator(conn, user_id):
+    count, newest = conn.exec_driver_sql(
+        "SELECT count(*), max(updated_at) FROM orders WHERE user_id = ?", (user_id,)).one()
+    return f"orders-{user_id}-" + caching.digest(f"{count}/{newest}"), newest
+
+
+def test_conditional_requests_get_304_from_a_real_server(scratch):
+    caching.add_versions(scratch)
+    app = caching.create_app(scratch, validator=_orders_validator)
     paths = [f"/users/{u}/orders" for u in (1, 2, 3)]
     with web.BackgroundServer(app) as server:
         etag = caching.conditional_requests(server.url, paths, revisits=2)
@@ -288,6 +370,37 @@ def test_conditional_requests_get_304_from_a_real_server(tiny):
     assert since.iloc[1].status_304 == 3
     assert missing.status == 404
     assert app.config["COUNTS"]["orders 304"] == 9
+    assert app.config["COUNTS"]["orders loaded"] == 6
+
+
+def test_a_status_change_makes_a_new_etag(scratch):
+    from datetime import datetime
+
+    caching.add_versions(scratch)
+    with scratch.connect() as conn:
+        order_id, status = conn.exec_driver_sql(
+            "SELECT id, status FROM orders WHERE user_id = 1 ORDER BY id LIMIT 1").one()
+
+    def set_status(new):
+        with scratch.begin() as conn:
+            conn.exec_driver_sql("UPDATE orders SET status = ?, updated_at = ? WHERE id = ?",
+                                 (new, datetime.now().isoformat(" "), order_id))
+
+    def by_created_at(conn, user_id):
+        count, newest = conn.exec_driver_sql(
+            "SELECT count(*), max(created_at) FROM orders WHERE user_id = ?", (user_id,)).one()
+        return f"{count}-" + caching.digest(str(newest)), newest
+
+    rows = {}
+    for name, validator, new in (("created_at", by_created_at, status + "!"),
+                                 ("updated_at", _orders_validator, status + "?"),
+                                 ("body digest", None, status)):
+        with web.BackgroundServer(caching.create_app(scratch, validator=validator)) as server:
+            rows[name] = caching.revisit_after_change(server.url, "/users/1/orders",
+                                                      lambda new=new: set_status(new))
+    assert rows["created_at"] == {"status": 304, "etag_changed": False, "stale": True}
+    assert rows["updated_at"] == {"status": 200, "etag_changed": True, "stale": False}
+    assert rows["body digest"] == {"status": 200, "etag_changed": True, "stale": False}
 
 
 def test_fingerprinted_assets_are_immutable():

@@ -9,15 +9,18 @@ What is here, in the order of the chapter:
 * Cache-aside: :func:`cached` (the plain function) and :class:`Cache` (with statistics, a key
   namespace, and degradation to the database when Redis is slow or down).
 * Workloads: :func:`zipf_workload`, LRU and TTL hit-rate simulations.
-* The expensive read: :func:`product_page` (3 queries) and :func:`serve_workload`.
+* The expensive read: :func:`product_page` (3 queries); :func:`run_counting_queries` adds the
+  queries each case of a :class:`~perfcourse.timing.Benchmark` sent to its table.
 * Invalidation on ORM events: :func:`invalidate_on_change`, :func:`stale_reads`.
 * Fragment and Russian-doll caching of Jinja2 templates: :class:`FragmentCache`,
   :func:`render_user_orders`, :func:`change_item`.
-* Pattern deletes (:func:`delete_pattern` with SCAN, :func:`delete_pattern_with_keys`), atomic
-  counters (:func:`counter_race`), stampede protection (:func:`stampede`, :func:`xfetch_recomputes`),
+* Pattern deletes (:func:`delete_pattern` with SCAN, :func:`fill_keys`); the harnesses that run
+  the notebook's code: :func:`counter_race` (its increment, in threads), :func:`stampede` (its
+  fetch, in threads), :func:`xfetch_recomputes` (its early-refresh rule, on a simulated clock);
   client timeouts (:func:`resilient_client`, :func:`degraded_pages`).
-* HTTP caching: :func:`create_app` (ETag, Last-Modified, 304, fingerprinted assets),
-  :func:`conditional_requests` (served by :class:`perfcourse.web.BackgroundServer`).
+* HTTP caching: :func:`create_app` (ETag and Last-Modified from the caller's validator, 304,
+  fingerprinted assets), :func:`conditional_requests`, :func:`revisit_after_change` (served by
+  :class:`perfcourse.web.BackgroundServer`).
 
 Every key written here lives under a namespace the caller gives (the notebook uses ``ch05``, tests
 a unique prefix); nothing is ever flushed globally. Counts are deterministic for a given workload:
@@ -53,8 +56,9 @@ from sqlalchemy.orm import Session
 
 from .. import services, web
 from ..models import Product
-from ..proxy import postgres_via_proxy, redis_via_proxy
+from ..proxy import redis_via_proxy
 from ..statements import count_queries
+from ..timing import Benchmark
 from ..units import format_duration
 
 __all__ = [
@@ -74,7 +78,6 @@ __all__ = [
     "cached",
     "CacheStats",
     "change_item",
-    "compare_pattern_deletes",
     "conditional_requests",
     "counter_race",
     "CountingRedis",
@@ -82,7 +85,6 @@ __all__ = [
     "degraded_pages",
     "delete_namespace",
     "delete_pattern",
-    "delete_pattern_with_keys",
     "digest",
     "fill_keys",
     "fingerprint",
@@ -90,7 +92,6 @@ __all__ = [
     "hit_rates_by_size",
     "hit_rates_by_ttl",
     "invalidate_on_change",
-    "latency_gained",
     "lru_hits",
     "product_key",
     "product_page",
@@ -100,12 +101,14 @@ __all__ = [
     "resilient_client",
     "resilient_kwargs",
     "retry_policy",
+    "revisit_after_change",
+    "run_counting_queries",
     "russian_doll_steps",
     "search_key",
-    "serve_workload",
     "stale_reads",
     "stampede",
     "ttl_hits",
+    "Validator",
     "xfetch_recomputes",
     "zipf_workload",
 ]
@@ -365,12 +368,6 @@ def delete_pattern(client: redis.Redis, pattern: str, *, count: int = 500) -> in
     return deleted
 
 
-def delete_pattern_with_keys(client: redis.Redis, pattern: str) -> int:
-    """The blocking way: ``KEYS pattern`` (walks every key in one command), then one ``DEL``."""
-    keys = client.keys(pattern)
-    return client.delete(*keys) if keys else 0
-
-
 def fill_keys(client: redis.Redis, prefix: str, n: int, *, ttl_s: float = 600) -> None:
     """Write ``n`` small keys ``prefix0..`` in pipelined batches (each with a TTL, as a safety)."""
     for start in range(0, n, 1000):
@@ -380,66 +377,44 @@ def fill_keys(client: redis.Redis, prefix: str, n: int, *, ttl_s: float = 600) -
             pipe.execute()
 
 
-def compare_pattern_deletes(client: redis.Redis, namespace: str, n_keys: int = 20_000,
-                            count: int = 1000) -> pd.DataFrame:
-    """Delete ``n_keys`` keys under ``namespace:scan:`` with KEYS, then with SCAN; one row each.
-
-    Columns: ``method``, ``commands`` (what was sent), ``keys_deleted``, ``keys_left``,
-    ``longest_call_s`` (the longest single command: how long Redis answered no one else). The
-    number of SCAN calls (and so of DEL batches) depends on every key of the database and on
-    the server's hash table, which may even return a key twice while it resizes: not shown.
-    """
-    counting = CountingRedis(client)
-    rows = []
-    prefix = f"{namespace}:scan:"
-    for method in ("KEYS", "SCAN"):
-        fill_keys(client, prefix, n_keys)
-        counting.reset()
-        if method == "KEYS":
-            deleted = delete_pattern_with_keys(counting, prefix + "*")
-            commands, longest = "KEYS + 1 DEL", counting.longest_call_s("KEYS")
-        else:
-            deleted = delete_pattern(counting, prefix + "*", count=count)
-            commands, longest = f"SCAN COUNT {count} + DEL per batch", counting.longest_call_s("SCAN")
-        left = sum(1 for _ in client.scan_iter(match=prefix + "*", count=1000))
-        rows.append({"method": method, "commands": commands, "keys_deleted": deleted,
-                     "keys_left": left, "longest_call_s": longest})
-    return pd.DataFrame(rows)
-
-
 # ---------------------------------------------------------------------------------------------
 # Counters
 # ---------------------------------------------------------------------------------------------
 
 
-def counter_race(client: redis.Redis, key: str, *, workers: int = 4, rounds: int = 50,
-                 atomic: bool = False) -> dict[str, Any]:
-    """``workers`` threads each add 1 per round, ``rounds`` times, to the counter ``key``.
+def counter_race(client: redis.Redis, key: str, increment: Callable[..., Any], *, workers: int = 4,
+                 rounds: int = 50) -> dict[str, Any]:
+    """``workers`` threads each call ``increment(client, key, pause)`` once per round, ``rounds``
+    times, on the counter ``key``; count what was lost.
 
-    Naive (``atomic=False``): GET, then SET value + 1. A barrier between the GETs and the SETs
-    forces the interleaving that production hits by chance, so the count is deterministic: every
-    round, all workers read the same value and write the same value + 1. Atomic: ``INCR``, the
-    server adds. Returns ``expected``, ``counted`` and ``lost`` increments.
+    ``increment`` is the code under test (the notebook's). ``pause()`` is the harness's way of
+    forcing the unlucky interleaving that production hits by chance: a barrier that returns once
+    every worker has reached it, so a read-modify-write that calls it between its read and its
+    write reads the same value as every other worker. An ``increment`` that never calls it
+    (``INCR``) passes the barrier after its work. Deterministic. Returns the case
+    (``increment``'s docstring), ``expected``, ``counted`` and ``lost`` increments.
     """
     client.delete(key)
-    barrier = threading.Barrier(workers)
+    start, middle = threading.Barrier(workers), threading.Barrier(workers)
     errors: list[BaseException] = []
+    paused = threading.local()
+
+    def pause() -> None:
+        paused.done = True
+        middle.wait(timeout=10)
 
     def work() -> None:
         try:
             for _ in range(rounds):
-                barrier.wait(timeout=10)
-                if atomic:
-                    client.incr(key)
-                    barrier.wait(timeout=10)
-                else:
-                    value = int(client.get(key) or 0)
-                    barrier.wait(timeout=10)  # everyone has read before anyone writes
-                    client.set(key, value + 1)
-                barrier.wait(timeout=10)
+                start.wait(timeout=10)
+                paused.done = False
+                increment(client, key, pause)
+                if not paused.done:
+                    middle.wait(timeout=10)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             errors.append(exc)
-            barrier.abort()
+            start.abort()
+            middle.abort()
 
     threads = [threading.Thread(target=work, daemon=True) for _ in range(workers)]
     for t in threads:
@@ -451,7 +426,8 @@ def counter_race(client: redis.Redis, key: str, *, workers: int = 4, rounds: int
     counted = int(client.get(key) or 0)
     client.delete(key)
     expected = workers * rounds
-    return {"method": "INCR" if atomic else "GET + SET", "workers": workers, "rounds": rounds,
+    label = (increment.__doc__ or increment.__name__).strip().splitlines()[0]
+    return {"case": label, "workers": workers, "rounds": rounds,
             "expected": expected, "counted": counted, "lost": expected - counted}
 
 
@@ -548,47 +524,31 @@ def product_page(engine: Engine, product_id: int) -> dict[str, Any]:
             "category": category, "orders": int(sold[0]), "units": int(sold[1])}
 
 
-def serve_workload(engine: Engine, workload: Sequence[int], cache: Cache | None = None,
-                   *, ttl_s: float = 300.0) -> dict[str, Any]:
-    """Serve a product page per id of ``workload``, through ``cache`` or straight from the
-    database. Returns requests, database queries, hits, misses and the total time."""
+def run_counting_queries(bench: Benchmark, engine: Engine, **kwargs: Any) -> pd.DataFrame:
+    """``bench.run(**kwargs)`` with a ``db_queries`` column: the statements each case sent to
+    ``engine`` per run (setups excluded). The cases are restored afterwards."""
+    sent: Counter[str] = Counter()
+    runs: Counter[str] = Counter()
+    originals = [(case, case.fn) for case in bench.cases]
 
-    with count_queries(engine) as queries:
-        started = time.perf_counter()
-        for product_id in workload:
-            if cache is None:
-                product_page(engine, product_id)
-            else:
-                cache.fetch(cache.key("product", product_id),
-                            lambda pid=product_id: product_page(engine, pid), ttl_s)
-        total = time.perf_counter() - started
-    stats = cache.stats if cache is not None else CacheStats()
-    return {"requests": len(workload), "db_queries": queries.count, "hits": stats.hits,
-            "misses": stats.misses, "total_s": total, "per_request_s": total / len(workload)}
+    def counting(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+        def run(**case_kwargs: Any) -> Any:
+            with count_queries(engine) as queries:
+                result = fn(**case_kwargs)
+            sent[label] += queries.count
+            runs[label] += 1
+            return result
+        return run
 
-
-def latency_gained(pg: Engine, workload: Sequence[int], *, namespace: str,
-                   delay_s: float = 0.001) -> pd.DataFrame:
-    """The product pages of ``workload`` on PostgreSQL and Redis both ``delay_s`` away.
-
-    Rows: no cache; cache-aside starting cold; the same again, warm. Every key is deleted after.
-    """
-
-    engine, pg_proxy = postgres_via_proxy(delay_s, source=pg)
-    client, redis_proxy = redis_via_proxy(delay_s)
+    for case, fn in originals:
+        case.fn = counting(fn, case.label)
     try:
-        rows = [{"case": "no cache", **serve_workload(engine, workload)}]
-        cache = Cache(client, namespace)
-        rows.append({"case": "cache-aside, cold", **serve_workload(engine, workload, cache)})
-        cache.stats = CacheStats()
-        rows.append({"case": "cache-aside, warm", **serve_workload(engine, workload, cache)})
-        cache.clear()
+        table = bench.run(**kwargs)
     finally:
-        redis_proxy.stop()
-        pg_proxy.stop()
-    df = pd.DataFrame(rows)
-    df["ratio"] = df.total_s / df.total_s.min()
-    return df
+        for case, fn in originals:
+            case.fn = fn
+    table["db_queries"] = [sent[label] // max(1, runs[label]) for label in table.case]
+    return table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,10 +672,11 @@ def _environment():
 
 
 def add_versions(engine: Engine) -> None:
-    """Add a ``version`` column (default 1) to ``orders`` and ``order_items`` of a scratch copy.
+    """Add a ``version`` column (default 1) to ``orders`` and ``order_items`` of a scratch copy,
+    and an ``updated_at`` to ``orders`` (starting as ``created_at``).
 
-    The shop schema has no ``updated_at``; a version counter plays its part in the keys. Never
-    run this on the course dataset.
+    The shop schema has neither; the versions play their part in the fragment keys, ``updated_at``
+    in the HTTP validators. Idempotent. Never run this on the course dataset.
     """
     with engine.begin() as conn:
         for table in ("orders", "order_items"):
@@ -723,6 +684,9 @@ def add_versions(engine: Engine) -> None:
             if "version" not in columns:
                 conn.exec_driver_sql(
                     f"ALTER TABLE {table} ADD COLUMN version INTEGER NOT NULL DEFAULT 1")
+        if "updated_at" not in {c["name"] for c in sa.inspect(conn).get_columns("orders")}:
+            conn.exec_driver_sql("ALTER TABLE orders ADD COLUMN updated_at TIMESTAMP")
+            conn.exec_driver_sql("UPDATE orders SET updated_at = created_at")
 
 
 class FragmentCache:
@@ -863,30 +827,52 @@ def russian_doll_steps(engine: Engine, fragments: FragmentCache, user_id: int) -
 # ---------------------------------------------------------------------------------------------
 
 
-def stampede(client: redis.Redis, key: str, *, threads: int = 8, protection: str = "none",
-             compute_s: float = 0.02, lock_ttl_s: float = 5.0) -> dict[str, Any]:
-    """``threads`` requests miss ``key`` at the same moment; count the recomputations.
+class _WatchedClient:
+    """``client`` as seen by one request of :func:`stampede`: each ``GET`` is reported."""
 
-    ``protection="none"``: each miss recomputes (the stampede). ``"lock"``: a miss tries
-    ``SET key:lock NX PX``; the winner recomputes and stores, the others poll the key until the
-    value appears. Deterministic: the recomputation waits until every thread has made its first
-    read, which is the worst moment a real expiry can hit.
+    def __init__(self, client: redis.Redis, on_get: Callable[[], None]) -> None:
+        self._client = client
+        self._on_get = on_get
+
+    def get(self, name):
+        value = self._client.get(name)
+        self._on_get()
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def stampede(client: redis.Redis, key: str, fetch: Callable[..., Any], *, threads: int = 8,
+             compute_s: float = 0.02) -> dict[str, Any]:
+    """``threads`` requests call ``fetch(client, key, compute)`` at once on a missing ``key``;
+    count the recomputations.
+
+    ``fetch`` is the code under test (the notebook's): it reads ``key`` and on a miss may call
+    ``compute()``, the expensive result (``compute_s`` long, returns a string). The harness only
+    makes the worst case repeatable: the requests start together (a barrier) and ``compute``
+    begins once every request has made its first ``GET``, so all of them have missed. Returns
+    the case (``fetch``'s docstring), ``requests``, ``recomputations`` and ``served`` (requests
+    that got a value). The key and ``key:lock`` are deleted before and after.
     """
-    if protection not in ("none", "lock"):
-        raise ValueError('protection is "none" or "lock".')
     client.delete(key, key + ":lock")
     start = threading.Barrier(threads)
     first_reads = threading.Condition()
-    reads_done = Counter()
+    readers: set[int] = set()
     computes = Counter()
     served: list[Any] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
 
+    def saw_get() -> None:
+        with first_reads:
+            readers.add(threading.get_ident())
+            first_reads.notify_all()
+
     def compute() -> str:
-        with first_reads:  # wait until every thread has read the key once (and missed)
-            if not first_reads.wait_for(lambda: reads_done["n"] >= threads, timeout=10):
-                raise TimeoutError("stampede: a thread never made its first read")
+        with first_reads:  # the worst moment: every request has read the key and missed
+            if not first_reads.wait_for(lambda: len(readers) >= threads, timeout=10):
+                raise TimeoutError("stampede: a request never read the key (does fetch GET it?)")
         time.sleep(compute_s)
         with lock:
             computes["n"] += 1
@@ -895,25 +881,7 @@ def stampede(client: redis.Redis, key: str, *, threads: int = 8, protection: str
     def request() -> None:
         try:
             start.wait(timeout=10)
-            value = client.get(key)
-            with first_reads:
-                reads_done["n"] += 1
-                first_reads.notify_all()
-            if value is None:
-                if protection == "none":
-                    value = compute()
-                    client.set(key, value, ex=60)
-                elif client.set(key + ":lock", "1", nx=True, px=int(lock_ttl_s * 1000)):
-                    try:
-                        value = compute()
-                        client.set(key, value, ex=60)
-                    finally:
-                        client.delete(key + ":lock")
-                else:
-                    deadline = time.monotonic() + lock_ttl_s
-                    while value is None and time.monotonic() < deadline:
-                        time.sleep(0.005)
-                        value = client.get(key)
+            value = fetch(_WatchedClient(client, saw_get), key, compute)
             with lock:
                 served.append(value)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
@@ -927,33 +895,33 @@ def stampede(client: redis.Redis, key: str, *, threads: int = 8, protection: str
     client.delete(key, key + ":lock")
     if errors:
         raise errors[0]
-    return {"protection": "none" if protection == "none" else "lock (SET NX PX)",
-            "requests": threads, "recomputations": computes["n"],
+    label = (fetch.__doc__ or fetch.__name__).strip().splitlines()[0]
+    return {"case": label, "requests": threads, "recomputations": computes["n"],
             "served": sum(v is not None for v in served)}
 
 
-def xfetch_recomputes(*, requests_per_s: float = 50, ttl_s: float = 60, delta_s: float = 1.0,
-                      beta: float = 1.0, window_s: float = 10, seed: int = 7) -> pd.DataFrame:
-    """Probabilistic early expiration (XFetch), simulated with a seeded generator.
+def xfetch_recomputes(refresh_early: Callable[[float, float, np.random.Generator], bool], *,
+                      requests_per_s: float = 50, ttl_s: float = 60, window_s: float = 10,
+                      seed: int = 7) -> pd.DataFrame:
+    """Replay the last ``window_s`` seconds before a key's expiry at ``requests_per_s``, asking
+    ``refresh_early(now, expiry, rng)`` (the notebook's rule, e.g. XFetch) for every request.
 
-    A request at ``now`` recomputes early when ``now - delta * beta * ln(u) >= expiry``
-    (``u`` uniform in (0, 1], ``delta`` the recomputation time). Rows: seconds before expiry
-    (bucketed by second over the last ``window_s``), requests, early recomputations (the first
-    one refreshes the entry, so only it counts in practice: ``first_refresh_s`` says when).
+    A simulated clock and a seeded generator: the same rule gives the same table on every
+    machine. Rows: seconds before expiry (bucketed by second, from ``window_s`` down to 1),
+    requests, and how many would recompute early; the first one refreshes the entry, so only it
+    counts in practice: ``table.attrs["first_refresh_before_expiry_s"]`` says when it came.
     """
     rng = np.random.default_rng(seed)
     expiry = ttl_s
     steps = int(round(window_s * requests_per_s))
     before = (steps - np.arange(steps)) / requests_per_s  # seconds left, window_s down to > 0
-    times = expiry - before
-    draws = rng.random(steps)
-    early = times - delta_s * beta * np.log(1.0 - draws) >= expiry  # 1 - u in (0, 1]
+    early = np.array([bool(refresh_early(float(expiry - left), float(expiry), rng)) for left in before])
     buckets = np.ceil(before - 1e-9).astype(int)
     df = pd.DataFrame({"seconds_before_expiry": buckets, "early": early})
     table = df.groupby("seconds_before_expiry", sort=False).agg(
         requests=("early", "size"), would_recompute=("early", "sum")).reset_index()
-    first = times[early.argmax()] if early.any() else float("nan")
-    table.attrs["first_refresh_before_expiry_s"] = expiry - first
+    table.attrs["first_refresh_before_expiry_s"] = (
+        float(before[early.argmax()]) if early.any() else float("nan"))
     return table.sort_values("seconds_before_expiry", ascending=False, ignore_index=True)
 
 
@@ -1041,24 +1009,37 @@ DEFAULT_ASSETS = {
 
 
 def fingerprint(name: str, content: bytes, length: int = 8) -> str:
-    """``app.css`` -> ``app.3f2a9c1b.css``: a digest of the content in the file name."""
+    """``app.css`` -> ``app.e2f2b650.css``: a digest of the content in the file name."""
     stem, dot, ext = name.rpartition(".")
     tag = hashlib.sha256(content).hexdigest()[:length]
     return f"{stem}.{tag}.{ext}" if dot else f"{name}.{tag}"
 
 
-def create_app(engine: Engine, assets: dict[str, bytes] | None = None):
+#: ``validator(conn, user_id) -> (etag, last_modified)``: what :func:`create_app` asks before loading.
+Validator = Callable[[Any, int], tuple[str, Any]]
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    if isinstance(value, str):
+        return datetime.fromisoformat(value)
+    return value
+
+
+def create_app(engine: Engine, assets: dict[str, bytes] | None = None, *,
+               validator: Validator | None = None):
     """A small Flask shop API with HTTP caching.
 
-    * ``GET /users/<id>/orders``: the user's orders as JSON. A cheap query first (count and
-      newest ``created_at``) gives the ``ETag`` and ``Last-Modified``; a request whose
+    * ``GET /users/<id>/orders``: the user's orders as JSON. With a ``validator`` (the caller's
+      code: a cheap query giving an ETag and a ``Last-Modified`` time), a request whose
       ``If-None-Match``/``If-Modified-Since`` still matches gets ``304 Not Modified`` before the
-      orders are even loaded (Rails ``stale?``/``fresh_when``).
-    * ``GET /assets/<name>``: static files. A fingerprinted name (``app.3f2a9c1b.css``) is served
+      orders are even loaded (Rails ``stale?``/``fresh_when``); the validator must change with
+      every write the response shows. Without one, the ETag is a digest of the body (always
+      right, but the orders are loaded for every request; Rack::ETag does this).
+    * ``GET /assets/<name>``: static files. A fingerprinted name (``app.e2f2b650.css``) is served
       with ``Cache-Control: public, max-age=31536000, immutable``; the plain name with
       ``no-cache`` and an ETag. ``app.config["ASSET_URLS"]`` maps plain names to fingerprinted.
 
-    ``app.config["COUNTS"]`` counts full responses and 304s per route.
+    ``app.config["COUNTS"]`` counts ``orders loaded`` and ``orders 304`` and asset requests.
     """
 
     assets = dict(DEFAULT_ASSETS if assets is None else assets)
@@ -1068,31 +1049,41 @@ def create_app(engine: Engine, assets: dict[str, bytes] | None = None):
     counts: Counter[str] = Counter()
     app.config["COUNTS"] = counts
 
+    def still_fresh(etag: str, modified: datetime | None) -> bool:
+        if request.if_none_match:
+            return request.if_none_match.contains(etag)
+        since = request.if_modified_since
+        # HTTP dates have whole seconds: a change within the same second is not seen
+        return bool(since and modified
+                    and modified.replace(microsecond=0) <= since.replace(tzinfo=None))
+
     @app.get("/users/<int:user_id>/orders")
     def user_orders(user_id: int):
+        etag = modified = None
         with engine.connect() as conn:
-            count, newest = conn.execute(sa.text(
-                "SELECT count(*), max(created_at) FROM orders WHERE user_id = :u"),
-                {"u": user_id}).one()
-            if not count:
-                abort(404)
-            if isinstance(newest, str):
-                newest = datetime.fromisoformat(newest)
-            etag = f"user-{user_id}-orders-{count}-{newest:%Y%m%d%H%M%S}"
-            if request.if_none_match.contains(etag) or (
-                    not request.if_none_match and request.if_modified_since
-                    and newest.replace(microsecond=0) <= request.if_modified_since.replace(tzinfo=None)):
-                counts["orders 304"] += 1
+            if validator is not None:
+                etag, modified = validator(conn, user_id)
+                modified = _as_datetime(modified)
+            if etag is not None and still_fresh(etag, modified):
                 response = app.response_class(status=304)
             else:
                 rows = conn.execute(sa.text(
                     "SELECT id, status, total, created_at FROM orders WHERE user_id = :u "
                     "ORDER BY id"), {"u": user_id}).all()
-                counts["orders 200"] += 1
+                if not rows:
+                    abort(404)
+                counts["orders loaded"] += 1
                 response = jsonify([{"id": r.id, "status": r.status, "total": str(r.total),
                                      "created_at": str(r.created_at)} for r in rows])
-        response.set_etag(etag)
-        response.last_modified = newest
+        if etag is None:
+            response.add_etag()  # a digest of the body
+            response = response.make_conditional(request)
+        else:
+            response.set_etag(etag)
+            if modified is not None:
+                response.last_modified = modified
+        if response.status_code == 304:
+            counts["orders 304"] += 1
         response.headers["Cache-Control"] = "private, " + REVALIDATE
         return response
 
@@ -1151,6 +1142,21 @@ def conditional_requests(base_url: str, paths: Sequence[str], *, revisits: int =
     table = table.fillna(0)
     columns = ["request", "requests", "status_200", "status_304", "body_bytes", "bytes_saved"]
     return table[columns].astype({c: int for c in columns[1:]})
+
+
+def revisit_after_change(base_url: str, path: str, change: Callable[[], Any]) -> dict[str, Any]:
+    """Fetch ``path``, run ``change()``, revisit with ``If-None-Match`` from the first answer.
+
+    Returns ``status`` of the revisit, ``etag_changed``, and ``stale``: whether what the client
+    now holds (its old copy after a 304, else the new body) differs from a fresh full response.
+    """
+    first = web.get(base_url, path)
+    change()
+    again = web.get(base_url, path, {"If-None-Match": first.headers["ETag"]})
+    held = first.body if again.status == 304 else again.body
+    truth = web.get(base_url, path).body
+    return {"status": again.status, "etag_changed": again.headers.get("ETag") != first.headers["ETag"],
+            "stale": held != truth}
 
 
 def asset_headers(app, names: Iterable[str]) -> pd.DataFrame:

@@ -905,7 +905,7 @@ QUESTIONS = [
                 "name.",
             },
         ),
-        explanation="app.3f2a9c1b.css can never change: new content gets a new name. So caches "
+        explanation="app.e2f2b650.css can never change: new content gets a new name. So caches "
         "(browsers, CDNs) may keep it a year without asking again; `immutable` even skips the "
         "revalidation on reload.",
     ),
