@@ -780,22 +780,22 @@ QUESTIONS = [
         checker=MultiChoice(
             options={
                 "a": "Cache at several levels: application, database results, CDN/browser",
-                "b": "Clear a namespace with KEYS ns:* then one DEL, the fewest round trips",
-                "c": "Invalidate on change: delete or re-version the key when the record changes",
+                "b": "Invalidate on change: delete or re-version the key when the record changes",
+                "c": "Clear a namespace with KEYS ns:* then one DEL, the fewest round trips",
                 "d": "Meaningful, bounded keys: namespace, kind, id, version",
                 "e": "Raw search text in keys as typed, so that keys stay readable in redis-cli",
                 "f": "A TTL on every entry, chosen from how stale the data may be",
-                "g": "Delete a record's key in the flush, before the commit, so none read it",
-                "h": "Warm the cache for hot keys before traffic arrives",
+                "g": "Warm the cache for hot keys before traffic arrives",
+                "h": "Delete a record's key in the flush, before the commit, so none read it",
             },
-            correct={"a", "c", "d", "f", "h"},
+            correct={"a", "b", "d", "f", "g"},
             explanations={
-                "b": "KEYS walks every key of the server in one command and blocks all other "
+                "c": "KEYS walks every key of the server in one command and blocks all other "
                 "clients meanwhile, however few round trips it saves: use SCAN with MATCH and "
                 "COUNT, and delete in batches.",
                 "e": "Raw input makes unbounded, unsafe keys (spaces, huge strings, endless "
                 "variants of one query): normalise it and use a digest.",
-                "g": "Between the flush and the commit a reader still sees the old row and puts "
+                "h": "Between the flush and the commit a reader still sees the old row and puts "
                 "it back in the cache, stale until the TTL. Note the key in the flush, delete it "
                 "after the commit.",
             },
