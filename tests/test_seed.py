@@ -39,6 +39,32 @@ def test_tiny_has_the_documented_size():
     assert abs(sum(rows.values()) - expected_rows(get_scale("tiny"))) < 0.05 * sum(rows.values())
 
 
+def test_progress_bar_ends_full_at_the_rows_loaded(any_engine, monkeypatch):
+    # The bar starts from an estimate; Jupyter draws a bar closed short of its total in red, as
+    # a failed load. A completed load must close it at exactly the rows it loaded.
+    import io
+
+    from tqdm import tqdm
+
+    from perfcourse import seed
+
+    closed = []
+
+    class RecordingBar(tqdm):
+        def close(self):
+            if not self.disable:
+                closed.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(
+        seed, "_progress",
+        lambda total, enabled, label: RecordingBar(total=total, desc=label, file=io.StringIO()),
+    )
+    counts = seed_dataset(any_engine, "tiny")
+    assert expected_rows(get_scale("tiny")) != sum(counts.values())  # the estimate is off...
+    assert closed == [(sum(counts.values()), sum(counts.values()))]  # ...the bar ends full anyway
+
+
 def test_seed_loads_consistent_data(any_engine):
     counts = seed_dataset(any_engine, "tiny", progress=False)
     assert counts == row_counts(any_engine)

@@ -441,6 +441,17 @@ def _progress(total: int, enabled: bool, label: str):
     return tqdm(total=total, unit=" rows", unit_scale=True, desc=label, leave=False)
 
 
+def _rows_loaded(progress) -> None:
+    """Every row is in: the bar's total becomes the real count.
+
+    The total was an estimate (:func:`expected_rows`); a bar closed short of its total is drawn
+    red in Jupyter, as if the load had failed. Only a load that stops early should end short.
+    """
+    if progress is not None:
+        progress.total = progress.n
+        progress.refresh()
+
+
 def _load_sqlite(engine: Engine, scale: Scale, seed: int, progress) -> dict[str, int]:
     final = sqlite_path(namespace_of(engine))
     loading = final.with_name(final.name + ".loading")
@@ -465,6 +476,7 @@ def _load_sqlite(engine: Engine, scale: Scale, seed: int, progress) -> dict[str,
             counts[chunk.table] += len(chunk)
             if progress:
                 progress.update(len(chunk))
+        _rows_loaded(progress)
         if progress:
             progress.set_description(f"indexing {scale.name} (sqlite)")
         for statement in index_ddl:
@@ -513,6 +525,7 @@ def _load_postgres(engine: Engine, scale: Scale, seed: int, progress) -> dict[st
                     f"select setval(pg_get_serial_sequence('{table}', 'id'), "
                     f"coalesce((select max(id) from {table}), 0) + 1, false)"
                 ))
+            _rows_loaded(progress)
             if progress:
                 progress.set_description(f"indexing {scale.name} (postgres)")
             for statement in index_ddl:

@@ -5,14 +5,14 @@ Latency and percentiles
     of a small web shop, with the slow tail real services have).
 Little's law
     :func:`littles_law` (throughput X, mean latency R, L = X * R from a log),
-    :func:`in_flight_at` (L counted directly, by sampling), :func:`shop_request` (one request
-    of real queries, for the course's load generator :func:`perfcourse.load.run_load`).
+    :func:`in_flight_at` (L counted directly, by sampling). The lesson writes its requests in
+    its cells and runs them with the course's load generator :func:`perfcourse.load.run_load`.
 Utilisation
     :func:`simulate_queue` (a seeded first-come-first-served queue with ``servers`` workers) and
     :func:`mm1_mean_response` (the textbook curve S / (1 - utilisation)).
 Profiling
-    :func:`category_revenue_slow` / :func:`category_revenue_fast` (the worked example of the
-    lesson) and :func:`customer_report` (the lab's slow function: find its bottleneck and fix
+    :func:`category_revenue_slow` (the worked example of the lesson, whose fix the lesson
+    writes in a cell) and :func:`customer_report` (the lab's slow function: find its bottleneck and fix
     it); :func:`perfcourse.profiler.hottest_function` reads the profile.
 
 Everything random is seeded: the same call gives the same numbers on every machine, so the
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -35,7 +35,6 @@ from sqlalchemy.engine import Engine
 __all__ = [
     "ENDPOINTS",
     "RESPONSE_TARGETS_S",
-    "category_revenue_fast",
     "category_revenue_slow",
     "as_money",
     "customer_report",
@@ -45,18 +44,12 @@ __all__ = [
     "littles_law",
     "lookup_category",
     "mm1_mean_response",
-    "shop_request",
     "simulate_queue",
     "user_items",
 ]
 
 #: The guide's response-time targets, in seconds.
 RESPONSE_TARGETS_S = {"database query": 0.100, "API response": 0.200, "complex operation": 0.500}
-
-# ------------------------------------------------------------------------------------------------
-# Showing tables
-# ------------------------------------------------------------------------------------------------
-
 
 # ------------------------------------------------------------------------------------------------
 # Latency distributions and percentiles
@@ -159,22 +152,6 @@ def in_flight_at(log, times: Sequence[float]) -> np.ndarray:
     return np.searchsorted(starts, t, side="right") - np.searchsorted(ends, t, side="right")
 
 
-_SCAN_SQL = sa.text("SELECT count(*), sum(total) FROM orders WHERE total > :floor")
-
-
-def shop_request(engine: Engine) -> Callable[[int], object]:
-    """A stand-in for one request of the shop, for :func:`run_load`: ``request(i)`` takes a
-    connection from ``engine``'s pool and runs a report query that scans the orders table
-    (a few milliseconds, spent inside the database driver with Python's GIL released, so
-    threads really overlap)."""
-
-    def request(i: int) -> object:
-        with engine.connect() as conn:
-            return conn.execute(_SCAN_SQL, {"floor": (i % 50) * 10}).one()
-
-    return request
-
-
 # ------------------------------------------------------------------------------------------------
 # Utilisation and queueing
 # ------------------------------------------------------------------------------------------------
@@ -201,6 +178,13 @@ def simulate_queue(
     rate = utilisation * servers / service_time_s
     arrivals = np.cumsum(rng.exponential(1 / rate, requests))
     services = rng.exponential(service_time_s, requests)
+    if servers == 1:
+        # One server, in numpy: request n ends at max over k <= n of (arrival k + the service
+        # times of k..n), i.e. work(n) + the running max of (arrival k - work before k). Millions
+        # of requests take milliseconds, so a slider can re-run it.
+        work = np.cumsum(services)
+        finish = work + np.maximum.accumulate(arrivals - (work - services))
+        return finish - arrivals
     free_at = [0.0] * servers  # a heap: when each server is next free
     response = np.empty(requests)
     for i in range(requests):
@@ -268,15 +252,6 @@ def category_revenue_slow(engine: Engine, items: int = 4000) -> dict[int, Decima
     for product_id, quantity, unit_price in _load_items(engine, items):
         product = _find_product(products, product_id)
         _add_revenue(totals, product[1], quantity, unit_price)
-    return dict(sorted(totals.items()))
-
-
-def category_revenue_fast(engine: Engine, items: int = 4000) -> dict[int, Decimal]:
-    """The same result as :func:`category_revenue_slow`, with one change: products in a dict."""
-    category_of = dict(_load_products(engine))
-    totals: dict[int, Decimal] = {}
-    for product_id, quantity, unit_price in _load_items(engine, items):
-        _add_revenue(totals, category_of[product_id], quantity, unit_price)
     return dict(sorted(totals.items()))
 
 
