@@ -10,14 +10,21 @@ assertions compare byte counts measured in the same run, never time.
 from __future__ import annotations
 
 import csv
+import functools
+import itertools
 import math
+from collections import Counter
+from datetime import datetime
+from decimal import Decimal
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from perfcourse.chapters import memory_and_cpu as profiling
-from perfcourse.statements import count_queries
+from perfcourse.models import Order
+from perfcourse.timing import Benchmark
 
 
 def _order_count(engine) -> int:
@@ -25,25 +32,55 @@ def _order_count(engine) -> int:
         return conn.execute(sa.text("SELECT count(*) FROM orders")).scalar_one()
 
 
-def test_every_loading_strategy_sees_the_same_orders(seeded):
-    table = profiling.compare_loading(seeded, batch=300)
+def _loading_cases(engine):
+    bench = Benchmark()
+
+    @bench.case
+    def load_all(batch):
+        """all()"""
+        with Session(engine) as session:
+            orders = session.scalars(select(Order).order_by(Order.id)).all()
+            return {"rows": len(orders), "checksum": sum(o.user_id for o in orders)}
+
+    @bench.case
+    def keyset(batch):
+        """keyset batches"""
+        rows = checksum = last = 0
+        with Session(engine) as session:
+            while orders := session.scalars(select(Order).where(Order.id > last)
+                                            .order_by(Order.id).limit(batch)).all():
+                rows += len(orders)
+                checksum += sum(o.user_id for o in orders)
+                last = orders[-1].id
+                session.expunge_all()
+        return {"rows": rows, "checksum": checksum}
+
+    @bench.case
+    def plain(batch):
+        """no mapping"""
+        return batch
+
+    return bench
+
+
+def test_memory_table_runs_each_case_once_with_its_queries_and_peak(seeded):
+    table = profiling.memory_table(_loading_cases(seeded), queries_on=seeded, batch=300)
     orders = _order_count(seeded)
-    assert list(table.strategy) == list(profiling.LOAD_STRATEGIES)
-    assert set(table.rows) == {orders}
-    assert table.checksum.nunique() == 1
-    queries = dict(zip(table.strategy, table.queries))
-    assert queries["ORM all()"] == 1
-    assert queries["ORM yield_per"] == 1
-    assert queries["keyset batches"] == math.ceil(orders / 300) + 1  # the last, empty batch
-    assert queries["ids only"] == 2
-    peak = dict(zip(table.strategy, table.peak_bytes))
-    assert peak["ORM yield_per"] < peak["ORM all()"]
-    assert peak["keyset batches"] < peak["ORM all()"]
+    assert list(table.case) == ["all()", "keyset batches", "no mapping"]
+    assert set(table.columns) == {"case", "rows", "checksum", "result", "queries", "peak_bytes"}
+    assert list(table.rows[:2]) == [orders, orders]
+    assert table.checksum[0] == table.checksum[1]
+    assert table.result[2] == 300
+    assert list(table.queries) == [1, math.ceil(orders / 300) + 1, 0]  # + the last, empty batch
+    assert table.peak_bytes[1] < table.peak_bytes[0]
 
 
-def test_unknown_strategy_names_the_choices(tiny):
+def test_memory_table_picks_cases_and_names_the_choices(tiny):
+    bench = _loading_cases(tiny)
+    table = profiling.memory_table(bench, cases=["no mapping"], batch=5)
+    assert list(table.case) == ["no mapping"] and "queries" not in table.columns
     with pytest.raises(ValueError, match="keyset batches"):
-        profiling.load_orders(tiny, "everything")
+        profiling.memory_table(bench, cases=["everything"], batch=5)
 
 
 def test_streaming_cursor_comparison_counts_every_unit(seeded):
@@ -68,8 +105,8 @@ def test_counting_sink_counts_lines_written_in_any_pieces():
 
 
 def _orders_csv_statement(limit=None):
-    statement = select(*(profiling.ORDERS.c[name] for name in profiling.ORDER_CSV_COLUMNS)) \
-        .order_by(profiling.ORDERS.c.id)
+    statement = select(*(Order.__table__.c[name] for name in profiling.ORDER_CSV_COLUMNS)) \
+        .order_by(Order.__table__.c.id)
     return statement if limit is None else statement.limit(limit)
 
 
@@ -93,28 +130,69 @@ def _export_streaming(engine, sink, batch=50, limit=None):
     return written
 
 
+def _exports(**more):
+    bench = Benchmark()
+    bench.add("all", _export_loading_all)
+    bench.add("stream", _export_streaming)
+    for label, export in more.items():
+        bench.add(label, export)
+    return bench
+
+
 def test_csv_export_comparison_runs_each_export(seeded):
-    table = profiling.compare_csv_export(seeded, {"all": _export_loading_all,
-                                                  "stream": _export_streaming})
-    assert list(table.method) == ["all", "stream"]
+    table = profiling.compare_csv_export(_exports(), seeded)
+    assert list(table.case) == ["all", "stream"]
     assert set(table.rows) == {_order_count(seeded)}
     assert table.same_content.all()
     assert table.peak_bytes[1] < table.peak_bytes[0]
-    different = profiling.compare_csv_export(
-        seeded, {"all": _export_loading_all,
-                 "ten": lambda e, s: _export_streaming(e, s, limit=10)})
-    assert list(different.rows) == [_order_count(seeded), 10]
-    assert list(different.same_content) == [True, False]
+    bench = _exports(ten=lambda engine, sink: _export_streaming(engine, sink, limit=10))
+    different = profiling.compare_csv_export(bench, seeded)
+    assert list(different.rows) == [_order_count(seeded), _order_count(seeded), 10]
+    assert list(different.same_content) == [True, True, False]
 
 
-def test_csv_import_in_chunks(seeded, tmp_path):
+def _parse(record):
+    return {"id": int(record["id"]), "user_id": int(record["user_id"]), "status": record["status"],
+            "total": Decimal(record["total"]),
+            "created_at": datetime.fromisoformat(record["created_at"])}
+
+
+def _imports(chunk_rows):
+    bench = Benchmark()
+
+    @bench.case
+    def whole(engine, path):
+        """whole file"""
+        with open(path, newline="") as handle:
+            records = [_parse(r) for r in csv.DictReader(handle)]
+        with engine.begin() as conn:
+            conn.execute(profiling.IMPORT_TABLE.insert(), records)
+        return {"rows": len(records)}
+
+    @bench.case
+    def chunks(engine, path):
+        """chunks"""
+        inserted = 0
+        with open(path, newline="") as handle, engine.begin() as conn:
+            records = csv.DictReader(handle)
+            while chunk := [_parse(r) for r in itertools.islice(records, chunk_rows)]:
+                conn.execute(profiling.IMPORT_TABLE.insert(), chunk)
+                inserted += len(chunk)
+        return {"rows": inserted}
+
+    return bench
+
+
+def test_csv_import_cases_each_into_a_fresh_table(seeded, tmp_path):
     path = tmp_path / "orders.csv"
     with open(path, "w", newline="") as handle:
         written = _export_streaming(seeded, handle, limit=450)
-    table = profiling.compare_csv_import(seeded, path, chunk_rows=100)
+    table = profiling.compare_csv_import(_imports(100), seeded, path=path)
+    assert list(table.case) == ["whole file", "chunks"]
     assert list(table.rows) == [written, written]
     assert list(table.rows_in_table) == [written, written]
-    assert list(table.insert_statements) == [1, 5]
+    assert list(table.queries) == [1, 5]
+    assert table.peak_bytes[1] < table.peak_bytes[0]
     with seeded.connect() as conn:
         total = conn.execute(sa.text("SELECT sum(total) FROM orders_import")).scalar_one()
         expected = conn.execute(sa.text(
@@ -152,28 +230,38 @@ def test_hottest_function_of_the_slow_report(tiny):
         for _ in range(3):
             profiling.slow_product_report(tiny)
     assert hottest_function(profiler.last_session, module="perfcourse.chapters.memory_and_cpu",
-                            exclude=["slow_product_report"]) == "_revenue_per_product"
+                            exclude=["slow_product_report"]) == "revenue_per_product"
 
 
-@pytest.mark.parametrize("k", [0, 3, 6])
-def test_three_ways_to_find_heavy_users_agree(seeded, k):
-    ids = profiling.order_user_ids(seeded)
-    expected = profiling.more_than_counter(ids, k)
-    assert profiling.more_than_nested(ids, k) == expected
-    with count_queries(seeded) as queries:
-        assert profiling.more_than_sql(seeded, k) == expected
-    assert queries.count == 1
-    first = profiling.order_user_ids(seeded, 300)
-    assert profiling.more_than_sql(seeded, 1, 300) == profiling.more_than_counter(first, 1)
+def _heavy_user_cases(engine):
+    bench = Benchmark(repeat=1, warmup=0)
+
+    @bench.case
+    def counter(ids, n, k):
+        """Counter"""
+        return sorted(u for u, count in Counter(ids).items() if count > k)
+
+    @bench.case
+    def sql(ids, n, k):
+        """GROUP BY ... HAVING"""
+        first = select(Order.user_id).order_by(Order.id).limit(n).subquery()
+        statement = (select(first.c.user_id).group_by(first.c.user_id)
+                     .having(func.count() > k).order_by(first.c.user_id))
+        with engine.connect() as conn:
+            return list(conn.execute(statement).scalars())
+
+    return bench
 
 
-def test_heavy_users_grid(tiny):
-    grid = profiling.heavy_users_grid(tiny, [100, 200], k=1, repeat=1)
+def test_heavy_users_grid_runs_every_case_for_every_n(tiny):
+    grid = profiling.heavy_users_grid(_heavy_user_cases(tiny), tiny, [100, 200], k=1)
+    assert list(grid.case) == ["Counter", "GROUP BY ... HAVING"] * 2
+    assert list(grid.n) == [100, 100, 200, 200]
     assert grid.groupby("n").users.nunique().eq(1).all()
-    sql = grid[grid.method == "GROUP BY ... HAVING"]
-    assert set(sql.queries) == {1} and sql.comparisons.isna().all()
-    counter = grid[grid.method == "Counter"]
-    assert list(counter.comparisons) == [100, 200]
+    assert list(grid.queries) == [0, 1, 0, 1]
+    assert list(grid.distinct_users[::2]) == [len(set(profiling.order_user_ids(tiny, n)))
+                                              for n in (100, 200)]
+    assert (grid.median_s > 0).all()
 
 
 def test_duckdb_over_parquet_matches_the_database(seeded, tmp_path):
@@ -187,13 +275,18 @@ def test_duckdb_over_parquet_matches_the_database(seeded, tmp_path):
 
 
 def test_memoised_revenue_queries_once_per_miss(tiny):
+    def cached(engine, maxsize):
+        @functools.lru_cache(maxsize=maxsize)
+        def revenue(category_id):
+            return profiling.category_revenue(engine, category_id)
+        return revenue
+
     sequence = profiling.call_sequence(60, 10)
-    table = profiling.memo_table(tiny, sequence, [0, 3, None])
+    table = profiling.memo_table(cached, tiny, sequence, [0, 3, None])
     assert list(table.misses) == [profiling.lru_misses(sequence, m) for m in (0, 3, None)]
     assert list(table.queries) == list(table.misses)
     assert list(table.hits + table.misses) == [60, 60, 60]
-    revenue = profiling.cached_category_revenue(tiny)
-    assert revenue(2) == profiling.category_revenue(tiny, 2)
+    assert list(table.maxsize) == ["0", "3", "unbounded"]
 
 
 def test_lru_simulation():

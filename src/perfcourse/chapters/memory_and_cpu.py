@@ -1,37 +1,38 @@
 """Chapter 04, memory and CPU: the code the notebook profiles, measures and grades against.
 
 Memory: loading strategies
-    :func:`load_orders` walks every order with one of :data:`LOAD_STRATEGIES` (ORM ``all()``,
-    ``yield_per`` as Rails' ``find_each``, keyset batches as ``find_in_batches``, Core rows,
-    ``select(Order.id)`` as ``pluck``); :func:`compare_loading` measures rows, queries and
-    the tracemalloc peak of each; :func:`compare_streaming_rss` does the same on PostgreSQL with
-    the process RSS, where a client-side cursor's buffer is invisible to tracemalloc.
-    :func:`report_loading_everything` and :func:`report_streaming` are small functions written to
-    be read line by line by memory-profiler (``%mprun`` needs code in a file);
-    :func:`line_memory_profile` gives the same report as text.
+    The strategies themselves (``.all()``, ``yield_per``, keyset batches, plain rows, ``pluck``)
+    are written in the notebook as :class:`~perfcourse.timing.Benchmark` cases;
+    :func:`memory_table` runs each once under tracemalloc and counts its queries.
+    :func:`compare_streaming_rss` compares a client-side and a server-side cursor on PostgreSQL
+    (:func:`sum_quantities`) with the process RSS too, where a client-side cursor's buffer is
+    invisible to tracemalloc. :func:`report_loading_everything` and :func:`report_streaming` are
+    small functions written to be read line by line by memory-profiler (``%mprun`` needs code in
+    a file); :func:`line_memory_profile` gives the same report as text.
 
 Memory: CSV out and in
     :class:`CountingSink` is a write-only text sink that keeps nothing (like a socket or an HTTP
     response); :func:`compare_csv_export` runs exports written in the notebook into it under
-    tracemalloc; :func:`import_orders_csv_all` and :func:`import_orders_csv_chunked` read a CSV
-    back into :data:`IMPORT_TABLE` with ``executemany``.
+    tracemalloc; :func:`compare_csv_import` runs imports written in the notebook into
+    :data:`IMPORT_TABLE`.
 
 Memory: garbage collection
     :func:`gc_myth` (``gc.collect()`` cannot free a list you still reference) and
     :func:`reference_cycle_demo` (what only the cycle collector frees).
 
 CPU
-    :func:`slow_product_report` (the function profiled with pyinstrument) and
-    :func:`fast_product_report`; users with more than ``k`` orders three ways
-    (:func:`more_than_nested`, :func:`more_than_counter`, :func:`more_than_sql`,
-    :func:`heavy_users_grid`); the same GROUP BY on SQLite and on DuckDB over Parquet (:func:`category_sales_sqlite`,
-    :func:`category_sales_duckdb`); memoising with :func:`functools.lru_cache`
-    (:func:`cached_category_revenue`, :func:`call_sequence`, :func:`memo_table`).
+    :func:`slow_product_report` (the function profiled with pyinstrument; its hot part is
+    :func:`revenue_per_product`) and :func:`fast_product_report`; :func:`heavy_users_grid` times
+    the notebook's ways of finding users with more than ``k`` orders over growing slices
+    (:func:`order_user_ids`); the same GROUP BY on SQLite and on DuckDB over Parquet
+    (:func:`category_sales_sqlite`, :func:`category_sales_duckdb`); memoising: the notebook's
+    ``lru_cache`` around :func:`category_revenue`, replayed by :func:`memo_table` on
+    :func:`call_sequence` (:func:`lru_misses` predicts the misses).
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import gc
 import io
 import multiprocessing
@@ -42,11 +43,9 @@ import tracemalloc
 import weakref
 import zlib
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from datetime import datetime
 from decimal import Decimal
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -63,65 +62,42 @@ from .. import db
 from ..memory import track_memory
 from ..models import Order, OrderItem, Product
 from ..statements import count_queries
-from ..timing import time_call
+from ..timing import Benchmark
 
 __all__ = [
     "CATEGORY_SALES_SQL",
     "IMPORT_TABLE",
-    "LOAD_STRATEGIES",
     "ORDER_CSV_COLUMNS",
-    "ORDERS",
-    "cached_category_revenue",
     "call_sequence",
     "category_revenue",
     "category_sales_duckdb",
     "category_sales_sqlite",
     "compare_csv_export",
     "compare_csv_import",
-    "compare_loading",
     "compare_streaming_rss",
-    "comparisons",
     "CountingSink",
-    "each_order",
     "fast_product_report",
     "gc_myth",
     "heavy_users_grid",
-    "import_orders_csv_all",
-    "import_orders_csv_chunked",
     "line_memory_profile",
-    "load_orders",
     "lru_misses",
     "memo_table",
-    "more_than_counter",
-    "more_than_nested",
-    "more_than_sql",
-    "more_than_statement",
+    "memory_table",
     "Node",
     "order_user_ids",
-    "orders_in_batches",
     "reference_cycle_demo",
     "report_loading_everything",
     "report_streaming",
     "reset_import_table",
+    "revenue_per_product",
     "same_sales",
     "slow_product_report",
+    "sum_quantities",
 ]
 
 # ---------------------------------------------------------------------------------------------
-# Loading strategies
+# Loading strategies: the cases are written in the notebook; this measures them
 # ---------------------------------------------------------------------------------------------
-
-#: Strategy -> the Rails idiom it stands for.
-LOAD_STRATEGIES = {
-    "ORM all()": "User.all.each",
-    "ORM yield_per": "find_each",
-    "keyset batches": "find_in_batches",
-    "rows all()": "select_all / pluck of every column",
-    "rows iterated": "(a cursor, row by row)",
-    "ids only": "pluck(:id)",
-}
-
-ORDERS = Order.__table__
 
 
 def _up_to(statement, column, up_to: int | None):
@@ -129,105 +105,55 @@ def _up_to(statement, column, up_to: int | None):
     return statement if up_to is None else statement.where(column <= up_to)
 
 
-def orders_in_batches(session: Session, batch: int = 1000,
-                      up_to: int | None = None) -> Iterator[list[Order]]:
-    """Orders in lists of ``batch``, by id: a keyset query per batch (Rails' ``find_in_batches``).
+def memory_table(bench: Benchmark, *, queries_on: Engine | None = None,
+                 cases: Iterable[str] | None = None, **kwargs: Any) -> pd.DataFrame:
+    """Run each case of ``bench`` once with ``**kwargs``: the memory counterpart of
+    :meth:`Benchmark.run <perfcourse.timing.Benchmark.run>`.
 
-    Each batch is one ``SELECT ... WHERE id > :last ORDER BY id LIMIT :batch``; the session is
-    emptied between batches so the objects of a finished batch can be freed.
+    One row per case, in registration order: ``case``, then the items of what the case returned
+    when it is a mapping (``{"rows": ..., "checksum": ...}``; anything else but ``None`` goes in
+    a ``result`` column), ``queries`` (statements run on the engine ``queries_on``, when given)
+    and ``peak_bytes``, the tracemalloc peak of the call. ``gc.collect()`` runs before each case
+    so garbage of the previous one is not counted, and tracing covers the call only (not the
+    query counting). ``cases`` picks labels to run; a case's ``setup`` runs first, untraced.
+    No time column: tracing slows code several times; time the same cases with ``bench.run``.
     """
-    last = 0
-    while True:
-        rows = session.scalars(
-            _up_to(select(Order).where(Order.id > last), Order.id, up_to)
-            .order_by(Order.id).limit(batch)
-        ).all()
-        if not rows:
-            return
-        yield rows
-        last = rows[-1].id
-        session.expunge_all()
-
-
-def each_order(session: Session, batch: int = 1000, up_to: int | None = None) -> Iterator[Order]:
-    """Every order, one at a time, ``batch`` rows per fetch (Rails' ``find_each``): ``yield_per``."""
-    yield from session.scalars(
-        _up_to(select(Order), Order.id, up_to).order_by(Order.id)
-        .execution_options(yield_per=batch)
-    )
-
-
-def load_orders(engine: Engine, strategy: str, batch: int = 1000,
-                up_to: int | None = None) -> tuple[int, int]:
-    """Walk every order (or those with an id up to ``up_to``) with ``strategy`` (a key of
-    :data:`LOAD_STRATEGIES`).
-
-    Returns ``(rows, checksum)``: the number of orders seen and the sum of their user ids, the
-    same for every strategy (a strategy that skipped rows would show).
-    """
-    if strategy == "ORM all()":
-        with Session(engine) as session:
-            orders = session.scalars(_up_to(select(Order), Order.id, up_to)
-                                     .order_by(Order.id)).all()
-            return len(orders), sum(o.user_id for o in orders)
-    if strategy == "ORM yield_per":
-        with Session(engine) as session:
-            rows = checksum = 0
-            for order in each_order(session, batch, up_to):
-                rows += 1
-                checksum += order.user_id
-            return rows, checksum
-    if strategy == "keyset batches":
-        with Session(engine) as session:
-            rows = checksum = 0
-            for orders in orders_in_batches(session, batch, up_to):
-                rows += len(orders)
-                checksum += sum(o.user_id for o in orders)
-            return rows, checksum
-    if strategy == "rows all()":
-        with engine.connect() as conn:
-            result = conn.execute(_up_to(select(ORDERS), ORDERS.c.id, up_to)
-                                  .order_by(ORDERS.c.id)).all()
-            return len(result), sum(r.user_id for r in result)
-    if strategy == "rows iterated":
-        with engine.connect() as conn:
-            rows = checksum = 0
-            result = conn.execute(
-                _up_to(select(ORDERS), ORDERS.c.id, up_to).order_by(ORDERS.c.id)
-                .execution_options(yield_per=batch))
-            for part in result.partitions():
-                rows += len(part)
-                checksum += sum(row.user_id for row in part)
-            return rows, checksum
-    if strategy == "ids only":
-        with Session(engine) as session:
-            ids = session.scalars(_up_to(select(Order.id), Order.id, up_to)).all()
-            user_ids = session.scalars(_up_to(select(Order.user_id), Order.id, up_to)).all()
-            return len(ids), sum(user_ids)
-    raise ValueError(f"Unknown strategy {strategy!r}: use one of {', '.join(LOAD_STRATEGIES)}.")
-
-
-def compare_loading(engine: Engine, strategies: Iterable[str] = tuple(LOAD_STRATEGIES),
-                    batch: int = 1000, up_to: int | None = None) -> pd.DataFrame:
-    """One row per strategy: ``strategy, rails, rows, checksum, queries, peak_bytes``.
-
-    Each strategy runs once under :func:`~perfcourse.memory.track_memory` (the peak of Python
-    allocations) while queries are counted; ``gc.collect()`` runs before each, so garbage of the
-    previous case is not counted. No time column: tracing slows code several times, so time
-    measured here would mislead; time strategies separately, untraced.
-    """
+    labels = [case.label for case in bench.cases]
+    wanted = labels if cases is None else list(cases)
+    unknown = [label for label in wanted if label not in labels]
+    if unknown:
+        raise ValueError(f"No case labelled {unknown[0]!r}: the cases are {', '.join(map(repr, labels))}.")
     out = []
-    for strategy in strategies:
+    for case in bench.cases:
+        if case.label not in wanted:
+            continue
+        if case.setup is not None:
+            case.setup(**kwargs)
         gc.collect()
-        with count_queries(engine) as queries, track_memory() as memory:
-            rows, checksum = load_orders(engine, strategy, batch, up_to)
-        out.append({"strategy": strategy, "rails": LOAD_STRATEGIES[strategy], "rows": rows,
-                    "checksum": checksum, "queries": queries.count,
-                    "peak_bytes": memory.peak_bytes})
+        with contextlib.ExitStack() as stack:
+            queries = (stack.enter_context(count_queries(queries_on))
+                       if queries_on is not None else None)
+            with track_memory() as memory:
+                result = case.fn(**kwargs)
+        row: dict[str, Any] = {"case": case.label}
+        if isinstance(result, Mapping):
+            row.update(result)
+        elif result is not None:
+            row["result"] = result
+        if queries is not None:
+            row["queries"] = queries.count
+        row["peak_bytes"] = memory.peak_bytes
+        out.append(row)
     return pd.DataFrame(out)
 
 
-def _sum_quantities(engine: Engine, stream: bool, up_to: int | None = None) -> int:
+def sum_quantities(engine: Engine, stream: bool, up_to: int | None = None) -> int:
+    """Units sold over the order items with an id up to ``up_to``, summed row by row in Python.
+
+    ``stream=False``: the default, client-side cursor. ``stream=True``: a server-side cursor
+    (``stream_results``) that fetches ``max_row_buffer`` rows at a time. A function of the
+    package, not of the notebook, because :func:`compare_streaming_rss` runs it in a fresh process.
+    """
     table = OrderItem.__table__
     statement = _up_to(select(table.c.id, table.c.quantity, table.c.unit_price), table.c.id,
                        up_to).order_by(table.c.id)
@@ -239,8 +165,6 @@ def _sum_quantities(engine: Engine, stream: bool, up_to: int | None = None) -> i
 
 def _peak_rss_increase(fn: Callable[..., Any], *args: Any, interval: float = 0.002) -> tuple[Any, int]:
     """``(fn(*args), peak RSS during the call minus RSS before)``, sampled by a thread."""
-
-
     process = psutil.Process()
     before = peak = process.memory_info().rss
     done = threading.Event()
@@ -261,43 +185,49 @@ def _peak_rss_increase(fn: Callable[..., Any], *args: Any, interval: float = 0.0
     return result, max(peak, process.memory_info().rss) - before
 
 
-def _sum_quantities_in_child(url: str, namespace: str, stream: bool,
-                             up_to: int | None = None) -> tuple[int, int]:
+def _rss_increases_in_child(url: str, namespace: str, up_to: int | None = None) -> dict[bool, int]:
+    """RSS growth of :func:`sum_quantities` per ``stream`` value, measured in this (fresh) process.
+
+    The server-side cursor runs first: it grows the process little, so the client-side run
+    after it still has to ask the system for its whole buffer (memory a process freed earlier
+    is reused first, which would hide growth).
+    """
     child_engine = db.engine("postgres" if url.startswith("postgresql") else "sqlite",
                              namespace=namespace, url=url if url.startswith("postgresql") else None)
     try:
-        _sum_quantities(child_engine, stream, up_to)  # warm up: connection, imports, SQL
-        return _peak_rss_increase(_sum_quantities, child_engine, stream, up_to)
+        increases = {}
+        for stream in (True, False):
+            sum_quantities(child_engine, stream, 2_000)  # warm up: connection, SQL, two fetches
+            increases[stream] = _peak_rss_increase(sum_quantities, child_engine, stream, up_to)[1]
+        return increases
     finally:
         child_engine.dispose()
 
 
 def compare_streaming_rss(engine: Engine, up_to: int | None = None) -> pd.DataFrame:
-    """Iterate every order item (or those with an id up to ``up_to``) with a client-side cursor
-    and with a server-side one.
+    """:func:`sum_quantities` over the order items with an id up to ``up_to`` with a client-side
+    cursor and with a server-side one.
 
     One row per cursor: ``cursor, units, peak_bytes`` (tracemalloc, in this process) and
     ``rss_increase_bytes``: how far the process RSS rose above its value before the loop, measured
-    in a fresh process (a long-lived one reuses memory it freed earlier, which hides growth). On
+    in one fresh process (a long-lived one reuses memory it freed earlier, which hides growth). On
     PostgreSQL a client-side cursor receives the whole result into libpq's C memory before the
-    first row is read: tracemalloc cannot see it, the RSS does. ``stream_results=True`` opens a
-    server-side cursor that fetches ``max_row_buffer`` rows at a time.
+    first row is read: tracemalloc cannot see it, the RSS does.
     """
     if engine.url.get_backend_name() == "sqlite" and engine.url.database in (None, "", ":memory:"):
         raise ValueError("compare_streaming_rss measures in a second process, which cannot open "
                          "an in-memory SQLite database: pass a file or PostgreSQL engine.")
     url = engine.url.render_as_string(hide_password=False)
-    namespace = db.namespace_of(engine)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        increases = pool.submit(_rss_increases_in_child, url, db.namespace_of(engine),
+                                up_to).result()
     out = []
     for label, stream in (("client-side (default)", False), ("server-side (stream_results)", True)):
         gc.collect()
         with track_memory() as memory:
-            units = _sum_quantities(engine, stream, up_to)
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            _, increase = pool.submit(_sum_quantities_in_child, url, namespace, stream,
-                                      up_to).result()
+            units = sum_quantities(engine, stream, up_to)
         out.append({"cursor": label, "units": units, "peak_bytes": memory.peak_bytes,
-                    "rss_increase_bytes": increase})
+                    "rss_increase_bytes": increases[stream]})
     return pd.DataFrame(out)
 
 
@@ -397,22 +327,19 @@ class CountingSink:
         return f"<CountingSink: {self.rows:,} rows, {self.chars:,} characters>"
 
 
-def compare_csv_export(engine: Engine, exports: Mapping[str, Callable[[Engine, Any], Any]]
-                       ) -> pd.DataFrame:
-    """Run each export ``export(engine, sink)`` of ``exports`` (label -> function) into a fresh
-    :class:`CountingSink` under :func:`~perfcourse.memory.track_memory`.
+def compare_csv_export(bench: Benchmark, engine: Engine) -> pd.DataFrame:
+    """Run each export case ``export(engine, sink)`` of ``bench`` into a fresh
+    :class:`CountingSink`, under tracemalloc (:func:`memory_table`).
 
-    One row per export: ``method, rows, characters, same_content, peak_bytes``; ``same_content``
-    says whether it wrote exactly what the first export wrote (a CRC of every character).
+    One row per case: ``case, rows, characters, same_content, peak_bytes``; ``same_content``
+    says whether it wrote exactly what the first case wrote (a CRC of every character).
     """
     out = []
-    for label, export in exports.items():
+    for case in bench.cases:
         sink = CountingSink()
-        gc.collect()
-        with track_memory() as memory:
-            export(engine, sink)
-        out.append({"method": label, "rows": sink.rows, "characters": sink.chars,
-                    "same_content": sink.crc, "peak_bytes": memory.peak_bytes})
+        measured = memory_table(bench, cases=[case.label], engine=engine, sink=sink)
+        out.append({"case": case.label, "rows": sink.rows, "characters": sink.chars,
+                    "same_content": sink.crc, "peak_bytes": measured.peak_bytes.iloc[0]})
     df = pd.DataFrame(out)
     df["same_content"] = df.same_content == df.same_content.iloc[0]
     return df
@@ -436,56 +363,22 @@ def reset_import_table(engine: Engine) -> None:
     IMPORT_TABLE.create(engine)
 
 
-def _parse_order(record: dict[str, str]) -> dict[str, Any]:
-    return {"id": int(record["id"]), "user_id": int(record["user_id"]),
-            "status": record["status"], "total": Decimal(record["total"]),
-            "created_at": datetime.fromisoformat(record["created_at"])}
+def compare_csv_import(bench: Benchmark, engine: Engine, **kwargs: Any) -> pd.DataFrame:
+    """Run each import case ``load(engine, **kwargs)`` of ``bench`` into a fresh
+    :data:`IMPORT_TABLE` of ``engine``, under tracemalloc (:func:`memory_table`).
 
-
-def import_orders_csv_all(engine: Engine, path: str | Path) -> int:
-    """Read the whole CSV into a list, then insert it with one ``executemany``."""
-    with open(path, newline="") as handle:
-        records = [_parse_order(r) for r in csv.DictReader(handle)]
-    with engine.begin() as conn:
-        conn.execute(IMPORT_TABLE.insert(), records)
-    return len(records)
-
-
-def import_orders_csv_chunked(engine: Engine, path: str | Path, chunk_rows: int = 5000) -> int:
-    """Read the CSV ``chunk_rows`` lines at a time; each chunk is one ``executemany``.
-
-    One transaction for the whole file (a failure leaves nothing half-imported); memory holds
-    one chunk. Rails' counterpart: ``CSV.foreach`` plus ``insert_all`` per slice.
+    One row per case: :func:`memory_table`'s columns (``case``, what the case returned,
+    ``queries``: the statements it ran, ``peak_bytes``) and ``rows_in_table`` afterwards.
     """
-    inserted = 0
-    with open(path, newline="") as handle, engine.begin() as conn:
-        records = csv.DictReader(handle)
-        while True:
-            chunk = [_parse_order(r) for _, r in zip(range(chunk_rows), records)]
-            if not chunk:
-                break
-            conn.execute(IMPORT_TABLE.insert(), chunk)
-            inserted += len(chunk)
-    return inserted
-
-
-def compare_csv_import(engine: Engine, path: str | Path, chunk_rows: int = 5000) -> pd.DataFrame:
-    """Both imports of ``path`` into a fresh :data:`IMPORT_TABLE` of ``engine``:
-    ``method, rows, statements, rows_in_table, peak_bytes``."""
-    out = []
-    for label, load in (("whole file, one executemany", import_orders_csv_all),
-                        (f"chunks of {chunk_rows:,}",
-                         lambda e, p: import_orders_csv_chunked(e, p, chunk_rows))):
+    tables = []
+    for case in bench.cases:
         reset_import_table(engine)
-        gc.collect()
-        with count_queries(engine) as statements, track_memory() as memory:
-            rows = load(engine, path)
+        table = memory_table(bench, queries_on=engine, cases=[case.label], engine=engine, **kwargs)
         with engine.connect() as conn:
-            in_table = conn.execute(select(func.count()).select_from(IMPORT_TABLE)).scalar_one()
-        inserts = sum(1 for s in statements.statements if s.kind == "INSERT")
-        out.append({"method": label, "rows": rows, "insert_statements": inserts,
-                    "rows_in_table": in_table, "peak_bytes": memory.peak_bytes})
-    return pd.DataFrame(out)
+            table["rows_in_table"] = conn.execute(
+                select(func.count()).select_from(IMPORT_TABLE)).scalar_one()
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,7 +469,7 @@ def _product_names(engine: Engine) -> dict[int, str]:
         return dict(conn.execute(select(Product.id, Product.name)).all())
 
 
-def _revenue_per_product(rows: Sequence[tuple[int, int, Decimal]]) -> dict[int, Decimal]:
+def revenue_per_product(rows: Sequence[tuple[int, int, Decimal]]) -> dict[int, Decimal]:
     # For every product, a pass over every row: products x rows steps.
     products = sorted({product_id for product_id, _, _ in rows})
     return {
@@ -595,7 +488,7 @@ def slow_product_report(engine: Engine, items: int = 3000, top: int = 5) -> list
     profile it."""
     rows = _load_item_rows(engine, items)
     names = _product_names(engine)
-    return _top(_revenue_per_product(rows), names, top)
+    return _top(revenue_per_product(rows), names, top)
 
 
 def fast_product_report(engine: Engine, items: int = 3000, top: int = 5) -> list[tuple[str, Decimal]]:
@@ -622,64 +515,23 @@ def order_user_ids(engine: Engine, n: int | None = None) -> list[int]:
         return list(conn.execute(statement).scalars())
 
 
-def more_than_nested(user_ids: Sequence[int], k: int) -> list[int]:
-    """Users appearing more than ``k`` times: for each distinct user, count it in the whole list.
+def heavy_users_grid(bench: Benchmark, engine: Engine, ns: Sequence[int], k: int) -> pd.DataFrame:
+    """Run every case ``case(ids, n, k)`` of ``bench`` for each ``n`` of ``ns``.
 
-    ``list.count`` is a loop in C, still a loop: distinct users x n comparisons, O(n^2).
-    """
-    user_ids = list(user_ids)
-    return sorted(u for u in set(user_ids) if user_ids.count(u) > k)
-
-
-def more_than_counter(user_ids: Sequence[int], k: int) -> list[int]:
-    """The same with one pass and a dict of counts (``collections.Counter``): O(n)."""
-    return sorted(u for u, count in Counter(user_ids).items() if count > k)
-
-
-def more_than_statement(k: int, n: int | None = None):
-    """``SELECT user_id ... GROUP BY user_id HAVING count(*) > k`` over the first ``n`` orders."""
-    source = select(Order.id, Order.user_id).order_by(Order.id)
-    if n is not None:
-        source = source.limit(n)
-    orders = source.subquery()
-    return (select(orders.c.user_id).group_by(orders.c.user_id)
-            .having(func.count() > k).order_by(orders.c.user_id))
-
-
-def more_than_sql(engine: Engine, k: int, n: int | None = None) -> list[int]:
-    """The same in one query: the database groups, Python receives only the answer."""
-    with engine.connect() as conn:
-        return list(conn.execute(more_than_statement(k, n)).scalars())
-
-
-def comparisons(method: str, n: int, distinct: int) -> int | None:
-    """Element comparisons a method makes on ``n`` ids of which ``distinct`` differ."""
-    return {"nested loops": n * distinct, "Counter": n}.get(method)
-
-
-def heavy_users_grid(engine: Engine, ns: Sequence[int], k: int, repeat: int = 3) -> pd.DataFrame:
-    """Time the three ways for each ``n``: ``method, n, users, comparisons, queries, median_s``.
-
-    The Python methods receive the ids already loaded (loading is not timed); the SQL method
-    does the whole job in the database. ``users`` is the size of the answer, the same for all.
+    ``ids`` are the user ids of the first ``n`` orders, loaded before (untimed). One row per case
+    and ``n``: ``case, n, distinct_users, users`` (the size of the answer, the same for all),
+    ``queries`` (run on ``engine``) and ``median_s`` (``bench``'s repeats).
     """
     out = []
     for n in ns:
         ids = order_user_ids(engine, n)
-        distinct = len(set(ids))
-        cases = (("nested loops", lambda ids=ids: more_than_nested(ids, k)),
-                 ("Counter", lambda ids=ids: more_than_counter(ids, k)),
-                 ("GROUP BY ... HAVING", lambda n=n: more_than_sql(engine, k, n)))
-        for method, run in cases:
+        timings = bench.run(ids=ids, n=n, k=k)
+        for case, median_s in zip(bench.cases, timings.median_s, strict=True):
             with count_queries(engine) as queries:
-                users = run()
-            timing = time_call(run, repeat=repeat, warmup=0)
-            out.append({"method": method, "n": n, "users": len(users),
-                        "comparisons": comparisons(method, n, distinct),
-                        "queries": queries.count, "median_s": timing.median_s})
-    df = pd.DataFrame(out)
-    df["comparisons"] = df.comparisons.astype("Int64")
-    return df
+                users = case.fn(ids=ids, n=n, k=k)
+            out.append({"case": case.label, "n": n, "distinct_users": len(set(ids)),
+                        "users": len(users), "queries": queries.count, "median_s": median_s})
+    return pd.DataFrame(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -743,21 +595,6 @@ def category_revenue(engine: Engine, category_id: int) -> Decimal:
     return Decimal(str(value)).quantize(Decimal("0.01"))
 
 
-def cached_category_revenue(engine: Engine, maxsize: int | None = 128):
-    """``category_revenue`` for one engine, memoised: a function ``revenue(category_id)``.
-
-    ``functools.lru_cache`` keys on the arguments (here the category id), keeps at most
-    ``maxsize`` results (least recently used go first; ``None``: unbounded) and counts
-    ``cache_info()`` hits and misses. It never notices a change in the database: call
-    ``revenue.cache_clear()`` when the data changes (or give the key a version).
-    """
-    @lru_cache(maxsize=maxsize)
-    def revenue(category_id: int) -> Decimal:
-        return category_revenue(engine, category_id)
-
-    return revenue
-
-
 def call_sequence(calls: int, keys: int, seed: int = 4) -> list[int]:
     """``calls`` keys out of ``1..keys``, skewed like real traffic (key k weighs 1/k)."""
     rng = random.Random(seed)
@@ -765,12 +602,14 @@ def call_sequence(calls: int, keys: int, seed: int = 4) -> list[int]:
     return rng.choices(population, weights=[1 / k for k in population], k=calls)
 
 
-def memo_table(engine: Engine, sequence: Sequence[int], maxsizes: Iterable[int | None]) -> pd.DataFrame:
-    """Replay ``sequence`` through a fresh cache per ``maxsize``:
+def memo_table(cached: Callable[[Engine, int | None], Callable[[int], Any]], engine: Engine,
+               sequence: Sequence[int], maxsizes: Iterable[int | None]) -> pd.DataFrame:
+    """Replay ``sequence`` through a fresh ``cached(engine, maxsize)`` per ``maxsize`` (a function
+    memoised with :func:`functools.lru_cache`, which has ``cache_info()``):
     ``maxsize, calls, hits, misses, queries, time_s`` (``maxsize`` 0 means no cache)."""
     out = []
     for maxsize in maxsizes:
-        revenue = cached_category_revenue(engine, maxsize)
+        revenue = cached(engine, maxsize)
         with count_queries(engine) as queries:
             start = time.perf_counter()
             for key in sequence:
