@@ -26,17 +26,26 @@ def _list(run, name):
     return [v.decode() for v in run.connection.lrange(run.key(name), 0, -1)]
 
 
-def test_one_worker_runs_high_before_default_before_low(run):
-    enqueued, executed = jobs.priority_order(run, jobs_per_queue=2)
-    assert enqueued[:3] == ["low-1", "default-1", "high-1"]
-    assert executed == ["high-1", "high-2", "default-1", "default-2", "low-1", "low-2"]
+def test_one_worker_on_several_queues_takes_them_in_order(run):
+    queues = run.queues(jobs.PRIORITIES)
+    for i in (1, 2):
+        for name in reversed(jobs.PRIORITIES):
+            queues[name].enqueue(jobs.record, run.key("log"), f"{name}-{i}")
+    run.run_workers(1, jobs.PRIORITIES)
+    assert run.logged("log") == ["high-1", "high-2", "default-1", "default-2", "low-1", "low-2"]
     assert all(w.process.returncode == 0 for w in run.workers)
 
 
 def test_forking_worker_uses_a_process_per_job_simple_worker_one(run):
-    table = jobs.fork_or_not(run, jobs=3).set_index("worker")
-    assert table.processes.tolist() == [3, 1]
-    assert table.job_in_worker_process.tolist() == [False, True]
+    pids = {}
+    for name, simple in (("fork", False), ("simple", True)):
+        for _ in range(3):
+            run.queue(name).enqueue(jobs.whoami, run.key(f"pids-{name}"))
+        worker = run.start_worker([name], simple=simple)
+        run.wait_workers([worker])
+        pids[name] = (set(run.logged(f"pids-{name}")), str(worker.process.pid))
+    assert len(pids["fork"][0]) == 3 and pids["fork"][1] not in pids["fork"][0]
+    assert pids["simple"][0] == {pids["simple"][1]}
 
 
 def test_retries_count_attempts_and_call_hooks(run):
@@ -74,21 +83,31 @@ def test_scheduled_job_and_backoff_run_with_the_scheduler(run):
 
 
 def test_idempotency_key_charges_each_order_once(run):
-    table = jobs.duplicate_charges(run, [(1, 100), (2, 250), (3, 999)], deliveries=2)
-    assert table.charges.tolist() == [6, 3]
-    assert table.orders_charged_twice.tolist() == [3, 0]
+    queue = run.queue("payments")
+    for _ in range(2):
+        for order_id in (1, 2, 3):
+            queue.enqueue(jobs.charge_order, run.key("plain"), order_id, 100)
+            queue.enqueue(jobs.charge_order_once, run.key("once"), order_id, 100, f"order-{order_id}")
+    run.run_workers(1, ["payments"])
+    assert sorted(run.logged("plain")) == ["1:100", "1:100", "2:100", "2:100", "3:100", "3:100"]
+    assert sorted(run.logged("once")) == ["1:100", "2:100", "3:100"]
 
 
-def test_offloading_defers_the_side_task_but_runs_it(run):
-    table = jobs.offload_latency(run, requests=4, email_s=0.01).set_index("case")
-    assert table.mails_at_response.tolist() == [4, 0]
-    assert table.mails_sent.tolist() == [4, 4]
+def test_long_running_workers_register_and_share_a_queue(run):
+    queue = run.queue("io")
+    workers = [run.start_worker(["io"], burst=False) for _ in range(2)]
+    try:
+        run.wait_registered(queue, 2)
+        batch = [queue.enqueue(jobs.io_task, run.key("io"), 0.01) for _ in range(4)]
+        assert jobs.wait_for(batch, timeout_s=20) == ["finished"] * 4
+    finally:
+        assert run.stop_workers() == 2
+    assert len(run.logged("io")) == 4 and all(w.process.poll() is not None for w in workers)
 
 
-def test_workers_process_every_job(run):
-    table = jobs.workers_vs_time(run, [1, 2], jobs=4, seconds=0.01)
-    assert table.finished.tolist() == [4, 4]
-    assert all(w.process.poll() is not None for w in run.workers)
+def test_send_email_inline_uses_the_course_client(run):
+    assert jobs.send_email(run.key("outbox"), 7, 0.0) == 7
+    assert run.logged("outbox") == ["welcome mail to user 7"]
 
 
 def test_wait_for_times_out_with_a_clear_error(run):
@@ -97,9 +116,7 @@ def test_wait_for_times_out_with_a_clear_error(run):
         jobs.wait_for([job], timeout_s=0.2)
 
 
-def test_backoff():
-    assert jobs.backoff_delays(5) == [1, 2, 4, 8, 16]
-    assert jobs.backoff_delays(4, base_s=10, cap_s=45) == [10, 20, 40, 45]
+def test_equal_jitter_stays_between_half_and_all_of_the_ceiling():
     rng = random.Random(1)
     for attempt in range(1, 10):
         ceiling = min(60.0, 2 ** (attempt - 1))

@@ -98,7 +98,7 @@ def test_replica_engine_is_inherited_too_and_closing_is_counted():
 
 def test_round_robin_counts_and_health_checks():
     with infra.serve() as a, infra.serve() as b:
-        with infra.RoundRobinBalancer({"a": a.port, "b": b.port}) as lb:
+        with infra.LoadBalancer({"a": a.port, "b": b.port}) as lb:
             result = http_load(lb.port, "/health", requests=20, concurrency=4)
             assert result.ok == 20 and lb.served == {"a": 10, "b": 10}
             assert result.by_backend() == {"a": 10, "b": 10}
@@ -112,7 +112,7 @@ def test_round_robin_counts_and_health_checks():
 
 
 def test_balancer_without_backends_answers_503():
-    with infra.RoundRobinBalancer({"dead": free_port()}) as lb:
+    with infra.LoadBalancer({"dead": free_port()}) as lb:
         status, _, _ = web.get(lb.port, "/health")
     assert status == 503 and lb.unavailable == 1 and lb.rerouted == 1
 
@@ -125,15 +125,25 @@ def test_next_healthy(healthy, previous, expected):
     assert infra.next_healthy(healthy, previous) == expected
 
 
-def test_horizontal_vs_vertical_serves_everything_and_splits_evenly():
-    df = infra.horizontal_vs_vertical("/cpu?n=2000", requests=20, concurrency=4)
-    assert list(df.served) == [20, 20] and df.per_backend[1] == "a: 10 / b: 10"
-    assert web.running_servers() == 0
+def test_balancer_asks_the_choice_it_was_given():
+    calls = []
+
+    def always_first(healthy, previous):
+        calls.append((list(healthy), previous))
+        return 0
+
+    with infra.serve() as a, infra.serve() as b:
+        with infra.LoadBalancer({"a": a.port, "b": b.port}, choose=always_first) as lb:
+            result = http_load(lb.port, "/health", requests=6, concurrency=2)
+    assert result.ok == 6 and lb.served == {"a": 6}
+    assert calls[0] == ([True, True], -1) and all(previous in (-1, 0) for _, previous in calls)
 
 
-def test_failover_phases_are_deterministic():
-    df = infra.failover(requests=10, concurrency=4)
-    assert df[["served", "to_a", "to_b", "rerouted"]].values.tolist() == [
-        [10, 5, 5, 0], [10, 10, 0, 1], [10, 10, 0, 0]]
-    assert df.health.tolist()[-1] == "a: up, b: down"
-    assert web.running_servers() == 0
+def test_simulated_server_counts_requests_and_states_its_bound():
+    result = infra.simulate_server(workers=2, threads=3, io_fraction=0.5, request_ms=10, cores=2,
+                                   seconds=0.2)
+    assert result["served"] > 0 and result["throughput_per_s"] == result["served"] / 0.2
+    assert result["model_per_s"] == min(2 * 3 / 0.010, 2 / 0.005)
+    assert infra.simulate_server(workers=1, threads=1, io_fraction=1.0, seconds=0.05)["model_per_s"] == 100
+    with pytest.raises(ValueError):
+        infra.simulate_server(workers=0, threads=1, io_fraction=0.5)

@@ -1,5 +1,9 @@
-"""Chapter 06, background jobs: RQ queues on the course's Redis, real worker processes, retries,
-hooks, scheduling, failures, idempotency and the latency gained by offloading.
+"""Chapter 06, background jobs: the harness of the lesson (private queues, real worker processes,
+waiting with deadlines) and the job functions the workers run.
+
+The experiments themselves (which queues a job goes to, how many workers drain a batch, a request
+handler that enqueues instead of doing) are written in the notebook's cells; only what a worker
+must import by name, and the plumbing around processes, lives here.
 
 Everything a chapter run creates is private to it. :class:`JobRun` names its queues
 ``ch06-<run>-<name>`` (RQ stores them under ``rq:queue:ch06-<run>-<name>``), gives its workers
@@ -7,8 +11,9 @@ names starting with ``ch06-<run>``, and writes the jobs' own side effects under 
 :meth:`JobRun.cleanup` deletes all of it (queues, registries, jobs, results, keys).
 
 Workers are real processes: ``python -m rq.cli worker`` started by :meth:`JobRun.start_worker`,
-in burst mode (they exit once the queues are empty) unless a scheduler must keep running, and
-always waited for with a deadline and terminated in a ``finally`` block. The job functions below
+in burst mode (they exit once the queues are empty) unless they must keep running (a scheduler,
+the workers a notebook keeps for its slider), and always waited for with a deadline or stopped by
+:meth:`JobRun.stop_workers` / :meth:`JobRun.cleanup`. The job functions below
 live in this module because a worker imports a job's function by its dotted name
 (``perfcourse.chapters.background_jobs.record``): a function defined in a notebook cell cannot be run by a worker.
 
@@ -28,16 +33,12 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import redis
 from rq import Queue, SimpleWorker, Worker, get_current_job
 from rq.job import Job, JobStatus
 
 from .. import services
-
-if TYPE_CHECKING:  # pandas is imported lazily: work horses import this module, keep it light
-    import pandas as pd
 
 NAMESPACE = "ch06"
 #: The priority queues of the chapter, most urgent first: the order a worker listens in.
@@ -153,34 +154,7 @@ def log_failure(job: Job, connection: redis.Redis, exc_type, exc_value, tracebac
 
 
 # --------------------------------------------------------------------------------------------
-# A request handler, inline or offloaded
-
-
-def handle_signup(outbox_key: str, user_id: int, email_s: float,
-                  queue: Queue | None = None) -> dict:
-    """A signup request: create the account (here: a dict), then send the welcome mail.
-
-    Without ``queue`` the mail is sent inline: the response waits for it. With a queue it is
-    enqueued (one Redis round trip) and a worker sends it later.
-    """
-    account = {"user_id": user_id, "status": "created"}
-    if queue is None:
-        send_email(outbox_key, user_id, email_s)
-    else:
-        queue.enqueue(send_email, outbox_key, user_id, email_s)
-    return account
-
-
-# --------------------------------------------------------------------------------------------
 # Backoff
-
-
-def backoff_delays(retries: int, base_s: int = 1, factor: int = 2, cap_s: int = 3600) -> list[int]:
-    """Exponential backoff: ``base * factor**k`` seconds for retry k (0-based), capped.
-
-    RQ's :class:`rq.Retry` takes whole seconds (``Retry(max=3, interval=[1, 2, 4])``).
-    """
-    return [min(cap_s, base_s * factor**k) for k in range(retries)]
 
 
 def backoff_with_jitter(attempt: int, rng: random.Random, base_s: float = 1.0,
@@ -326,9 +300,31 @@ class JobRun:
         self.wait_workers(workers, timeout_s)
         return time.perf_counter() - start
 
+    def wait_registered(self, queue: Queue, count: int, timeout_s: float = 30.0) -> None:
+        """Wait until ``count`` workers listen to ``queue`` (started and registered in Redis), so a
+        measurement that follows does not include their start-up. Raises :class:`JobTimeout`
+        with the log of a worker that died instead."""
+        deadline = time.perf_counter() + timeout_s
+        while Worker.count(connection=self.connection, queue=queue) < count:
+            dead = [w for w in self.workers if w.process.poll() is not None
+                    and w.process.returncode not in (0, None)]
+            if dead:
+                raise JobTimeout(f"worker {dead[0].name} exited with {dead[0].process.returncode}:\n"
+                                 f"{dead[0].log()[-2000:]}")
+            if time.perf_counter() > deadline:
+                raise JobTimeout(f"{count} workers did not register on {queue.name} within "
+                                 f"{timeout_s:g} s")
+            time.sleep(0.02)
+
+    def logged(self, name: str) -> list[str]:
+        """The list the jobs wrote under :meth:`key` ``(name)``, as text."""
+        return _text(self.connection.lrange(self.key(name), 0, -1))
+
     def stop_workers(self) -> int:
         """Stop every worker of the run still running; how many were running."""
         running = [w for w in self.workers if w.process.poll() is None]
+        for worker in running:  # signal them all first: they shut down side by side
+            worker.process.terminate()
         for worker in running:
             worker.stop()
         return len(running)
@@ -348,13 +344,15 @@ class JobRun:
                              queue.scheduled_job_registry, queue.canceled_job_registry):
                 job_ids.update(registry.get_job_ids(cleanup=False))
             client.srem("rq:queues", queue.key)
-        patterns = [f"rq:*{self.prefix}*", f"{NAMESPACE}:{self.run_id}:*"]
-        patterns += [f"rq:*{job_id}*" for job_id in job_ids]
+        # One pass over RQ's keys (not one SCAN per job): a key belongs to the run when it names
+        # the run's prefix or one of its jobs (rq:job:<id>, rq:results:<id>, ...).
+        keys = [key for key in client.scan_iter(match="rq:*", count=1000)
+                if self.prefix in key.decode(errors="replace")
+                or job_ids.intersection(key.decode(errors="replace").split(":"))]
+        keys += list(client.scan_iter(match=f"{NAMESPACE}:{self.run_id}:*", count=1000))
         deleted = 0
-        for pattern in patterns:
-            keys = list(client.scan_iter(match=pattern, count=1000))
-            for start in range(0, len(keys), 500):
-                deleted += client.delete(*keys[start:start + 500])
+        for start in range(0, len(keys), 500):
+            deleted += client.delete(*keys[start:start + 500])
         for member in client.smembers("rq:workers"):
             if self.prefix in member.decode(errors="replace"):
                 client.srem("rq:workers", member)
@@ -394,133 +392,7 @@ def wait_for(jobs: Sequence[Job], timeout_s: float = 20.0, poll_s: float = 0.05)
 
 
 # --------------------------------------------------------------------------------------------
-# Experiments
-
-
-def priority_order(run: JobRun, jobs_per_queue: int = 3) -> tuple[list[str], list[str]]:
-    """Enqueue jobs round-robin on low, default and high; one burst worker listening to
-    high, default, low. Returns (enqueue order, execution order as logged by the jobs)."""
-    queues = run.queues(PRIORITIES)
-    log_key = run.key("priority-log")
-    enqueued = []
-    for i in range(1, jobs_per_queue + 1):
-        for name in reversed(PRIORITIES):
-            label = f"{name}-{i}"
-            queues[name].enqueue(record, log_key, label)
-            enqueued.append(label)
-    run.run_workers(1, PRIORITIES)
-    return enqueued, _text(run.connection.lrange(log_key, 0, -1))
-
-
-def workers_vs_time(run: JobRun, worker_counts: Sequence[int], jobs: int,
-                    seconds: float, timeout_s: float = 30.0) -> pd.DataFrame:
-    """For each worker count: that many workers on a fresh queue, started and registered
-    first (their start-up is not timed); then ``jobs`` I/O-bound jobs of ``seconds`` each are
-    enqueued and timed until the last one finished. One row per case: jobs done, wall time,
-    the ideal time (``ceil(jobs / workers) * seconds``) and how many processes ran the jobs."""
-    import pandas as pd  # noqa: PLC0415 - RQ work horses import this module: keep it light
-
-    rows = []
-    for count in worker_counts:
-        name = f"io-{count}"
-        queue = run.queue(name)
-        log_key = run.key(f"io-{count}")
-        workers = [run.start_worker([name], burst=False) for _ in range(count)]
-        try:
-            _wait_registered(run, queue, count, timeout_s)
-            start = time.perf_counter()
-            enqueued = [queue.enqueue(io_task, log_key, seconds) for _ in range(jobs)]
-            wait_for(enqueued, timeout_s=timeout_s)
-            wall_s = time.perf_counter() - start
-        finally:
-            for worker in workers:
-                worker.stop()
-        rows.append({"workers": count, "jobs": jobs, "finished": queue.finished_job_registry.count,
-                     "wall_s": wall_s, "ideal_s": -(-jobs // count) * seconds})
-    return pd.DataFrame(rows)
-
-
-def _wait_registered(run: JobRun, queue: Queue, count: int, timeout_s: float) -> None:
-    deadline = time.perf_counter() + timeout_s
-    while Worker.count(connection=run.connection, queue=queue) < count:
-        dead = [w for w in run.workers if w.process.poll() is not None
-                and w.process.returncode not in (0, None)]
-        if dead:
-            raise JobTimeout(f"worker {dead[0].name} exited with {dead[0].process.returncode}:\n"
-                             f"{dead[0].log()[-2000:]}")
-        if time.perf_counter() > deadline:
-            raise JobTimeout(f"{count} workers did not register on {queue.name} within "
-                             f"{timeout_s:g} s")
-        time.sleep(0.02)
-
-
-def offload_latency(run: JobRun, requests: int, email_s: float) -> pd.DataFrame:
-    """Serve ``requests`` signups with the mail sent inline, then enqueued; a burst worker
-    sends the queued mails afterwards. One row per case: per-request time and mails sent."""
-    import pandas as pd  # noqa: PLC0415 - RQ work horses import this module: keep it light
-
-    rows = []
-    for case in ("inline", "enqueued"):
-        outbox = run.key(f"outbox-{case}")
-        queue = run.queue("mail") if case == "enqueued" else None
-        samples = []
-        for user_id in range(1, requests + 1):
-            start = time.perf_counter()
-            handle_signup(outbox, user_id, email_s, queue)
-            samples.append(time.perf_counter() - start)
-        sent_at_response = run.connection.llen(outbox)
-        if queue is not None:
-            run.run_workers(1, ["mail"])
-        rows.append({"case": case, "requests": requests,
-                     "median_s": sorted(samples)[len(samples) // 2], "total_s": sum(samples),
-                     "mails_at_response": sent_at_response,
-                     "mails_sent": run.connection.llen(outbox)})
-    return pd.DataFrame(rows)
-
-
-def duplicate_charges(run: JobRun, orders: Sequence[tuple[int, int]],
-                      deliveries: int = 2) -> pd.DataFrame:
-    """Deliver each charge job ``deliveries`` times (a retry after a lost acknowledgement),
-    without and with an idempotency key; count the charges a burst worker made."""
-    import pandas as pd  # noqa: PLC0415 - RQ work horses import this module: keep it light
-
-    queue = run.queue("payments")
-    plain, once = run.key("ledger-plain"), run.key("ledger-once")
-    jobs = []
-    for _ in range(deliveries):
-        for order_id, cents in orders:
-            jobs.append(queue.enqueue(charge_order, plain, order_id, cents))
-            jobs.append(queue.enqueue(charge_order_once, once, order_id, cents,
-                                      f"charge-order-{order_id}"))
-    run.run_workers(1, ["payments"])
-    wait_for(jobs, timeout_s=10)
-    rows = []
-    for case, ledger in (("no key", plain), ("SET NX idempotency key", once)):
-        entries = _text(run.connection.lrange(ledger, 0, -1))
-        per_order = [sum(e.startswith(f"{o}:") for e in entries) for o, _ in orders]
-        rows.append({"case": case, "orders": len(orders), "jobs_run": len(orders) * deliveries,
-                     "charges": len(entries),
-                     "orders_charged_twice": sum(1 for n in per_order if n > 1)})
-    return pd.DataFrame(rows)
-
-
-def fork_or_not(run: JobRun, jobs: int = 3) -> pd.DataFrame:
-    """Run ``jobs`` jobs under a forking worker and under a SimpleWorker; count the distinct
-    processes the jobs ran in."""
-    import pandas as pd  # noqa: PLC0415 - RQ work horses import this module: keep it light
-
-    rows = []
-    for case, simple in (("Worker (fork per job)", False), ("SimpleWorker", True)):
-        name = "fork" if not simple else "simple"
-        queue, log_key = run.queue(name), run.key(f"pids-{name}")
-        for _ in range(jobs):
-            queue.enqueue(whoami, log_key)
-        worker = run.start_worker([name], burst=True, simple=simple)
-        run.wait_workers([worker])
-        pids = set(_text(run.connection.lrange(log_key, 0, -1)))
-        rows.append({"worker": case, "jobs": jobs, "processes": len(pids),
-                     "job_in_worker_process": str(worker.process.pid) in pids})
-    return pd.DataFrame(rows)
+# Monitoring
 
 
 def registry_counts(queue: Queue) -> dict[str, int]:
@@ -539,9 +411,7 @@ def delays_between(timestamps: Sequence[str | bytes]) -> list[float]:
 
 __all__ = [
     "NAMESPACE", "PRIORITIES", "CourseSimpleWorker", "CourseWorker", "JobRun", "JobTimeout",
-    "WorkerProcess", "backoff_delays", "backoff_with_jitter", "charge_order",
-    "charge_order_once", "declined", "delays_between", "duplicate_charges", "flaky", "fork_or_not",
-    "handle_signup", "io_task", "log_failure", "log_success", "offload_latency", "priority_order",
-    "process_task", "record", "registry_counts", "send_email", "wait_for", "whoami",
-    "workers_vs_time",
+    "WorkerProcess", "backoff_with_jitter", "charge_order", "charge_order_once", "declined",
+    "delays_between", "flaky", "io_task", "log_failure", "log_success", "process_task", "record",
+    "registry_counts", "send_email", "wait_for", "whoami",
 ]

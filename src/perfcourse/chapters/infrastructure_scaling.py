@@ -7,8 +7,11 @@
   ``X-Worker-Pid``: the process that served it.
 * :func:`serve` - gunicorn serving that app, through the course's app server
   (:func:`perfcourse.web.serve`); load comes from :func:`perfcourse.load.http_load`.
-* :class:`RoundRobinBalancer` - a tiny threaded HTTP reverse proxy in front of several backends,
-  round robin over the healthy ones, with health checks and retry on a dead backend.
+* :class:`LoadBalancer` - a tiny threaded HTTP reverse proxy in front of several backends; a
+  function passed in picks the backend (the lesson writes its round robin in a cell), with
+  health checks and retry on a dead backend.
+* :func:`simulate_server` - a model server (processes x threads, the GIL, cores) run in real time
+  for half a second, for the notebook's slider.
 * :func:`throughput_by_server` - the measurement helper of the notebook: one server per case,
   one load per server, one row per case.
 
@@ -23,7 +26,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -46,13 +49,12 @@ __all__ = [
     "cpu_work",
     "create_app",
     "database_path",
-    "failover",
-    "horizontal_vs_vertical",
     "make_engine",
     "next_healthy",
     "READ_ENGINE",
-    "RoundRobinBalancer",
+    "LoadBalancer",
     "serve",
+    "simulate_server",
     "throughput_by_server",
 ]
 
@@ -188,12 +190,16 @@ def serve(app: str = APP, **settings):
 def throughput_by_server(cases: Sequence[dict], path: str, *, requests: int, concurrency: int):
     """The measurement helper: for each case (settings of :func:`serve` plus a ``case`` label),
     start gunicorn, send the load, stop it. One row per case: settings, requests served,
-    throughput (``throughput_per_s``), median and 95th percentile latency."""
+    throughput (``throughput_per_s``), median and 95th percentile latency.
+
+    Servers preload the app unless a case says ``preload=False``: this app opens nothing at
+    import, so preloading is safe, and a server boots with one import of the course's package
+    (about a second of CPU) instead of one per worker."""
     import pandas as pd  # noqa: PLC0415 - gunicorn workers import this module: keep it light
 
     rows = []
     for case in cases:
-        settings = {k: v for k, v in case.items() if k != "case"}
+        settings = {"preload": True, **{k: v for k, v in case.items() if k != "case"}}
         with serve(**settings) as server:
             result = http_load(server.port, path, requests=requests, concurrency=concurrency)
         rows.append({"case": case.get("case", ""), "worker_class": settings.get("worker_class", "sync"),
@@ -234,11 +240,13 @@ def connection_origins(*, preload: bool, hooks: str = "", workers: int = 2, requ
 
 
 # --------------------------------------------------------------------------------------------
-# A round-robin load balancer
+# A load balancer whose choice is a function
 
 
 def next_healthy(healthy: Sequence[bool], previous: int) -> int:
-    """Index of the first healthy backend after ``previous`` (wrapping around); -1 if none."""
+    """Round robin over the healthy backends: the first healthy index after ``previous``
+    (wrapping around), -1 if none. The default choice of :class:`LoadBalancer`; the lesson writes
+    its own in a cell and passes it in."""
     n = len(healthy)
     for step in range(1, n + 1):
         index = (previous + step) % n
@@ -254,17 +262,24 @@ class Backend:
     healthy: bool = True
 
 
-class RoundRobinBalancer:
-    """A reverse proxy on ``127.0.0.1`` (free port) sending GETs to backends in turn.
+class LoadBalancer:
+    """A reverse proxy on ``127.0.0.1`` (free port) in front of backends; ``choose`` picks one.
 
-    Backends marked unhealthy are skipped. A health check (:meth:`check_health`, what a real
-    balancer runs every few seconds) GETs ``/health`` on each backend and marks it. A request
-    to a backend that does not answer marks it unhealthy and is retried on the next one (counted
-    in ``rerouted``). ``served`` counts requests per backend name. Use as a context manager.
+    ``choose(healthy, previous)`` gets one boolean per backend and the index it chose last
+    (``-1`` at first) and returns the index of the backend for this request, or ``-1`` when none
+    will do (the proxy answers 503); it is called under a lock, one request at a time. The
+    default, :func:`next_healthy`, is round robin over the healthy backends.
+
+    A health check (:meth:`check_health`, what a real balancer runs every few seconds) GETs
+    ``/health`` on each backend and marks it. A request to a backend that does not answer marks
+    it unhealthy and is retried on the next one (counted in ``rerouted``). ``served`` counts
+    requests per backend name. Use as a context manager.
     """
 
-    def __init__(self, backends: dict[str, int], health_path: str = "/health", timeout_s: float = 10.0):
+    def __init__(self, backends: dict[str, int], choose: Callable[[list[bool], int], int] = next_healthy,
+                 health_path: str = "/health", timeout_s: float = 10.0):
         self.backends = [Backend(name, port) for name, port in backends.items()]
+        self.choose = choose
         self.health_path, self.timeout_s = health_path, timeout_s
         self.served: Counter = Counter()
         self.rerouted = 0
@@ -291,8 +306,8 @@ class RoundRobinBalancer:
 
     def _choose(self) -> Backend | None:
         with self._lock:
-            index = next_healthy([b.healthy for b in self.backends], self._previous)
-            if index < 0:
+            index = self.choose([b.healthy for b in self.backends], self._previous)
+            if index < 0 or not self.backends[index].healthy:
                 return None
             self._previous = index
             return self.backends[index]
@@ -318,7 +333,7 @@ class RoundRobinBalancer:
             self.unavailable += 1
         return 503, [("Content-Type", "text/plain")], b"no healthy backend"
 
-    def start(self) -> RoundRobinBalancer:
+    def start(self) -> LoadBalancer:
         balancer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -351,55 +366,62 @@ class RoundRobinBalancer:
     def running(self) -> bool:
         return self._server is not None
 
-    def __enter__(self) -> RoundRobinBalancer:
+    def __enter__(self) -> LoadBalancer:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
 
-def horizontal_vs_vertical(path: str, *, requests: int, concurrency: int):
-    """The same load on one server with 2 workers (vertical) and on two 1-worker servers behind
-    the round-robin balancer (horizontal). One row per case, with requests per backend."""
-    import pandas as pd  # noqa: PLC0415 - gunicorn workers import this module: keep it light
-
-    rows = []
-    with serve(workers=2) as server:
-        result = http_load(server.port, path, requests=requests, concurrency=concurrency)
-    rows.append({"case": "vertical: 1 server, 2 workers", "servers": 1, "processes": 2,
-                 **result.summary(), "per_backend": "-"})
-    with serve() as a, serve() as b, RoundRobinBalancer({"a": a.port, "b": b.port}) as lb:
-        result = http_load(lb.port, path, requests=requests, concurrency=concurrency)
-        per_backend = " / ".join(f"{name}: {lb.served[name]}" for name in ("a", "b"))
-    rows.append({"case": "horizontal: 2 servers, balanced", "servers": 2, "processes": 2,
-                 **result.summary(), "per_backend": per_backend})
-    return pd.DataFrame(rows)
-
-
-def failover(path: str = "/health", *, requests: int = 20, concurrency: int = 4):
-    """Two backends behind the balancer; backend b is stopped halfway. Phases, one row each:
-    both up (concurrent), b stopped without a health check yet (sequential), after a health
-    check (concurrent). Requests per backend and rerouted requests are counted per phase and
-    are deterministic."""
-    import pandas as pd  # noqa: PLC0415 - gunicorn workers import this module: keep it light
-
-    rows = []
-    with serve() as a, serve() as b, RoundRobinBalancer({"a": a.port, "b": b.port}) as lb:
-        def phase(name, conc):
-            before, rerouted = Counter(lb.served), lb.rerouted
-            result = http_load(lb.port, path, requests=requests, concurrency=conc)
-            served = lb.served - before
-            rows.append({"phase": name, "requests": requests, "served": result.ok,
-                         "to_a": served["a"], "to_b": served["b"], "rerouted": lb.rerouted - rerouted,
-                         "health": ", ".join(f"{k}: {'up' if v else 'down'}" for k, v in lb.health().items())})
-
-        phase("both backends up", concurrency)
-        b.stop()
-        phase("b stopped, before any health check", 1)
-        lb.check_health()
-        phase("after the health check", concurrency)
-    return pd.DataFrame(rows)
-
-
 # --------------------------------------------------------------------------------------------
-# Sizing
+# Sizing: a server simulated in real time, fast enough for a slider
+
+
+def simulate_server(*, workers: int, threads: int, io_fraction: float, request_ms: float = 10.0,
+                    cores: int | None = None, seconds: float = 0.5) -> dict:
+    """Requests per second of a model server of ``workers`` processes x ``threads`` threads,
+    run in real time for ``seconds`` with threads of this process (a gunicorn takes a second or
+    more to start: too slow to re-run on every move of a slider).
+
+    Every thread serves requests back to back (there is always a request waiting). A request
+    computes for ``(1 - io_fraction) * request_ms`` while holding its process's interpreter lock
+    (one thread per process computes at a time: the GIL) and one of ``cores`` cores, then waits
+    ``io_fraction * request_ms`` holding neither (a query, an API call). Computing is simulated
+    with ``sleep``, so the model costs this kernel little CPU. Returns the requests completed
+    within the window per second (``throughput_per_s``) and the bound the model predicts
+    (``model_per_s``): ``min(workers * threads / request, min(workers, cores) / cpu_part)``.
+    """
+    if workers < 1 or threads < 1 or not 0.0 <= io_fraction <= 1.0:
+        raise ValueError("workers and threads must be at least 1, io_fraction between 0 and 1")
+    cores = cores or os.cpu_count() or 1
+    cpu_s = (1.0 - io_fraction) * request_ms / 1000
+    wait_s = io_fraction * request_ms / 1000
+    core_slots = threading.Semaphore(cores)
+    interpreter_locks = [threading.Lock() for _ in range(workers)]
+    completed = [0] * (workers * threads)  # one slot per thread: no shared counter to race on
+    deadline = time.perf_counter() + seconds
+
+    def serve_requests(process: int, slot: int) -> None:
+        done = 0
+        while time.perf_counter() < deadline:
+            if cpu_s > 0:
+                with interpreter_locks[process], core_slots:
+                    time.sleep(cpu_s)
+            if wait_s > 0:
+                time.sleep(wait_s)
+            done += time.perf_counter() <= deadline
+        completed[slot] = done
+
+    pool = [threading.Thread(target=serve_requests, args=(slot // threads, slot), daemon=True)
+            for slot in range(workers * threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(seconds + 5)
+    request_s = request_ms / 1000
+    bounds = [workers * threads / request_s]
+    if cpu_s > 0:
+        bounds.append(min(workers, cores) / cpu_s)
+    return {"workers": workers, "threads": threads, "io_fraction": io_fraction, "cores": cores,
+            "served": sum(completed), "throughput_per_s": sum(completed) / seconds,
+            "model_per_s": min(bounds)}
