@@ -18,7 +18,7 @@ CONFIGURED_DATABASE_URL ?= postgresql://127.0.0.1:5432/test
 CONFIGURED_REDIS_URL    ?= redis://127.0.0.1:6379/0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lab lint test test-quick test-package test-notebooks test-grading test-configured bench \
+.PHONY: help setup lab lint test test-quick test-package e2e test-notebooks test-grading test-configured bench \
         assign outputs grade doctor services-down clean lock
 
 help: ## list the targets
@@ -48,7 +48,7 @@ lint: $(STAMP) ## style (ruff over the package, tests and notebooks) and the pac
 	$(BIN)/ruff check src tests solutions notebooks labs
 	$(BIN)/lint-imports --no-cache
 
-test: setup lint test-package test-notebooks test-grading ## set up, then lint and the whole suite
+test: setup lint test-package test-notebooks test-grading e2e ## set up, then lint and the whole suite
 	@echo "make test: all suites passed"
 
 test-quick: $(STAMP) ## maintainers' quick tier: fast package tests on SQLite and chapter 00's master (~3 min)
@@ -57,7 +57,10 @@ test-quick: $(STAMP) ## maintainers' quick tier: fast package tests on SQLite an
 	$(BIN)/python -m pytest --nbval $(NBVAL) solutions/00-setup-and-dataset.ipynb -q
 
 test-package: $(STAMP) ## package tests (both backends, embedded and configured servers)
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --ignore=tests/e2e
+
+e2e: $(STAMP) ## JupyterLab in a real browser (Debian's chromium): Run All, figures, widgets, checks
+	$(BIN)/python -m pytest tests/e2e -q
 
 test-notebooks: $(STAMP) ## strict nbval on every master notebook; learner notebooks up to date
 	$(BIN)/perfcourse assign --check
