@@ -144,3 +144,13 @@ def test_lab_command_serves_jupyterlab_behind_a_token(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_readme_maps_the_guide_as_chapter_00_does():
+    import nbformat
+
+    cells = nbformat.read(str(ROOT / "solutions" / "00-setup-and-dataset.ipynb"), as_version=4).cells
+    section = next(c.source for c in cells if c.source.startswith("## From the guide's names to ours"))
+    table = [line for line in section.splitlines() if line.startswith("|")]
+    readme = (ROOT / "README.md").read_text().splitlines()
+    assert len(table) > 10 and all(line in readme for line in table)
