@@ -15,7 +15,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from perfcourse.proxy import LatencyProxy, postgres_via_proxy, redis_via_proxy
+from perfcourse.proxy import LatencyProxy, measure_round_trip, postgres_via_proxy, redis_via_proxy
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -201,6 +201,21 @@ def test_postgres_proxy_keeps_the_namespace(postgres_engine):
     # the table landed in the test's own schema, seen by the direct engine
     with postgres_engine.connect() as conn:
         assert conn.execute(sa.text("select x from proxied")).scalar_one() == 42
+
+
+def test_measured_round_trip_is_never_below_the_delay(postgres_engine):
+    """The calibration a notebook labels its curves with: at least the delay, and a delay
+    added on top of the direct round trip (a lower bound only: no upper bound on wall time)."""
+    direct = measure_round_trip(postgres_engine, samples=20)
+    engine, proxy = postgres_via_proxy(delay_s=0.003, source=postgres_engine)
+    with proxy:
+        before = proxy.round_trips
+        proxied = measure_round_trip(engine, samples=20)
+        assert proxy.round_trips - before >= 20  # one delayed round trip per SELECT 1
+    assert direct > 0
+    assert proxied >= 0.003
+    with pytest.raises(ValueError, match="at least 1"):
+        measure_round_trip(postgres_engine, samples=0)
 
 
 def test_redis_through_the_proxy(redis_client):

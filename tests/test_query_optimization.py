@@ -9,17 +9,19 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import matplotlib.pyplot as plt
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import select
-from sqlalchemy.exc import InvalidRequestError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload, selectinload
 
 from perfcourse import db
 from perfcourse.chapters import query_optimization as queries
 from perfcourse.explain import explain
+from perfcourse.models import User
 from perfcourse.scratch import scratch_copy
 from perfcourse.statements import count_queries
+from perfcourse.timing import Benchmark
 
 
 @pytest.fixture
@@ -53,43 +55,64 @@ def _schema(engine) -> dict:
     return {"tables": shape, "rows": row_counts(engine)}
 
 
-@pytest.mark.parametrize("strategy,expected", [
-    ("lazy", 21), ("selectinload", 2), ("subqueryload", 2), ("joinedload", 1),
-    ("immediateload", 21),
-])
-def test_strategies_issue_the_textbook_number_of_queries(seeded, strategy, expected):
-    with Session(seeded) as session, count_queries(seeded) as counted:
-        page = queries.order_counts_page(session, 20, strategy)
-    assert counted.count == expected
-    with Session(seeded) as session:
-        assert page == queries.order_counts_page(session, 20, "lazy")
-    assert sum(orders for _, orders in page) > 20  # users with orders: the loads did something
+def _page(users):
+    return [(user.id, len(user.orders)) for user in users]
 
 
-def test_raiseload_guards_against_lazy_loads(tiny):
-    with Session(tiny) as session:
-        with pytest.raises(InvalidRequestError):
-            queries.order_counts_page(session, 5, "raiseload")
+def _loader_cases(*options) -> Benchmark:
+    """A small version of the notebook's cases: lazy, then one case per loader option."""
+    bench = Benchmark(repeat=1, warmup=0)
+
+    def make(option):
+        def case(engine, n):
+            statement = select(User).order_by(User.id).limit(n)
+            if option is not None:
+                statement = statement.options(option(User.orders))
+            with Session(engine) as session:
+                return _page(session.scalars(statement).unique().all())
+
+        case.__name__ = option.__name__ if option else "lazy"
+        return case
+
+    for option in (None, *options):
+        bench.add(option.__name__ if option else "lazy", make(option))
+    return bench
 
 
-def test_unknown_strategy_names_the_valid_ones():
-    with pytest.raises(ValueError, match="selectinload"):
-        queries.loader_option("eager")
+def test_profile_cases_counts_queries_rows_and_values(seeded):
+    bench = _loader_cases(selectinload, joinedload)
+    df = queries.profile_cases(bench, seeded, n=20)
+    assert list(df.index) == ["lazy", "selectinload", "joinedload"]
+    assert list(df.case) == ["lazy", "selectinload", "joinedload"]
+    assert df.queries.tolist() == [21, 2, 1]
+    assert df.loc["joinedload", "values"] > df.loc["selectinload", "values"]  # user columns repeated
+    assert df.loc["lazy", "rows"] == df.loc["selectinload", "rows"]
+    assert (df.peak_bytes > 0).all() and (df.median_s > 0).all() and df.ratio.min() == 1.0
 
 
-def test_joinedload_repeats_parent_rows(seeded):
-    df = queries.compare_loaders(seeded, 30, ("selectinload", "joinedload"), repeat=1,
-                                 memory=False)
-    select_in, joined = df.set_index("strategy").loc[["selectinload", "joinedload"]].itertuples()
-    assert joined.values > select_in.values  # user columns sent once per order
-    assert joined.queries == 1 and select_in.queries == 2
+def test_profile_cases_refuses_cases_that_render_another_page(tiny):
+    bench = _loader_cases(selectinload)
+    bench.add("wrong", lambda engine, n: [])
+    with pytest.raises(AssertionError, match="wrong"):
+        queries.profile_cases(bench, tiny, n=5, memory=False)
 
 
 def test_grid_shape_and_caps(seeded):
-    df = queries.nplus1_grid({"a": seeded}, [1, 10, 50], max_n={"a": 10})
+    df = queries.nplus1_grid(_loader_cases(selectinload), {"a": seeded}, [1, 10, 50],
+                             max_n={"a": 10})
     assert sorted(df.n.unique()) == [1, 10]
-    assert set(df.strategy) == {"lazy", "selectinload"}
-    assert df[(df.n == 10) & (df.strategy == "lazy")].queries.item() == 11
+    assert set(df.case) == {"lazy", "selectinload"}
+    assert df[(df.n == 10) & (df.case == "lazy")].queries.item() == 11
+    assert df[(df.n == 10) & (df.case == "selectinload")].queries.item() == 2
+
+
+def test_model_plot_draws_three_lines_per_target(tiny):
+    df = queries.nplus1_grid(_loader_cases(selectinload), {"a": tiny, "b": tiny}, [1, 5])
+    df["model_s"] = df.median_s
+    ax = queries.plot_nplus1_model(df, lazy="lazy", eager="selectinload")
+    assert len(ax.lines) == 3 * 2
+    assert ax.get_ylabel() == "time per page (ms)"
+    plt.close(ax.figure)
 
 
 def test_counter_cache_events_and_reset(seeded_scratch):

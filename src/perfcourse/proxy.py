@@ -7,6 +7,7 @@ PostgreSQL or Redis and the N+1 problem, chatty caches and pipelining show their
 >>> engine, proxy = postgres_via_proxy(delay_s=0.001)     # PostgreSQL "1 ms away"
 >>> with count_queries(engine) as q: ...
 >>> proxy.delay_s = 0.005                                  # change it live (a slider)
+>>> measure_round_trip(engine)                             # what a round trip really costs
 >>> proxy.stop()                                           # disposes the engine's pool too
 
 What the delay models, precisely: every chunk of bytes the client sends is held for ``delay_s``
@@ -17,6 +18,11 @@ kept), so requests sent back to back (pipelining, ``executemany`` batches) overl
 as on a real link: latency is added, bandwidth is not limited. Connection set-up messages
 (PostgreSQL's startup and authentication, TLS negotiation) are delayed like any other.
 
+The delay asked for is a lower bound, not what a query pays: the proxy's own forwarding (a
+Python thread, two more socket hops) and the scheduler's wake-up add to it, more on a loaded
+machine. Measure what a setting really costs with :func:`measure_round_trip` and use that
+figure in models and labels.
+
 The proxy runs in a background thread with its own ``selectors`` loop: it works inside Jupyter,
 whose event loop it never touches. It listens on 127.0.0.1 only, on a port the OS picks.
 """
@@ -26,6 +32,7 @@ from __future__ import annotations
 import collections
 import selectors
 import socket
+import statistics
 import threading
 import time
 from typing import Any
@@ -38,7 +45,7 @@ from sqlalchemy.engine import Engine
 from . import db, services
 from .units import format_duration
 
-__all__ = ["LatencyProxy", "postgres_via_proxy", "redis_via_proxy"]
+__all__ = ["LatencyProxy", "measure_round_trip", "postgres_via_proxy", "redis_via_proxy"]
 
 _CHUNK = 64 * 1024
 #: Stop reading from a side while this many bytes wait to be forwarded from it (backpressure).
@@ -391,6 +398,27 @@ class LatencyProxy:
             except (KeyError, ValueError):
                 pass
             sock.close()
+
+
+def measure_round_trip(engine: Engine, samples: int = 200, *,
+                       statement: str = "SELECT 1") -> float:
+    """Median seconds of one ``SELECT 1`` on ``engine``: what every query pays at least.
+
+    Runs ``statement`` ``samples`` times on one connection (after one untimed run that connects
+    and warms up) through the driver, without the ORM: the round trip to the server plus the
+    driver's own work. Behind a :class:`LatencyProxy` it is the delay asked for plus the proxy's
+    forwarding, which is what a model of N+1 must use.
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, not {samples!r}.")
+    times = []
+    with engine.connect() as conn:
+        conn.exec_driver_sql(statement).scalar()
+        for _ in range(samples):
+            start = time.perf_counter()
+            conn.exec_driver_sql(statement).scalar()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,12 @@
 """Chapter 02, query optimisation: the experiments the notebook runs and the grader reuses.
 
 N+1 and loader strategies
-    :func:`load_users_with_orders` loads the first ``n`` users with one of the loader strategies
-    (``lazy``, ``selectinload``, ``subqueryload``, ``joinedload``, ``immediateload``,
-    ``raiseload``); :func:`order_counts_page` is the "page" that touches every user's orders.
-    :func:`measure_strategy` and :func:`compare_loaders` count queries, rows and values
-    transferred, time and Python memory; :func:`nplus1_grid` times lazy against eager over ``n``
-    on several databases (SQLite, PostgreSQL, PostgreSQL behind a :class:`~perfcourse.proxy.
-    LatencyProxy` at several delays).
+    The page and its loaders (lazy, ``selectinload``...) are written in the notebook, one small
+    function per case registered with a :class:`~perfcourse.timing.Benchmark`. This module is
+    their harness: :func:`profile_cases` counts each case's queries, the rows and values sent
+    back (:func:`rows_transferred`), Python memory and time; :func:`nplus1_grid` times the cases
+    over ``n`` on several databases (PostgreSQL behind a :class:`~perfcourse.proxy.LatencyProxy`
+    at several delays); :func:`plot_nplus1_model` draws measurements against a model.
 
 Counter cache
     :func:`add_orders_count_column`, :func:`counter_cache` (ORM events keep ``users.orders_count``
@@ -39,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import sqlalchemy as sa
@@ -47,16 +46,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import (
-    DeclarativeBase,
-    Session,
-    column_property,
-    immediateload,
-    joinedload,
-    raiseload,
-    selectinload,
-    subqueryload,
-)
+from sqlalchemy.orm import DeclarativeBase, Session, column_property
 
 from .. import db
 from ..explain import explain
@@ -64,18 +54,17 @@ from ..memory import track_memory
 from ..models import Order, User
 from ..scratch import drop_indexes, forget_plans
 from ..statements import count_queries
-from ..timing import time_call
+from ..timing import Benchmark, time_call
+
+if TYPE_CHECKING:  # matplotlib is imported by the plot only: the grader needs none of it
+    from matplotlib.axes import Axes
 
 __all__ = [
-    "STRATEGIES",
-    "loader_option",
-    "load_users_with_orders",
-    "order_counts_page",
     "rows_transferred",
     "explain_recorded",
-    "measure_strategy",
-    "compare_loaders",
+    "profile_cases",
     "nplus1_grid",
+    "plot_nplus1_model",
     "add_orders_count_column",
     "counter_cache",
     "reset_orders_count",
@@ -96,64 +85,8 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------------
-# N+1 and loader strategies
+# N+1 and loader strategies: the harness (the cases themselves are written in the notebook)
 # ---------------------------------------------------------------------------------------------
-
-#: The loader strategies the chapter compares, in the order its tables show them.
-STRATEGIES = ("lazy", "selectinload", "subqueryload", "joinedload", "immediateload")
-
-_OPTIONS: dict[str, Callable] = {
-    "selectinload": selectinload,
-    "subqueryload": subqueryload,
-    "joinedload": joinedload,
-    "immediateload": immediateload,
-    "raiseload": raiseload,
-}
-
-
-def loader_option(strategy: str):
-    """The SQLAlchemy loader option for ``User.orders`` under ``strategy`` (None for lazy)."""
-    if strategy == "lazy":
-        return None
-    try:
-        return _OPTIONS[strategy](User.orders)
-    except KeyError:
-        raise ValueError(
-            f"Unknown loader strategy {strategy!r}: use one of {', '.join(('lazy', *_OPTIONS))}."
-        ) from None
-
-
-def users_page(n: int):
-    """``SELECT`` of the first ``n`` users by id: the list page of the experiments."""
-    return select(User).order_by(User.id).limit(n)
-
-
-def load_users_with_orders(session: Session, n: int, strategy: str = "lazy") -> list[User]:
-    """The first ``n`` users, their ``orders`` loaded by ``strategy``.
-
-    ``lazy`` (SQLAlchemy's default, Rails' plain ``User.all``) loads nothing up front: each
-    ``user.orders`` touched later is one more query. ``selectinload`` (Rails ``preload``) adds one
-    ``IN (...)`` query; ``joinedload`` (Rails ``eager_load``) one ``LEFT OUTER JOIN``;
-    ``subqueryload`` re-runs the parent query as a subquery; ``immediateload`` issues the lazy
-    queries at once. ``raiseload`` makes touching ``user.orders`` raise: a guard for tests.
-    """
-    statement = users_page(n)
-    option = loader_option(strategy)
-    if option is not None:
-        statement = statement.options(option)
-    result = session.scalars(statement)
-    if strategy == "joinedload":
-        result = result.unique()  # the join repeats each user once per order
-    return list(result.all())
-
-
-def order_counts_page(session: Session, n: int, strategy: str = "lazy") -> list[tuple[int, int]]:
-    """The page: ``(user id, number of orders)`` for the first ``n`` users.
-
-    Touches every ``user.orders`` like a template would, so lazy loading shows its N+1 queries.
-    """
-    users = load_users_with_orders(session, n, strategy)
-    return [(user.id, len(user.orders)) for user in users]
 
 
 def explain_recorded(engine: Engine, record) -> Any:
@@ -195,99 +128,118 @@ def rows_transferred(engine: Engine, statements: Iterable) -> tuple[int, int]:
     return rows, values
 
 
-def measure_strategy(engine: Engine, strategy: str, n: int, *, repeat: int = 3,
-                     memory: bool = True) -> dict[str, Any]:
-    """One row of the loader comparison: queries, rows, values, time and memory for the page.
+def profile_cases(bench: Benchmark, engine: Engine, *, memory: bool = True,
+                  **kwargs: Any) -> pd.DataFrame:
+    """The loader table: every case of ``bench`` counted, measured and timed on ``engine``.
 
-    Every run uses a fresh session (an identity map from a previous run would hide queries).
-    Memory (Python allocations, :func:`~perfcourse.memory.track_memory`) is measured in a
-    separate, untimed run.
+    Each case is called as ``case(engine=engine, **kwargs)``: once while counting its statements
+    (``queries``) and re-running them to count the ``rows`` and ``values`` (rows x columns) the
+    database sent back (:func:`rows_transferred`), once under
+    :func:`~perfcourse.memory.track_memory` (``peak_bytes``, Python allocations, untimed), then
+    all together by ``bench.run`` (``median_s``, ``ratio``). The cases must return the same
+    result (the same page, however loaded): a case that does not raises ``AssertionError``.
+    One row per case in registration order, indexed by the case's function name.
     """
-
-    def page():
-        with Session(engine) as session:
-            return order_counts_page(session, n, strategy)
-
-    with count_queries(engine) as counted:
-        result = page()
-    rows, values = rows_transferred(engine, counted.statements)
-    timing = time_call(page, repeat=repeat, warmup=1)
-    row = {
-        "strategy": strategy,
-        "n": n,
-        "queries": counted.count,
-        "rows": rows,
-        "values": values,
-        "orders": sum(count for _, count in result),
-        "median_s": timing.median_s,
-    }
-    if memory:
-        with track_memory() as mem:
-            page()
-        row["peak_bytes"] = mem.peak_bytes
-    return row
-
-
-def compare_loaders(engine: Engine, n: int, strategies: Sequence[str] = STRATEGIES, *,
-                    repeat: int = 3, memory: bool = True) -> pd.DataFrame:
-    """One row per strategy (:func:`measure_strategy`), with ``ratio`` to the fastest median."""
-    df = pd.DataFrame([measure_strategy(engine, s, n, repeat=repeat, memory=memory)
-                       for s in strategies])
-    df["ratio"] = df["median_s"] / df["median_s"].min()
+    rows, results = [], {}
+    for case in bench.cases:
+        with count_queries(engine) as counted:
+            results[case.label] = case.fn(engine=engine, **kwargs)
+        row_count, values = rows_transferred(engine, counted.statements)
+        row = {"queries": counted.count, "rows": row_count, "values": values}
+        if memory:
+            with track_memory() as mem:
+                case.fn(engine=engine, **kwargs)
+            row["peak_bytes"] = mem.peak_bytes
+        rows.append(row)
+    first_label, first = next(iter(results.items()))
+    differ = [label for label, result in results.items() if result != first]
+    if differ:
+        raise AssertionError(f"Cases {differ} return another page than {first_label!r}: "
+                             "every case must render the same result.")
+    timings = bench.run(engine=engine, **kwargs)
+    df = pd.concat([timings[["case"]], pd.DataFrame(rows), timings[["median_s", "ratio"]]],
+                   axis=1)
+    df.index = [case.fn.__name__ for case in bench.cases]
     return df
 
 
-def _time_page(engine: Engine, strategy: str, n: int, repeat: int) -> tuple[int, float]:
-    """Queries and median time of the page; the first (counted) run is one of the samples."""
-
-    def page():
-        with Session(engine) as session:
-            return order_counts_page(session, n, strategy)
-
+def _time_case(fn: Callable[..., Any], engine: Engine, n: int,
+               repeat: int) -> tuple[int, float]:
+    """Queries and median time of ``fn(engine=engine, n=n)``; the counted run is a sample."""
     samples = []
     with count_queries(engine) as counted:
         start = time.perf_counter()
-        page()
+        fn(engine=engine, n=n)
         samples.append(time.perf_counter() - start)
     for _ in range(repeat - 1):
         start = time.perf_counter()
-        page()
+        fn(engine=engine, n=n)
         samples.append(time.perf_counter() - start)
     return counted.count, sorted(samples)[len(samples) // 2]
 
 
 def nplus1_grid(
+    bench: Benchmark,
     targets: dict[str, Engine],
     ns: Sequence[int],
-    strategies: Sequence[str] = ("lazy", "selectinload"),
     *,
     repeat: int = 1,
     max_n: dict[str, int] | None = None,
-    delays_s: dict[str, float] | None = None,
 ) -> pd.DataFrame:
-    """Time the page for every target database, ``n`` and strategy: the N+1 headline.
+    """Time every case of ``bench`` for every target database and ``n``: the N+1 headline.
 
-    ``targets`` maps a label ("SQLite", "PostgreSQL + 1 ms") to an engine. ``max_n`` caps ``n``
-    per label (lazy loading 1000 users 5 ms away takes 5 s: keep the grid inside the notebook's
-    budget). Each target is warmed up once (connection, statement cache); each cell is then
-    timed ``repeat`` times (median). ``delays_s`` records each label's added round-trip delay in a ``delay_s`` column.
-    Returns one row per (target, n, strategy): ``target, delay_s, n, strategy, queries,
-    median_s``.
+    Cases are called as ``case(engine=..., n=...)``. ``targets`` maps a label ("PostgreSQL +
+    1 ms") to an engine. ``max_n`` caps ``n`` per label (lazy loading 1000 users 5 ms away
+    takes 5 s: keep the grid inside the notebook's budget). Each target is warmed up once per
+    case (connection, statement cache); each cell is then timed ``repeat`` times (median).
+    Returns one row per (target, n, case): ``target, n, case, queries, median_s``.
     """
     rows = []
     for label, engine in targets.items():
         limit = (max_n or {}).get(label)
-        for strategy in strategies:  # warm-up: connect, compile and cache every statement
-            _time_page(engine, strategy, min(ns), 1)
+        for case in bench.cases:  # warm-up: connect, compile and cache every statement
+            case.fn(engine=engine, n=min(ns))
         for n in ns:
             if limit is not None and n > limit:
                 continue
-            for strategy in strategies:
-                queries, median = _time_page(engine, strategy, n, repeat)
-                rows.append({"target": label, "delay_s": (delays_s or {}).get(label, 0.0),
-                             "n": n, "strategy": strategy, "queries": queries,
+            for case in bench.cases:
+                queries, median = _time_case(case.fn, engine, n, repeat)
+                rows.append({"target": label, "n": n, "case": case.label, "queries": queries,
                              "median_s": median})
     return pd.DataFrame(rows)
+
+
+def plot_nplus1_model(grid: pd.DataFrame, *, lazy: str, eager: str, ax: Axes | None = None,
+                      title: str | None = None) -> Axes:
+    """Time against ``n`` on one axis in one unit (ms), one colour per target: the ``lazy``
+    case measured (dots, solid), its model ``model_s`` (dashed) and the ``eager`` case (squares,
+    dotted). ``grid`` is :func:`nplus1_grid`'s table with a ``model_s`` column; log-log axes."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - see TYPE_CHECKING above
+    from matplotlib.lines import Line2D  # noqa: PLC0415
+
+    from ..plots import COLORS  # noqa: PLC0415
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 5))
+    for color, (target, rows) in zip(COLORS, grid.groupby("target", sort=False)):
+        slow = rows[rows.case == lazy].sort_values("n")
+        fast = rows[rows.case == eager].sort_values("n")
+        ax.plot(slow.n, slow.median_s * 1e3, "o-", color=color, label=target)
+        ax.plot(slow.n, slow.model_s * 1e3, "--", color=color, alpha=0.8)
+        ax.plot(fast.n, fast.median_s * 1e3, "s:", color=color)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("n (users on the page)")
+    ax.set_ylabel("time per page (ms)")
+    targets = ax.legend(title="target (measured round trip)", loc="upper left")
+    ax.add_artist(targets)
+    styles = [Line2D([], [], color="grey", marker="o", linestyle="-", label=f"{lazy}: measured"),
+              Line2D([], [], color="grey", linestyle="--", label=f"{lazy}: model"),
+              Line2D([], [], color="grey", marker="s", linestyle=":", label=f"{eager}: measured")]
+    ax.legend(handles=styles, loc="lower right")
+    if title:
+        ax.set_title(title)
+    return ax
 
 
 # ---------------------------------------------------------------------------------------------

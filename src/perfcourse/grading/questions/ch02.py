@@ -571,22 +571,22 @@ QUESTIONS = [
         title="Optimising database performance (interview question 6)",
         checker=MultiChoice(
             options={
-                "a": "index the columns queries filter, join and sort on",
-                "b": "load every relationship with joinedload, so each page is one query",
-                "c": "eager-load the collections a page touches (selectinload)",
-                "d": "pool connections instead of opening one per request",
-                "e": "rewrite every IN (subquery) as EXISTS, which planners run faster",
-                "f": "send reads to replicas when one server is saturated",
-                "g": "page deep lists with OFFSET, which skips rows without reading them",
+                "a": "load every relationship with joinedload, so each page is one query",
+                "b": "index the columns queries filter, join and sort on",
+                "c": "rewrite every IN (subquery) as EXISTS, which planners run faster",
+                "d": "eager-load the collections a page touches (selectinload)",
+                "e": "pool connections instead of opening one per request",
+                "f": "page deep lists with OFFSET, which skips rows without reading them",
+                "g": "send reads to replicas when one server is saturated",
                 "h": "log slow queries and review their EXPLAIN plans",
             },
-            correct={"a", "c", "d", "f", "h"},
+            correct={"b", "d", "e", "g", "h"},
             explanations={
-                "b": "joinedload repeats every parent row once per child: for collections the "
+                "a": "joinedload repeats every parent row once per child: for collections the "
                 "rows and values sent grow fast (the chapter's table). It suits many-to-one.",
-                "e": "Modern planners turn IN and EXISTS into the same semi-join: the chapter's "
+                "c": "Modern planners turn IN and EXISTS into the same semi-join: the chapter's "
                 "plans show it. Read the plan instead of the folklore (NOT IN is the real trap).",
-                "g": "OFFSET reads and throws away every skipped row: deep pages get slower and "
+                "f": "OFFSET reads and throws away every skipped row: deep pages get slower and "
                 "slower. A keyset (WHERE id > last_seen) seeks the index instead.",
             },
         ),
