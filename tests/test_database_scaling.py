@@ -7,16 +7,22 @@ is always the embedded one (a configured server cannot be given a replica here).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import select
+from sqlalchemy.ext.horizontal_shard import ShardedSession
 
 from perfcourse import db, replicas
 from perfcourse.chapters import database_scaling as scaling
 from perfcourse.models import Base, Order, User
 from perfcourse.seed import seed_dataset
 from perfcourse.statements import count_queries
+from perfcourse.timing import Benchmark
 
 # ------------------------------------------------------------------------------------------
 # Replication
@@ -56,17 +62,57 @@ def test_start_is_idempotent_and_replica_is_read_only(pair, pair_engines):
             "SELECT state FROM pg_stat_replication").scalar() == "streaming"
 
 
-@pytest.mark.parametrize("strategy, read_from, fresh, on_primary, on_replica", [
-    ("replica", "replica", False, 1, 2),
-    ("sticky", "primary", True, 2, 1),
-    ("wait for LSN", "replica", True, 2, 2),
-    ("primary", "primary", True, 2, 1),
-])
-def test_read_after_write(pair_engines, strategy, read_from, fresh, on_primary, on_replica):
+def test_stop_leaves_the_pair_to_another_process_that_uses_it(pair):
+    assert os.getpid() in replicas.pair_users()  # the fixture started (or reused) it
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        replicas._take_lease(pair.folder, other.pid)  # as start_replica_pair() in that process
+        assert replicas.stop_replica_pair() is False  # our lease is given back, theirs holds
+        assert replicas.replica_pair_running()
+        assert other.pid in replicas.pair_users() and os.getpid() not in replicas.pair_users()
+    finally:
+        other.kill()
+        other.wait()
+    assert other.pid not in replicas.pair_users()  # a dead process's lease is pruned
+    replicas.start_replica_pair()  # take our lease again for the module's other tests
+    assert os.getpid() in replicas.pair_users()
+
+
+def test_read_after_write_runs_cases_written_elsewhere(pair_engines):
     primary, replica = pair_engines
-    row = scaling.read_after_write(primary, replica, strategy, 3, f"{strategy[:4]}@x.test")
-    assert (row["read_from"], row["fresh"]) == (read_from, fresh)
-    assert (row["primary_queries"], row["replica_queries"]) == (on_primary, on_replica)
+    cases = Benchmark(repeat=1, warmup=0)
+
+    @cases.case
+    def on_replica(user_id, email):
+        """read the replica"""
+        with scaling.RoutingSession(primary, replica) as session:
+            session.get(User, user_id).email = email
+            session.commit()
+            return session.scalars(select(User.email).where(User.id == user_id)).one()
+
+    @cases.case
+    def on_primary(user_id, email):
+        """read the primary"""
+        with scaling.RoutingSession(primary, replica) as session:
+            session.get(User, user_id).email = email
+            session.commit()
+            return session.scalars(select(User.email).where(User.id == user_id),
+                                   bind_arguments={"bind": primary}).one()
+
+    table = scaling.read_after_write(cases, primary, replica, 3).set_index("case")
+    assert table.fresh.to_dict() == {"read the replica": False, "read the primary": True}
+    assert table.primary_queries.tolist() == [1, 2]
+    assert table.replica_queries.tolist() == [2, 1]
+
+
+def test_sticky_session_reads_the_primary_after_a_write(pair_engines):
+    primary, replica = pair_engines
+    with scaling.StickyRoutingSession(primary, replica, stick_s=5) as session, \
+            count_queries(primary) as on_primary:
+        session.get(User, 4).email = "sticky@x.test"
+        session.commit()
+        assert session.scalars(select(User.email).where(User.id == 4)).one() == "sticky@x.test"
+    assert [s.kind for s in on_primary.statements] == ["UPDATE", "SELECT"]
 
 
 def test_lag_follows_the_apply_delay(pair, pair_engines):
@@ -102,8 +148,12 @@ def test_routing_session_on_two_sqlite_databases(tmp_path):
 
 
 def test_modulo_moves_most_keys_the_ring_few():
-    table = scaling.resharding_table(range(1, 10_001), 4, 5).set_index("scheme")
-    modulo, ring = table.iloc[0], table.iloc[1]
+    schemes = Benchmark()
+    schemes.add("modulo", lambda shards: lambda key: scaling.modulo_shard(key, shards))
+    schemes.add("ring", lambda shards: scaling.HashRing(shards).shard_for)
+    table = scaling.resharding_table(schemes, range(1, 10_001), 4, 5).set_index("case")
+    modulo, ring = table.loc["modulo"], table.loc["ring"]
+    assert modulo.ideal == 2000 and modulo["keys"] == 10_000
     assert modulo.moved == 8000
     assert ring.moved == ring.to_new_shard  # every moved key went to the new shard
     assert 1000 < ring.moved < 3000
@@ -137,7 +187,9 @@ def test_scatter_gather_matches_one_database(shards):
             total += conn.execute(select(sa.func.count()).select_from(User)).scalar()
     assert total == users
     counters = [count_queries(e).start() for e in made.values()]
-    assert scaling.top_customers_sharded(made, 7) == scaling.top_customers(tiny, 7)
+    partial = [row for engine in made.values() for row in scaling.top_customers(engine, 7)]
+    gathered = sorted(partial, key=lambda row: (-row[1], row[0]))[:7]
+    assert gathered == scaling.top_customers(tiny, 7)
     assert [c.count for c in counters] == [1, 1, 1]
     for c in counters:
         c.stop()
@@ -148,7 +200,21 @@ def test_sharded_session_targets_one_shard_by_user(shards):
     names = list(made)
     counters = {n: count_queries(e).start() for n, e in made.items()}
     try:
-        with scaling.sharded_session(made) as session:
+        def route(key):
+            return scaling.modulo_shard(key, names)
+
+        def identity_chooser(mapper, primary_key, *, lazy_loaded_from, **kw):
+            if lazy_loaded_from is not None:
+                return [lazy_loaded_from.identity_token]
+            return [route(primary_key[0])] if mapper.class_ is User else names
+
+        def execute_chooser(context):
+            ids = scaling.user_ids_in(context)
+            return sorted({route(i) for i in ids}) if ids else names
+
+        with ShardedSession(shard_chooser=lambda mapper, instance, clause=None: route(instance.id),
+                            identity_chooser=identity_chooser, execute_chooser=execute_chooser,
+                            shards=made) as session:
             user = session.get(User, 5)
             assert user.id == 5
             session.scalars(select(Order).where(Order.user_id == 5)).all()
@@ -173,12 +239,14 @@ def make_engine(postgres_mode):
 
 
 def test_nullpool_connects_per_checkout(make_engine):
-    table = scaling.checkouts_table(make_engine, checkouts=5).set_index("pool")
+    table = scaling.checkouts_table({"queue": make_engine(),
+                                     "null": make_engine(poolclass=sa.pool.NullPool)},
+                                    checkouts=5).set_index("pool")
     assert table.connects.tolist() == [1, 5]
 
 
 def test_overflow_connection_is_closed_on_return(make_engine):
-    steps = scaling.overflow_steps(make_engine, pool_size=2, max_overflow=1)
+    steps = scaling.overflow_steps(make_engine(pool_size=2, max_overflow=1))
     assert steps.connects.tolist() == [3, 3, 4, 4]
     assert steps.closes.tolist() == [0, 1, 1, 2]
     assert steps.in_pool.tolist() == [0, 2, 0, 2]
@@ -194,19 +262,23 @@ def test_exhausted_pool_times_out(make_engine):
 
 
 def test_pre_ping_recovers_from_a_killed_connection(make_engine):
-    without = scaling.pre_ping_demo(make_engine, pre_ping=False)
-    with_ping = scaling.pre_ping_demo(make_engine, pre_ping=True)
+    without = scaling.pre_ping_demo(make_engine(pool_size=1, max_overflow=0))
+    with_ping = scaling.pre_ping_demo(make_engine(pool_size=1, max_overflow=0,
+                                                  pool_pre_ping=True))
+    assert (without["pre_ping"], with_ping["pre_ping"]) == (False, True)
     assert (without["errors"], without["served"]) == (1, 2)
     assert (with_ping["errors"], with_ping["served"]) == (0, 3)
 
 
 def test_recycle_replaces_old_connections(make_engine):
-    assert scaling.recycle_demo(make_engine, 0.05, 0.1, checkouts=2)["connects"] == 2
-    assert scaling.recycle_demo(make_engine, 3600, 0.0, checkouts=2)["connects"] == 1
+    young = scaling.recycle_demo(make_engine(pool_size=1, pool_recycle=0.05), 0.1, checkouts=2)
+    assert (young["pool_recycle_s"], young["connects"]) == (0.05, 2)
+    assert scaling.recycle_demo(make_engine(pool_recycle=3600), 0.0, checkouts=2)["connects"] == 1
 
 
 def test_pool_throughput_counts(make_engine):
-    table = scaling.pool_throughput(make_engine, [1, 2], workers=2, requests=6, service_s=0.001)
+    table = scaling.pool_throughput([make_engine(pool_size=n, max_overflow=0) for n in (1, 2)],
+                                    workers=2, requests=6, service_s=0.001)
     assert table.connects.tolist() == [1, 2]
     assert table.checkouts.tolist() == [6, 6]
 
@@ -214,12 +286,18 @@ def test_pool_throughput_counts(make_engine):
 def test_fork_dispose(make_engine):
     engine = make_engine()
     try:
-        shared = scaling.fork_demo(engine, dispose=False)
-        own = scaling.fork_demo(engine, dispose=True)
+        shared = scaling.fork_demo(engine)
+
+        def forget(engine):
+            """dispose(close=False)"""
+            engine.dispose(close=False)
+
+        own = scaling.fork_demo(engine, forget)
     finally:
         engine.dispose()
     assert shared["same_connection"] and not own["same_connection"]
     assert own["parent_still_works"]
+    assert (shared["after_fork"], own["after_fork"]) == ("nothing", "dispose(close=False)")
 
 
 # ------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from .locks import file_lock
 
 __all__ = [
     "DEFAULT_APPLY_DELAY_MS",
+    "pair_users",
     "REPLICATION_DIR",
     "ReplicaPair",
     "replica_pair_running",
@@ -228,6 +229,7 @@ def start_replica_pair(apply_delay_ms: int = DEFAULT_APPLY_DELAY_MS) -> ReplicaP
             for leftover in [*replica_dir.glob(".s.PGSQL.*"), replica_dir / "log"]:
                 leftover.unlink(missing_ok=True)
         replica_socket = _start(replica_dir, user)
+        _take_lease(folder)
     pair = ReplicaPair(folder, _url(primary_socket), _url(replica_socket), int(apply_delay_ms))
     _wait_streaming(pair)
     set_apply_delay(pair, apply_delay_ms)
@@ -286,21 +288,67 @@ def replica_pair_running() -> bool:
     return all(_postmaster(folder / name) is not None for name in ("primary", "replica"))
 
 
-def stop_replica_pair(remove: bool = False) -> bool:
-    """Stop the replica, then the primary; return whether anything was running.
+def _leases(folder: Path) -> Path:
+    return folder / "users"
 
-    ``remove=True`` also deletes ``data/replication/`` (the next start rebuilds it).
+
+def _take_lease(folder: Path, pid: int | None = None) -> None:
+    """Record that process ``pid`` (default: this one) uses the pair."""
+    leases = _leases(folder)
+    leases.mkdir(parents=True, exist_ok=True)
+    (leases / str(pid or os.getpid())).touch()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def pair_users(folder: Path | None = None) -> list[int]:
+    """Process ids that started (or reused) the pair and have not stopped it; dead ones pruned."""
+    leases = _leases(folder or replication_dir())
+    alive = []
+    for lease in sorted(leases.glob("*")) if leases.is_dir() else []:
+        pid = int(lease.name) if lease.name.isdigit() else -1
+        if pid > 0 and _pid_alive(pid):
+            alive.append(pid)
+        else:
+            lease.unlink(missing_ok=True)
+    return alive
+
+
+def stop_replica_pair(remove: bool = False) -> bool:
+    """Stop the replica, then the primary; return whether this call stopped anything.
+
+    A process that started the pair (:func:`start_replica_pair`) holds a lease on it; its stop
+    gives the lease back and stops the servers only when no other live process holds one, so a
+    notebook, a grader and a test run that share the pair never stop it under each other.
+    A process without a lease (``perfcourse services down``) or ``remove=True`` stops it
+    whoever uses it. ``remove=True`` also deletes ``data/replication/`` (the next start
+    rebuilds it).
     """
     folder = replication_dir()
     user = _system_user() if folder.exists() else None
     stopped = False
-    for name in ("replica", "primary"):
-        pgdata = folder / name
-        if _alive_pid(pgdata):
-            with contextlib.suppress(BackendUnavailable):
-                _run([_bin("pg_ctl"), "-D", pgdata, "-w", "-t", "30", "-m", "fast", "stop"],
-                     user, timeout=40)
-            stopped = True
+    with file_lock(folder / ".lock"):
+        mine = _leases(folder) / str(os.getpid())
+        had_lease = mine.exists()
+        mine.unlink(missing_ok=True)
+        if had_lease and not remove and pair_users(folder):
+            return False  # someone else still uses it
+        for name in ("replica", "primary"):
+            pgdata = folder / name
+            if _alive_pid(pgdata):
+                with contextlib.suppress(BackendUnavailable):
+                    _run([_bin("pg_ctl"), "-D", pgdata, "-w", "-t", "30", "-m", "fast", "stop"],
+                         user, timeout=40)
+                stopped = True
+        shutil.rmtree(_leases(folder), ignore_errors=True)
     if remove:
         shutil.rmtree(folder, ignore_errors=True)
     return stopped

@@ -6,14 +6,22 @@ Three parts, one per section of the lesson:
   streaming replica (``pg_basebackup -R``), from the binaries the ``pgserver`` package ships,
   under ``data/replication/`` (never the course's main server under ``data/postgres``). The
   replica replays with a ``recovery_min_apply_delay``, so replication lag is visible and
-  reproducible. :class:`RoutingSession` sends writes to the primary and reads to the replica;
-  :class:`StickyRoutingSession`, :func:`wait_for_replay` and friends repair read-your-writes.
-* **Sharding**: :func:`modulo_shard`, :class:`HashRing` (consistent hashing), :func:`keys_moved`,
-  SQLite shards made with :func:`make_shards`, a scatter-gather :func:`top_customers_sharded`,
-  and :func:`sharded_session` built on ``sqlalchemy.ext.horizontal_shard.ShardedSession``.
+  reproducible. :class:`RoutingSession` sends writes to the primary and reads to the replica
+  (the lesson writes the same class in a cell; the lab and the graders use this one);
+  :class:`StickyRoutingSession` is the lab's time-window fix; :func:`read_after_write` runs the
+  lesson's read-your-writes cases and counts statements per engine; :func:`wait_for_replay`
+  and :func:`current_lsn` are the LSN tools.
+* **Sharding**: the lesson writes its routers (modulo, a hash ring) in cells;
+  :func:`resharding_table` and :func:`keys_moved` count the keys they move. :func:`modulo_shard`,
+  :class:`HashRing` and :func:`stable_hash` are the package's own (default router, tests).
+  SQLite shards made with :func:`make_shards`; :func:`top_customers` is one shard's part of the
+  lesson's scatter-gather; :func:`user_ids_in` reads the shard keys of a query for the
+  ``ShardedSession`` choosers the lesson writes.
 * **Pooling**: :class:`PoolEvents` counts what a pool does (connects, checkouts, closes,
-  timeouts); :func:`exhaust_pool`, :func:`pool_throughput`, :func:`pre_ping_demo`,
-  :func:`recycle_demo` and :func:`fork_demo` are the experiments.
+  timeouts); :func:`checkouts_table`, :func:`overflow_steps`, :func:`exhaust_pool`,
+  :func:`pool_throughput`, :func:`pre_ping_demo`, :func:`recycle_demo` and :func:`fork_demo` are
+  the harness of the experiments: each takes engines made in the notebook's cell, with the pool
+  settings written there.
 * **Lab**: :func:`read_your_writes_trial` (stale reads and the replica's share of reads for a
   browsing-and-editing sequence, one session per request, a cookie per user) with
   :func:`replica_has_replayed`, :func:`profile_engines` and :class:`PrimaryOnlySession`;
@@ -38,7 +46,6 @@ from datetime import datetime
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.horizontal_shard import ShardedSession
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter
@@ -48,10 +55,10 @@ from ..load import run_load
 from ..models import Base, Order, User
 from ..replicas import ReplicaPair
 from ..statements import count_queries
+from ..timing import Benchmark, time_call
 
 __all__ = [
     "PROFILE_SCHEMA",
-    "READ_STRATEGIES",
     "SHARD_NAMESPACE",
     "average_total_by_status",
     "average_total_by_status_naive",
@@ -85,12 +92,11 @@ __all__ = [
     "RoutingSession",
     "shard_names",
     "shard_sizes",
-    "sharded_session",
     "stable_hash",
     "StickyRoutingSession",
     "terminate_backend",
     "top_customers",
-    "top_customers_sharded",
+    "user_ids_in",
     "visibility_lag",
     "wait_for_replay",
 ]
@@ -224,45 +230,26 @@ def prepare_replicated_users(primary: Engine, replica: Engine, users: int = 50) 
         return conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
 
 
-def _engine_name(engine: Engine, primary: Engine) -> str:
-    return "primary" if engine is primary else "replica"
+def read_after_write(cases: Benchmark, primary: Engine, replica: Engine,
+                     user_id: int) -> pd.DataFrame:
+    """Run each case of ``cases`` once: it writes a new email for ``user_id`` and reads it back.
 
-
-def read_after_write(primary: Engine, replica: Engine, strategy: str, user_id: int,
-                     email: str) -> dict:
-    """Change one user's email through a session, read it back at once; one table row.
-
-    ``strategy``: ``"replica"`` (plain :class:`RoutingSession`), ``"sticky"``
-    (:class:`StickyRoutingSession`), ``"wait for LSN"`` (commit, take the primary's LSN, wait
-    until the replica has replayed it, then read from the replica) or ``"primary"`` (read the
-    primary explicitly). Returns ``strategy, read_from, primary_queries, replica_queries,
-    fresh, waited_s``: counts per engine come from ``count_queries`` on each.
+    A case is ``fn(user_id, email) -> the email it read``, registered on a
+    :class:`~perfcourse.timing.Benchmark` (its docstring is its label); each gets an email no
+    earlier run wrote. One row per case: ``case, primary_queries, replica_queries`` (statements
+    counted on each engine), ``fresh`` (it read what it wrote) and ``took_s``.
     """
-
-    if strategy not in READ_STRATEGIES:
-        raise ValueError(f"Unknown strategy {strategy!r}: use one of {READ_STRATEGIES}.")
-    session_class = StickyRoutingSession if strategy == "sticky" else RoutingSession
-    waited = 0.0
-    with session_class(primary, replica) as session, \
-            count_queries(primary) as on_primary, count_queries(replica) as on_replica:
-        user = session.get(User, user_id)
-        user.email = email
-        session.commit()
-        read = sa.select(User.email).where(User.id == user_id)
-        if strategy == "wait for LSN":
-            waited = wait_for_replay(replica, current_lsn(primary))
-        before = on_primary.count
-        if strategy == "primary":
-            seen = session.execute(read, bind_arguments={"bind": primary}).scalar_one()
-        else:
-            seen = session.execute(read).scalar_one()
-        read_from = "primary" if on_primary.count > before else "replica"
-    return {"strategy": strategy, "read_from": read_from,
-            "primary_queries": on_primary.count, "replica_queries": on_replica.count,
-            "fresh": seen == email, "waited_s": waited}
-
-
-READ_STRATEGIES = ("replica", "sticky", "wait for LSN", "primary")
+    rows = []
+    for case in cases.cases:
+        email = f"case.{uuid.uuid4().hex[:12]}@example.com"
+        with count_queries(primary) as on_primary, count_queries(replica) as on_replica:
+            started = time.perf_counter()
+            seen = case.fn(user_id=user_id, email=email)
+            took = time.perf_counter() - started
+        rows.append({"case": case.label, "primary_queries": on_primary.count,
+                     "replica_queries": on_replica.count, "fresh": seen == email,
+                     "took_s": took})
+    return pd.DataFrame(rows)
 
 
 def visibility_lag(primary: Engine, replica: Engine, user_id: int = 1, repeat: int = 3,
@@ -357,28 +344,31 @@ def keys_moved(before: Callable[[Hashable], str], after: Callable[[Hashable], st
 
 
 def shard_names(n: int) -> list[str]:
+    """``["shard_0", ..., "shard_<n-1>"]``."""
     return [f"shard_{i}" for i in range(n)]
 
 
-def resharding_table(keys: Iterable[Hashable], n_from: int = 4, n_to: int = 5,
-                     vnodes: int = 100) -> pd.DataFrame:
-    """Keys moved when going from ``n_from`` to ``n_to`` shards, modulo against a hash ring."""
+def resharding_table(schemes: Benchmark, keys: Iterable[Hashable], n_from: int = 4,
+                     n_to: int = 5) -> pd.DataFrame:
+    """Keys moved when going from ``n_from`` to ``n_to`` shards, one row per scheme.
+
+    A scheme is a case of ``schemes`` (a :class:`~perfcourse.timing.Benchmark`, docstring as
+    label): ``fn(shards) -> router``, where ``router(key)`` returns one of the names
+    ``shards``. Columns: ``case, keys, moved, to_new_shard, moved_pct, ideal`` (the keys the
+    new shards must receive anyway) and ``route_s`` (median time to route every key once).
+    """
     keys = list(keys)
     old, new = shard_names(n_from), shard_names(n_to)
-    ring_old = HashRing(old, vnodes)
-    ring_new = ring_old
-    for name in new[n_from:]:
-        ring_new = ring_new.with_shard(name)
-    rows = [
-        {"scheme": "modulo (id % n)", **keys_moved(lambda k: modulo_shard(k, old),
-                                                   lambda k: modulo_shard(k, new), keys)},
-        {"scheme": f"hash ring ({vnodes} vnodes)", **keys_moved(ring_old.shard_for,
-                                                               ring_new.shard_for, keys)},
-    ]
+    rows = []
+    for case in schemes.cases:
+        before, after = case.fn(shards=old), case.fn(shards=new)
+        timing = time_call(lambda after=after: [after(k) for k in keys], repeat=3, warmup=0)
+        rows.append({"case": case.label, **keys_moved(before, after, keys),
+                     "route_s": timing.median_s})
     df = pd.DataFrame(rows)
     df["moved_pct"] = (100 * df.moved / df["keys"]).round(0).astype(int)
     df["ideal"] = round(len(keys) * (n_to - n_from) / n_to)
-    return df
+    return df[["case", "keys", "moved", "to_new_shard", "moved_pct", "ideal", "route_s"]]
 
 
 def shard_sizes(router: Callable[[Hashable], str], keys: Iterable[Hashable]) -> dict[str, int]:
@@ -405,22 +395,38 @@ def make_shards(source: Engine, n: int = 4, router: Callable[[int], str] | None 
 
     names = shard_names(n)
     router = router or (lambda key: modulo_shard(key, names))
+    tables = (User.__table__, Order.__table__)
+    # SQLite to SQLite: copy the stored values as they are, through the driver (a tenth of the
+    # time the ORM's type processing takes); from another database, through SQLAlchemy's types.
+    raw = source.dialect.name == "sqlite"
     with source.connect() as conn:
-        users = [dict(r._mapping) for r in conn.execute(sa.select(User.__table__))]
-        orders = [dict(r._mapping) for r in conn.execute(sa.select(Order.__table__))]
+        rows = {table: (conn.exec_driver_sql(
+                    f"SELECT {', '.join(c.name for c in table.columns)} FROM {table.name}").all()
+                        if raw else [dict(r._mapping) for r in conn.execute(sa.select(table))])
+                for table in tables}
+    user_id = {User.__table__: list(User.__table__.columns).index(User.__table__.c.id),
+               Order.__table__: list(Order.__table__.columns).index(Order.__table__.c.user_id)}
+    shard_of = {row[user_id[User.__table__]] if raw else row["id"]: None
+                for row in rows[User.__table__]}
+    shard_of = {key: router(key) for key in shard_of}
     engines = {}
     for i, name in enumerate(names):
         db.drop_namespace("sqlite", f"{prefix}_{i}")
         engine = db.engine("sqlite", namespace=f"{prefix}_{i}")
-        Base.metadata.create_all(engine, tables=[User.__table__, Order.__table__])
-        mine = [u for u in users if router(u["id"]) == name]
-        ids = {u["id"] for u in mine}
+        Base.metadata.create_all(engine, tables=list(tables))
         with engine.begin() as conn:
-            if mine:
-                conn.execute(User.__table__.insert(), mine)
-            their_orders = [o for o in orders if o["user_id"] in ids]
-            if their_orders:
-                conn.execute(Order.__table__.insert(), their_orders)
+            for table in tables:
+                key = user_id[table] if raw else ("id" if table is User.__table__ else "user_id")
+                mine = [row for row in rows[table] if shard_of.get(row[key]) == name]
+                if not mine:
+                    continue
+                if raw:
+                    columns = ", ".join(c.name for c in table.columns)
+                    marks = ", ".join("?" for _ in table.columns)
+                    conn.exec_driver_sql(f"INSERT INTO {table.name} ({columns}) VALUES ({marks})",
+                                         [tuple(row) for row in mine])
+                else:
+                    conn.execute(table.insert(), mine)
         engines[name] = engine
     return engines
 
@@ -441,18 +447,6 @@ def top_customers(engine: Engine, k: int = 10) -> list[tuple[int, object]]:
     """``(user_id, spent)`` of the ``k`` biggest spenders (cancelled orders excluded)."""
     with engine.connect() as conn:
         return [tuple(r) for r in conn.execute(_top_customers_statement(k))]
-
-
-def top_customers_sharded(shards: dict[str, Engine], k: int = 10) -> list[tuple[int, object]]:
-    """The same answer from shards: scatter (top ``k`` on each shard), gather (merge, cut).
-
-    Exact because the shard key is the user: each user's orders are all on one shard, so a
-    shard's partial sums are final. One query per shard.
-    """
-    partial = []
-    for engine in shards.values():
-        partial.extend(top_customers(engine, k))
-    return sorted(partial, key=lambda row: (-row[1], row[0]))[:k]
 
 
 def _equality_values(clause, column_names: set[str], parameters=None) -> list:
@@ -483,48 +477,22 @@ def _equality_values(clause, column_names: set[str], parameters=None) -> list:
     return values
 
 
-def sharded_session(shards: dict[str, Engine],
-                    router: Callable[[int], str] | None = None) -> Session:
-    """A ``sqlalchemy.ext.horizontal_shard.ShardedSession`` over ``shards``, keyed by user id.
+def user_ids_in(context) -> list:
+    """The user ids a query names in its WHERE clause, for a ``ShardedSession`` execute_chooser.
 
-    * ``shard_chooser`` (where a new object is written): the router of its user id.
-    * ``identity_chooser`` (where ``session.get`` looks): the one shard of a user id; every
-      shard for an order id (order ids do not say whose order it is).
-    * ``execute_chooser`` (where a query runs): the shards of the user ids compared with ``=``
-      or ``IN`` in its WHERE clause, else every shard (scatter-gather).
+    ``context`` is the ``ORMExecuteState`` SQLAlchemy passes to ``execute_chooser``. Counted:
+    ``user_id = v`` and ``user_id IN (...)`` anywhere, and ``id = v`` / ``id IN (...)`` when the
+    query selects only from ``users`` (there ``id`` is the user id). Bound values given at
+    execution time (``session.get`` passes the primary key that way) are read too. An empty
+    list means "no shard key named": the query must visit every shard.
     """
-
-
-    names = list(shards)
-    router = router or (lambda key: modulo_shard(key, names))
-
-    def shard_chooser(mapper, instance, clause=None):
-        if isinstance(instance, User):
-            return router(instance.id)
-        if isinstance(instance, Order):
-            return router(instance.user_id)
-        return names[0]
-
-    def identity_chooser(mapper, primary_key, *, lazy_loaded_from, **kw):
-        if lazy_loaded_from is not None:
-            return [lazy_loaded_from.identity_token]
-        if mapper.class_ is User:
-            return [router(primary_key[0])]
-        return names
-
-    def execute_chooser(context):
-        statement = context.statement
-        where = getattr(statement, "whereclause", None)
-        if where is not None:
-            params = context.parameters if isinstance(context.parameters, dict) else None
-            ids = _equality_values(where, {"user_id"} | (
-                {"id"} if _selects_only(statement, User) else set()), params)
-            if ids:
-                return sorted({router(i) for i in ids}, key=names.index)
-        return names
-
-    return ShardedSession(shard_chooser=shard_chooser, identity_chooser=identity_chooser,
-                          execute_chooser=execute_chooser, shards=shards)
+    statement = context.statement
+    where = getattr(statement, "whereclause", None)
+    if where is None:
+        return []
+    params = context.parameters if isinstance(context.parameters, dict) else None
+    columns = {"user_id"} | ({"id"} if _selects_only(statement, User) else set())
+    return _equality_values(where, columns, params)
 
 
 def _selects_only(statement, model) -> bool:
@@ -592,12 +560,14 @@ def postgres_engine(**engine_kwargs) -> Engine:
     return db.engine("postgres", **engine_kwargs)
 
 
-def checkouts_table(make_engine: Callable[..., Engine], checkouts: int = 20) -> pd.DataFrame:
-    """Connections opened for ``checkouts`` sequential checkouts, per pool class."""
+def checkouts_table(engines: dict[str, Engine], checkouts: int = 20) -> pd.DataFrame:
+    """``checkouts`` sequential checkouts on each engine (``{label: engine}``), counted.
+
+    One row per engine: ``pool`` (the label) and the :class:`PoolEvents` counts. The engines
+    are disposed afterwards.
+    """
     rows = []
-    for label, kwargs in (("QueuePool (default)", {}),
-                          ("NullPool", {"poolclass": sa.pool.NullPool})):
-        engine = make_engine(**kwargs)
+    for label, engine in engines.items():
         try:
             with PoolEvents(engine) as events:
                 for _ in range(checkouts):
@@ -609,19 +579,19 @@ def checkouts_table(make_engine: Callable[..., Engine], checkouts: int = 20) -> 
     return pd.DataFrame(rows)
 
 
-def overflow_steps(make_engine: Callable[..., Engine], pool_size: int = 2,
-                   max_overflow: int = 1) -> pd.DataFrame:
-    """Check out ``pool_size + max_overflow`` connections, return them, do it again.
+def overflow_steps(engine: Engine) -> pd.DataFrame:
+    """Check out as many connections as ``engine``'s pool allows, return them, do it again.
 
-    One row per step with the pool's running counts: the overflow connection is closed when it
-    comes back to a full pool, and opened anew the next time it is needed.
+    ``pool_size + max_overflow`` of the engine's ``QueuePool``. One row per step with the
+    pool's running counts: an overflow connection is closed when it comes back to a full
+    pool, and opened anew the next time it is needed. The engine is disposed afterwards.
     """
-    engine = make_engine(pool_size=pool_size, max_overflow=max_overflow)
+    most = engine.pool.size() + engine.pool._max_overflow
     rows = []
     try:
         with PoolEvents(engine) as events:
             for round_ in (1, 2):
-                held = [engine.connect() for _ in range(pool_size + max_overflow)]
+                held = [engine.connect() for _ in range(most)]
                 rows.append({"step": f"round {round_}: {len(held)} checked out",
                              **events.as_dict(), "in_pool": engine.pool.checkedin()})
                 for conn in held:
@@ -669,20 +639,21 @@ def exhaust_pool(engine: Engine, workers: int, hold_s: float = 0.5) -> dict:
             "connects": events.connects, "waited_s": result["waited_s"]}
 
 
-def pool_throughput(make_engine: Callable[..., Engine], pool_sizes: Sequence[int],
-                    workers: int = 8, requests: int = 80, service_s: float = 0.01) -> pd.DataFrame:
+def pool_throughput(engines: Iterable[Engine], workers: int = 8, requests: int = 80,
+                    service_s: float = 0.01) -> pd.DataFrame:
     """Throughput of ``workers`` threads whose requests each hold a connection ``service_s``.
 
-    For each pool size (``max_overflow=0``) the pool is filled first (``pool_size`` connects),
-    then ``requests`` requests run through :func:`perfcourse.load.run_load`; each
-    runs ``SELECT pg_sleep(service_s)`` (the server works, the thread waits). One row per size:
+    For each engine the pool is filled first (``pool_size`` connects), then ``requests``
+    requests run through :func:`perfcourse.load.run_load`; each runs
+    ``SELECT pg_sleep(service_s)`` (the server works, the thread waits). One row per engine:
     ``pool_size, workers, requests, connects, checkouts, elapsed_s, wait_s`` (mean time a
-    request waited for a connection), ``latency_s`` (mean), ``throughput`` (requests/s).
+    request waited for a connection), ``latency_s`` (mean), ``throughput`` (requests/s). The
+    engines are disposed afterwards.
     """
 
     rows = []
-    for size in pool_sizes:
-        engine = make_engine(pool_size=size, max_overflow=0, pool_timeout=30)
+    for engine in engines:
+        size = engine.pool.size()
         try:
             held = [engine.connect() for _ in range(size)]  # fill the pool up front
             for conn in held:
@@ -739,15 +710,15 @@ def terminate_backend(pid: int) -> bool:
     return bool(done)
 
 
-def pre_ping_demo(make_engine: Callable[..., Engine], pre_ping: bool, attempts: int = 3) -> dict:
-    """A pooled connection is killed on the server; then ``attempts`` requests run.
+def pre_ping_demo(engine: Engine, attempts: int = 3) -> dict:
+    """The engine's pooled connection is killed on the server; then ``attempts`` requests run.
 
     Without ``pool_pre_ping`` the first request gets the dead connection and fails
     (``OperationalError``, counted); the pool then throws every pooled connection away and the
     next request reconnects. With it, the checkout pings first, sees the dead connection,
-    reconnects, and no request fails. Returns ``pre_ping, errors, served, connects``.
+    reconnects, and no request fails. Returns ``pre_ping, errors, served, connects``. The
+    engine is disposed afterwards.
     """
-    engine = make_engine(pool_size=1, max_overflow=0, pool_pre_ping=pre_ping)
     try:
         with PoolEvents(engine) as events:
             with engine.connect() as conn:
@@ -761,21 +732,20 @@ def pre_ping_demo(make_engine: Callable[..., Engine], pre_ping: bool, attempts: 
                     served += 1
                 except sa.exc.OperationalError:
                     errors += 1
-        return {"pre_ping": pre_ping, "errors": errors, "served": served,
+        return {"pre_ping": engine.pool._pre_ping, "errors": errors, "served": served,
                 "connects": events.connects}
     finally:
         engine.dispose()
 
 
-def recycle_demo(make_engine: Callable[..., Engine], recycle_s: float, idle_s: float,
-                 checkouts: int = 3) -> dict:
-    """``checkouts`` checkouts ``idle_s`` apart with ``pool_recycle=recycle_s``.
+def recycle_demo(engine: Engine, idle_s: float, checkouts: int = 3) -> dict:
+    """``checkouts`` checkouts ``idle_s`` apart on ``engine`` (made with some ``pool_recycle``).
 
-    A connection older than ``recycle_s`` is closed at checkout and replaced (recycled):
-    with ``idle_s > recycle_s`` every checkout after the first opens a new connection.
-    Returns ``recycle_s, idle_s, checkouts, connects, backends`` (distinct server pids).
+    A connection older than ``pool_recycle`` is closed at checkout and replaced (recycled):
+    with ``idle_s > pool_recycle`` every checkout after the first opens a new connection.
+    Returns ``pool_recycle_s, idle_s, checkouts, connects, backends`` (distinct server pids).
+    The engine is disposed afterwards.
     """
-    engine = make_engine(pool_size=1, max_overflow=0, pool_recycle=recycle_s)
     pids = set()
     try:
         with PoolEvents(engine) as events:
@@ -784,21 +754,23 @@ def recycle_demo(make_engine: Callable[..., Engine], recycle_s: float, idle_s: f
                     time.sleep(idle_s)
                 with engine.connect() as conn:
                     pids.add(_backend_pid(conn))
-        return {"pool_recycle_s": recycle_s, "idle_s": idle_s, "checkouts": checkouts,
-                "connects": events.connects, "backends": len(pids)}
+        return {"pool_recycle_s": engine.pool._recycle, "idle_s": idle_s,
+                "checkouts": checkouts, "connects": events.connects, "backends": len(pids)}
     finally:
         engine.dispose()
 
 
-def fork_demo(engine: Engine, dispose: bool) -> dict:
+def fork_demo(engine: Engine, in_child: Callable[[Engine], object] | None = None) -> dict:
     """Fork this process after its pool holds a connection; the child runs one query.
 
-    With ``dispose=True`` the child first calls ``engine.dispose(close=False)``: it forgets
-    the inherited connections without closing them (closing would end the parent's session on
-    the server), and opens its own. Without it the child's pool hands out the parent's
-    connection: two processes on one socket. Returns ``dispose, parent_backend,
-    child_backend, same_connection, parent_still_works``. POSIX only.
+    ``in_child(engine)``, when given, runs in the child first (the lesson passes the fix,
+    ``engine.dispose(close=False)``). Without it the child's pool hands out the parent's
+    connection: two processes on one socket. Returns ``after_fork`` (the function's docstring,
+    or ``"nothing"``), ``parent_backend, child_backend, same_connection, parent_still_works``.
+    POSIX only.
     """
+    label = ((in_child.__doc__ or in_child.__name__).strip().splitlines()[0]
+             if in_child is not None else "nothing")
     with engine.connect() as conn:
         parent_backend = _backend_pid(conn)
     read_end, write_end = os.pipe()
@@ -807,8 +779,8 @@ def fork_demo(engine: Engine, dispose: bool) -> dict:
         code = 1
         try:
             os.close(read_end)
-            if dispose:
-                engine.dispose(close=False)
+            if in_child is not None:
+                in_child(engine)
             with engine.connect() as conn:
                 child_backend = _backend_pid(conn)
             os.write(write_end, str(child_backend).encode())
@@ -822,8 +794,8 @@ def fork_demo(engine: Engine, dispose: bool) -> dict:
     child_backend = int(text) if text else -1
     with engine.connect() as conn:
         parent_after = _backend_pid(conn)
-    return {"dispose": dispose, "parent_backend": parent_backend, "child_backend": child_backend,
-            "same_connection": child_backend == parent_backend,
+    return {"after_fork": label, "parent_backend": parent_backend,
+            "child_backend": child_backend, "same_connection": child_backend == parent_backend,
             "parent_still_works": parent_after == parent_backend}
 
 
