@@ -27,6 +27,7 @@ CHAPTER_MODULES = {
     "05": "caching",
     "06": "background_jobs",
     "07": "infrastructure_scaling",
+    "08": "monitoring_and_profiling",
 }
 PLATFORM_MODULES = ["perfcourse.stats", "perfcourse.timing", "perfcourse.statements"]
 
