@@ -154,3 +154,18 @@ def test_readme_maps_the_guide_as_chapter_00_does():
     table = [line for line in section.splitlines() if line.startswith("|")]
     readme = (ROOT / "README.md").read_text().splitlines()
     assert len(table) > 10 and all(line in readme for line in table)
+
+
+def test_chapter_00_and_the_readme_link_every_lesson_and_lab_in_order():
+    import nbformat
+
+    cells = nbformat.read(str(ROOT / "solutions" / "00-setup-and-dataset.ipynb"), as_version=4).cells
+    course_map = next(c.source for c in cells if c.source.startswith("## The course, in order"))
+    readme = (ROOT / "README.md").read_text()
+    learner = sorted((ROOT / "notebooks").glob("*.ipynb")) + sorted((ROOT / "labs").glob("*.ipynb"))
+    for path in learner:
+        relative = f"{path.parent.name}/{path.name}"
+        assert f"(../{relative})" in course_map, f"chapter 00 does not link {relative}"
+        assert f"({relative})" in readme, f"the README does not link {relative}"
+    lessons = [line for line in course_map.splitlines() if line.startswith("| [")]
+    assert lessons == sorted(lessons), "chapter 00 lists the lessons out of order"
