@@ -167,8 +167,9 @@ def change_a_widget(page, cells) -> tuple[str, str]:
     scroll_to(page, widget["index"])
     cell = cell_at(page, widget["index"])
     outputs = cell_selector(page, widget["index"]) + " .widget-output"
-    page.wait_for_function(f"() => document.querySelector(`{outputs}`)?.innerText.trim()", timeout=60_000)
-    before = page.evaluate(f"() => document.querySelector(`{outputs}`).innerText")
+    # innerHTML, not innerText: a widget may draw a figure (an <img>) rather than print
+    page.wait_for_function(f"() => document.querySelector(`{outputs}`)?.innerHTML.trim()", timeout=60_000)
+    before = page.evaluate(f"() => document.querySelector(`{outputs}`).innerHTML")
     select = cell.locator("select")
     if select.count():
         current = select.first.input_value()
@@ -180,9 +181,9 @@ def change_a_widget(page, cells) -> tuple[str, str]:
             page.keyboard.press("ArrowRight")
     page.wait_for_function(
         f"before => {{ const el = document.querySelector(`{outputs}`);"
-        " return el && el.innerText.trim() && el.innerText !== before; }",
+        " return el && el.innerHTML.trim() && el.innerHTML !== before; }",
         arg=before, timeout=60_000)
-    return before, page.evaluate(f"() => document.querySelector(`{outputs}`).innerText")
+    return before, page.evaluate(f"() => document.querySelector(`{outputs}`).innerHTML")
 
 
 @pytest.mark.parametrize("name", CHAPTERS)
