@@ -183,7 +183,10 @@ def change_a_widget(page, cells) -> tuple[str, str]:
         f"before => {{ const el = document.querySelector(`{outputs}`);"
         " return el && el.innerHTML.trim() && el.innerHTML !== before; }",
         arg=before, timeout=60_000)
-    return before, page.evaluate(f"() => document.querySelector(`{outputs}`).innerHTML")
+    after = page.evaluate(f"() => document.querySelector(`{outputs}`).innerHTML")
+    # after Run All (clean-up cells included) the control still works: no traceback
+    assert "Traceback" not in after, "the widget raised after Run All"
+    return before, after
 
 
 @pytest.mark.parametrize("name", CHAPTERS)
