@@ -230,3 +230,26 @@ def test_a_learner_version_runs_all_to_its_last_cell(browser, lab, name):
     scroll_to(page, cells[-1]["index"])
     shoot(page, f"{Path(name).stem}-learner-last-cell")
     page.close()
+
+
+def test_a_learner_answers_one_check_wrong_and_one_right(browser, lab):
+    """Typed into the learner version of chapter 00 and run as a learner runs a cell."""
+    page = run_all(browser, lab, "notebooks", CHAPTERS[0])
+    cells = page.evaluate(CODE_CELLS)
+    wrong = next(c for c in cells if 'check("00.q1"' in c["source"])
+    right = next(c for c in cells if 'check("00.q2"' in c["source"])
+    for cell, source in ((wrong, 'answer = "a"\ncheck("00.q1", answer)'),
+                         (right, 'answer = " D "\ncheck("00.q2", answer)')):
+        page.evaluate(f"""() => {{ const nb = {CURRENT}; nb.content.activeCellIndex = {cell['index']};
+            nb.content.activeCell.model.sharedModel.setSource({source!r}); }}""")
+        before = cell["count"]
+        page.evaluate("window.jupyterapp.commands.execute('notebook:run-cell')")
+        page.wait_for_function(f"() => {{ const c = {CURRENT}.model.cells.get({cell['index']});"
+                               f" return c.executionCount && c.executionCount !== {before}; }}", timeout=60_000)
+    scroll_to(page, wrong["index"])
+    shown_wrong = cell_at(page, wrong["index"]).locator(".jp-OutputArea").inner_text()
+    shown_right = cell_at(page, right["index"]).locator(".jp-OutputArea").inner_text()
+    shoot(page, "00-setup-and-dataset-learner-one-wrong-one-right")
+    assert "✗ 00.q1" in shown_wrong and "Not yet" in shown_wrong and "Traceback" not in shown_wrong
+    assert "✓ 00.q2 right" in shown_right and "Model answer: (d)" in shown_right
+    page.close()
