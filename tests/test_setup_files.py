@@ -169,3 +169,25 @@ def test_chapter_00_and_the_readme_link_every_lesson_and_lab_in_order():
         assert f"({relative})" in readme, f"the README does not link {relative}"
     lessons = [line for line in course_map.splitlines() if line.startswith("| [")]
     assert lessons == sorted(lessons), "chapter 00 lists the lessons out of order"
+
+
+def test_the_instructor_guide_schedules_add_up_to_the_notebooks_minutes():
+    import nbformat
+
+    guide = (ROOT / "docs" / "instructor-guide.md").read_text()
+    tables = re.split(r"\n\n(?=\| notebook \|)", guide)[1:]
+    assert len(tables) == 3, "two days and one day"
+    for table in tables:
+        rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
+        total = 0
+        for row in rows:
+            name = re.search(r"\(`([^`]+)`\)", row).group(1)
+            teaching, exercises = (int(m) for m in re.findall(r"\| (\d+) min", row)[:2])
+            first = nbformat.read(str(ROOT / "solutions" / f"{name}.ipynb"), as_version=4).cells[0].source
+            declared_teaching = re.search(r"\*\*Teaching:\*\* (\d+) min", first)
+            declared_exercises = re.search(r"\*\*Exercises:\*\* (\d+) min", first)
+            assert teaching == (int(declared_teaching.group(1)) if declared_teaching else 0), name
+            assert exercises == int(declared_exercises.group(1)), name
+            total += teaching + exercises
+        day = re.search(r"\*\*day total\*\* \| \*\*\d+ min\*\* \| \*\*\d+ min\*\* \| \*\*(\d+) min", table)
+        assert int(day.group(1)) == total
