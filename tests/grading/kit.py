@@ -13,9 +13,19 @@ import io
 import pytest
 
 from perfcourse.grading import check
-from perfcourse.grading.bank import RIGHT_MARK, GraderError
+from perfcourse.grading.bank import RIGHT_MARK, GraderError, questions
+from perfcourse.grading.checkers import Choice, MultiChoice, Number, Value
 
-__all__ = ["fails", "passes"]
+__all__ = ["fails", "passes", "practical_questions"]
+
+
+def practical_questions():
+    """The questions whose answer is code (a function, a class, an index), in id order."""
+    return [
+        q for q in questions()
+        if not isinstance(q.checker, (Choice, MultiChoice, Number, Value))
+        and ("def " in q.model_answer() or "INDEX" in q.model_answer().upper())
+    ]
 
 
 def passes(qid: str, answer) -> str:

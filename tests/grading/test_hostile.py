@@ -14,16 +14,10 @@ import sys
 import pytest
 
 from perfcourse.grading import bank
-from perfcourse.grading.bank import questions
-from perfcourse.grading.checkers import Choice, MultiChoice, Number, Value
 
-from .kit import fails
+from .kit import fails, practical_questions
 
-PRACTICAL = [
-    q for q in questions()
-    if not isinstance(q.checker, (Choice, MultiChoice, Number, Value))
-    and ("def " in q.model_answer() or "INDEX" in q.model_answer().upper())
-]
+PRACTICAL = practical_questions()
 
 
 def raises(*args, **kwargs):

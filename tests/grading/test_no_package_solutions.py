@@ -14,10 +14,7 @@ import re
 
 import pytest
 
-from perfcourse.grading.bank import questions
-from perfcourse.grading.checkers import Choice, MultiChoice, Number, Value
-
-from .kit import fails
+from .kit import fails, practical_questions
 
 CHAPTER_MODULES = {
     "01": "performance_fundamentals",
@@ -36,11 +33,7 @@ PLATFORM_MODULES = ["perfcourse.stats", "perfcourse.timing", "perfcourse.stateme
 #: They take arguments no practical asks for (a pid, a server), so none could pass anyway.
 UNSAFE = {"terminate_backend", "serve", "drop_shards", "drop_profiles", "delete_namespace"}
 
-PRACTICAL = [
-    q for q in questions()
-    if not isinstance(q.checker, (Choice, MultiChoice, Number, Value))
-    and ("def " in q.model_answer() or "INDEX" in q.model_answer().upper())
-]
+PRACTICAL = practical_questions()
 
 
 def _arity(q) -> int | None:

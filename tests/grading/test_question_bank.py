@@ -28,10 +28,10 @@ def _normal(text: str) -> str:
     return " ".join(text.replace("`", "").split()).casefold()
 
 
-def _question_markdown() -> dict[str, str]:
+def _question_markdown(folders=("solutions",)) -> dict[str, str]:
     """Per graded question id, the markdown cell that states it (the last one before its check)."""
     found = {}
-    for path in sorted((repo_root() / "solutions").glob("*.ipynb")):
+    for path in sorted(p for folder in folders for p in (repo_root() / folder).glob("*.ipynb")):
         markdown = ""
         for cell in nbformat.read(path, as_version=4).cells:
             if cell.cell_type == "markdown":
@@ -43,6 +43,7 @@ def _question_markdown() -> dict[str, str]:
 
 
 MARKDOWN = _question_markdown()
+LEARNER_MARKDOWN = _question_markdown(("notebooks", "labs"))
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
@@ -77,10 +78,11 @@ def test_every_wrong_option_has_its_own_explanation(q):
     assert len(set(texts)) == len(texts), f"{q.id}: two wrong options share one explanation"
 
 
+@pytest.mark.parametrize("pages", [MARKDOWN, LEARNER_MARKDOWN], ids=["master", "learner"])
 @pytest.mark.parametrize("q", SINGLE + MULTI, ids=lambda q: q.id)
-def test_the_notebook_states_each_option_as_the_bank_grades_it(q):
-    assert q.id in MARKDOWN, f"{q.id} is checked in no master notebook"
-    page = _normal(MARKDOWN[q.id])
+def test_the_notebook_states_each_option_as_the_bank_grades_it(q, pages):
+    assert q.id in pages, f"{q.id} is checked in no notebook of this kind"
+    page = _normal(pages[q.id])
     for key, text in q.checker.options.items():
         assert f"({key}) {_normal(text)}" in page, (
             f"{q.id}: the page does not say option ({key}) as the bank grades it: {text!r}")
@@ -91,18 +93,26 @@ def test_a_choice_is_accepted_as_learners_type_it(q):
     key = q.checker.correct
     for typed in (key, key.upper(), f" {key} ", f"({key})"):
         passes(q.id, typed)
-    wrong = next(k for k in q.checker.options if k != key)
-    fails(q.id, wrong.upper(), q.checker.explanations[wrong][:40])
 
 
 @pytest.mark.parametrize("q", MULTI, ids=lambda q: q.id)
 def test_a_multiselect_is_accepted_as_learners_type_it(q):
     right = sorted(q.checker.correct)
-    for typed in (set(right), [k.upper() for k in right], ", ".join(right), " ".join(right)):
+    for typed in (set(right), [k.upper() for k in right], ", ".join(right), " ".join(right),
+                  ", ".join(right).upper()):
         passes(q.id, typed)
     fails(q.id, set(right[:-1]), "more")
-    wrong = next(k for k in q.checker.options if k not in q.checker.correct)
-    fails(q.id, {*right, wrong}, q.checker.explanations[wrong][:40])
+
+
+WRONG_KEYS = [(q, key) for q in SINGLE + MULTI for key in q.checker.options
+              if key not in ({q.checker.correct} if isinstance(q.checker, Choice) else q.checker.correct)]
+
+
+@pytest.mark.parametrize(("q", "key"), WRONG_KEYS, ids=[f"{q.id}-{key}" for q, key in WRONG_KEYS])
+def test_every_wrong_option_is_refused_with_its_own_explanation(q, key):
+    """Typed alone (a choice, in upper case) or added to the right set (a multi-select)."""
+    answer = key.upper() if isinstance(q.checker, Choice) else {*q.checker.correct, key}
+    fails(q.id, answer, q.checker.explanations[key][:40])
 
 
 def test_no_question_lets_learner_code_run_past_the_cap():

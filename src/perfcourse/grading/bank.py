@@ -22,6 +22,7 @@ from .checkers import (
     Incorrect,
     LearnerTimeout,
     NoAnswer,
+    describe_exit,
     time_limit,
 )
 
@@ -215,9 +216,8 @@ def check(qid: str, answer) -> None:
             hint += " Hint: " + q.hints[min(attempt, len(q.hints) - 1)]
     except LearnerTimeout:  # an alarm that fired just after learner code returned
         hint = f"Not yet. Your code was stopped after its time limit of {limit:g} s."
-    except SystemExit:  # learner code the checker ran without call_learner
-        hint = ("Not yet. Your code called sys.exit(), which would stop the whole program: "
-                "return a value (or raise an exception) instead.")
+    except SystemExit as exc:  # learner code the checker ran without call_learner
+        hint = "Not yet. " + describe_exit(exc)
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - never show the learner the grader's traceback

@@ -71,6 +71,7 @@ __all__ = [
     "Checker",
     "Choice",
     "describe_exception",
+    "describe_exit",
     "ExplainCheck",
     "FunctionCheck",
     "Incorrect",
@@ -174,15 +175,19 @@ def call_learner(fn: Callable, *args, **kwargs):
     except Incorrect:
         raise
     except SystemExit as exc:  # sys.exit() or exit() in learner code: a hint, not a dead check
-        raise Incorrect(
-            f"Your code called sys.exit({'' if exc.code is None else short_repr(exc.code, 30)}), "
-            "which would stop the whole program: return a value (or raise an exception) instead."
-        ) from None
+        raise Incorrect(describe_exit(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any learner error is reported, not raised
         raise Incorrect(f"Your code raised {describe_exception(exc)}") from None
     finally:
         if budget is not None and budget.seconds is not None:
             budget.seconds -= time.monotonic() - started
+
+
+def describe_exit(exc: SystemExit) -> str:
+    """The hint for learner code that called ``sys.exit()``."""
+    code = "" if exc.code is None else short_repr(exc.code, 30)
+    return (f"Your code called sys.exit({code}), which would stop the whole program: return a "
+            "value (or raise an exception) instead.")
 
 
 def describe_exception(exc: BaseException) -> str:
