@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 import re
 
 import pytest
@@ -25,6 +26,8 @@ CHAPTER_MODULES = {
     "06": "background_jobs",
     "07": "infrastructure_scaling",
     "08": "monitoring_and_profiling",
+    "09": "common_performance_issues",
+    "10": "interview_questions",
 }
 PLATFORM_MODULES = ["perfcourse.stats", "perfcourse.timing", "perfcourse.statements"]
 
@@ -70,7 +73,10 @@ def _cases():
     for q in PRACTICAL:
         names = list(PLATFORM_MODULES)
         if q.chapter in CHAPTER_MODULES:
-            names.append(f"perfcourse.chapters.{CHAPTER_MODULES[q.chapter]}")
+            chapter = importlib.import_module(f"perfcourse.chapters.{CHAPTER_MODULES[q.chapter]}")
+            names.append(chapter.__name__)
+            # A chapter that is a subpackage (10: lesson and capstone) offers every module of it.
+            names += [f"{chapter.__name__}.{m.name}" for m in pkgutil.iter_modules(getattr(chapter, "__path__", []))]
         for module_name in names:
             classes = bool(re.search(r"^class ", q.model_answer(), re.MULTILINE))
             for label, fn in _public_callables(module_name, classes):

@@ -128,7 +128,7 @@ def load_bank() -> dict[str, Question]:
             if info.name.startswith("_"):
                 continue
             module = importlib.import_module(f"{package.__name__}.{info.name}")
-            chapter = re.fullmatch(r"ch(\d{2})", info.name)
+            chapter = re.fullmatch(r"ch(\d{2})(?:_lab)?", info.name)
             for q in getattr(module, "QUESTIONS", ()):
                 if chapter and q.chapter != chapter.group(1):
                     raise ValueError(f"Question {q.id} is in {module.__name__}, not ch{q.chapter}")

@@ -1,4 +1,5 @@
-"""The question bank, one module per chapter: ``ch00.py``, ``ch01.py``, ...
+"""The question bank, one module per chapter: ``ch00.py``, ``ch01.py``, ... (a chapter whose lab
+has its own author may keep the lab's questions in ``chNN_lab.py``).
 
 Each module defines ``QUESTIONS``, a list of :class:`perfcourse.grading.Question` whose ids start
 with the module's chapter number. Every module here is loaded by

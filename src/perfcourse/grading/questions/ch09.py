@@ -1,0 +1,7 @@
+"""Chapter 09 questions."""
+
+from __future__ import annotations
+
+__all__ = ["QUESTIONS"]
+
+QUESTIONS: list = []

@@ -1,0 +1,7 @@
+"""Chapter 10 questions."""
+
+from __future__ import annotations
+
+__all__ = ["QUESTIONS"]
+
+QUESTIONS: list = []
