@@ -16,9 +16,12 @@ NBVAL    := --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with s
 # The servers this machine and CI run, for the "configured backends" pass.
 CONFIGURED_DATABASE_URL ?= postgresql://127.0.0.1:5432/test
 CONFIGURED_REDIS_URL    ?= redis://127.0.0.1:6379/0
+# `make hub`: the shared install the JupyterHub test's learners run (any account may execute it).
+HUB_PYTHON ?= /usr/bin/python3
+HUB_VENV   ?= $(CURDIR)/data/hub/venv
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lab lint test test-quick test-package e2e test-notebooks test-grading test-configured bench \
+.PHONY: help setup lab lint test test-quick test-package e2e test-notebooks test-grading test-configured binder hub bench \
         assign outputs grade doctor services-down clean lock
 
 help: ## list the targets
@@ -53,11 +56,11 @@ test: setup lint test-package test-notebooks test-grading e2e ## set up, then li
 
 test-quick: $(STAMP) ## maintainers' quick tier: fast package tests on SQLite and chapter 00's master (~3 min)
 	$(BIN)/python -m pytest tests -q -m "not slow" -k "not postgres and not configured and not embedded" \
-		--ignore=tests/grading
+		--ignore=tests/grading --ignore=tests/binder --ignore=tests/hub --ignore=tests/e2e
 	$(BIN)/python -m pytest --nbval $(NBVAL) solutions/00-setup-and-dataset.ipynb -q
 
 test-package: $(STAMP) ## package tests (both backends, embedded and configured servers)
-	$(BIN)/python -m pytest tests -q --ignore=tests/e2e
+	$(BIN)/python -m pytest tests -q --ignore=tests/e2e --ignore=tests/binder --ignore=tests/hub
 
 e2e: $(STAMP) ## JupyterLab in a real browser (Debian's chromium): Run All, figures, widgets, checks
 	$(BIN)/python -m pytest tests/e2e -q
@@ -80,6 +83,19 @@ test-configured: $(STAMP) ## notebooks again against the configured PostgreSQL a
 		$(BIN)/python -m pytest --nbval-lax $(NBVAL) solutions -q
 	@# Leave the configured server as we found it.
 	DATABASE_URL=$(CONFIGURED_DATABASE_URL) $(BIN)/perfcourse drop --scale $(SCALE) --backend postgres
+
+binder: $(STAMP) ## replay Binder: a fresh env from binder/, then chapters 00, 02, 05 under 1 GB (CI)
+	$(BIN)/python -m pytest tests/binder -q -s
+
+hub: $(STAMP) ## a class on one server: JupyterHub, three local learners run 00 and 02 at once (root; CI)
+	@# The shared install a workshop server has: a venv any account may run (the system Python,
+	@# not one under /root), with the course's pins plus JupyterHub.
+	test -x $(HUB_VENV)/bin/python || $(HUB_PYTHON) -m venv $(HUB_VENV)
+	$(HUB_VENV)/bin/python -m pip install --quiet -r requirements.lock -r requirements-hub.lock
+	$(HUB_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	test -x data/hub/node_modules/.bin/configurable-http-proxy || \
+		npm install --silent --no-fund --no-audit --prefix data/hub configurable-http-proxy@5.3.0
+	HUB_VENV=$(HUB_VENV) $(BIN)/python -m pytest tests/hub -q -s
 
 bench: setup ## budgets: seeding rate vs the raw driver path; each master's time and peak memory
 	$(BIN)/perfcourse bench --scale $(SCALE) --notebooks
@@ -106,5 +122,6 @@ clean: ## stop embedded servers, delete generated data and the virtualenv
 
 lock: ## re-pin requirements.lock from pyproject.toml (maintainers)
 	rm -rf /tmp/perfcourse-lock && $(PYTHON) -m venv /tmp/perfcourse-lock
-	/tmp/perfcourse-lock/bin/pip install --quiet ".[lab,dev]"
+	@# soupsieve 3+ needs Python 3.11.5+; Debian 12 (a common workshop server) has 3.11.2.
+	/tmp/perfcourse-lock/bin/pip install --quiet ".[lab,dev]" "soupsieve<3"
 	/tmp/perfcourse-lock/bin/pip freeze --exclude perfcourse > requirements.lock

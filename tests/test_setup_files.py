@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import venv
 from pathlib import Path
 
 import pytest
@@ -63,34 +62,6 @@ def test_lab_listens_on_loopback_with_token_by_default():
     command = next(line for line in result.stdout.splitlines() if "jupyter lab" in line)
     assert "--ServerApp.ip=127.0.0.1" in command
     assert "token" not in command.lower()  # Jupyter's token auth stays at its default: on
-
-
-@pytest.mark.slow
-def test_binder_post_build_in_a_fresh_venv(tmp_path):
-    """What repo2docker does: install binder/requirements.txt, then run binder/postBuild."""
-    env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True)
-    python = env_dir / "bin" / "python"
-    subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", "-r", ROOT / "binder" / "requirements.txt"],
-        check=True, cwd=ROOT,
-    )
-    env = {
-        **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "VIRTUAL_ENV")},
-        "PATH": f"{env_dir / 'bin'}{os.pathsep}{os.environ['PATH']}",
-        "PERFCOURSE_DATA": str(tmp_path / "data"),
-        "PERFCOURSE_SCALE": "tiny",
-    }
-    subprocess.run(["bash", ROOT / "binder" / "postBuild"], check=True, env=env, cwd=tmp_path)
-    assert (tmp_path / "data" / "shop_tiny.sqlite").is_file()
-    check = subprocess.run(
-        [env_dir / "bin" / "perfcourse", "seed", "--scale", "tiny"],
-        capture_output=True, text=True, env=env, check=True,
-    )
-    assert "already up to date" in check.stdout
-    assert sys.prefix != str(env_dir)
-    overrides = env_dir / "share" / "jupyter" / "lab" / "settings" / "overrides.json"
-    assert overrides.read_text() == (ROOT / "binder" / "jupyterlab-overrides.json").read_text()
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from memory_profiler import memory_usage
 from .units import format_bytes
 
 __all__ = [
+    "Footprint",
     "MemoryUsage",
+    "processes_with_env",
     "process_rss",
     "rss_during",
     "RssUsage",
@@ -127,3 +130,97 @@ def rss_during(fn: Callable[..., Any], *args: Any, interval: float = 0.01,
     peak = max(int(peak_mib * 1024 * 1024), before)
     return RssUsage(before_bytes=before, peak_bytes=peak, result=result)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# A session's footprint: several processes together (Binder, a learner on a shared server)
+# ---------------------------------------------------------------------------------------------
+
+
+def processes_with_env(name: str, value: str) -> Callable[[], list[psutil.Process]]:
+    """A selector for :class:`Footprint`: every process whose environment has ``name=value``.
+
+    The course's processes inherit the environment they were started with: a Jupyter server, its
+    kernels, and the embedded PostgreSQL and Redis a kernel starts. Giving one session its own
+    ``PERFCOURSE_DATA`` directory therefore names all of its processes, and only them. (Reading
+    another user's environment needs root: as another user, only your own processes are seen.)
+    """
+
+    wanted = f"{name}={value}".encode()
+
+    def select() -> list[psutil.Process]:
+        found = []
+        for process in psutil.process_iter():
+            try:
+                with open(f"/proc/{process.pid}/environ", "rb") as environ:
+                    if wanted in environ.read().split(b"\0"):
+                        found.append(process)
+            except OSError:  # gone, or not ours to read
+                continue
+        return found
+
+    return select
+
+
+class Footprint:
+    """The peak memory of a group of processes together, sampled in a thread while a block runs.
+
+    >>> with Footprint(processes_with_env("PERFCOURSE_DATA", "/tmp/learner1")) as footprint:
+    ...     run_the_notebooks()
+    >>> footprint.peak_bytes, footprint.peak_by_process
+
+    Each process counts with its PSS (proportional set size: pages shared between processes,
+    such as PostgreSQL's shared buffers or a forked worker's copy of its parent, are split among
+    them), so the sum is what the group costs the machine, the figure a container limit such as
+    Binder's is about. ``peak_by_process`` is the breakdown at the moment of the peak, by
+    process name; ``most_by_process`` the most each name held at any sample.
+    """
+
+    def __init__(self, select: Callable[[], list[psutil.Process]], interval_s: float = 0.2) -> None:
+        self.select = select
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self.peak_by_process: dict[str, int] = {}
+        self.most_by_process: dict[str, int] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> int:
+        """Measure the group once; update the peak. Returns the group's total PSS in bytes."""
+        by_name: dict[str, int] = {}
+        for process in self.select():
+            try:
+                pss = process.memory_full_info().pss
+                name = process.name()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            by_name[name] = by_name.get(name, 0) + pss
+        total = sum(by_name.values())
+        self.samples += 1
+        for name, size in by_name.items():
+            self.most_by_process[name] = max(size, self.most_by_process.get(name, 0))
+        if total > self.peak_bytes:
+            self.peak_bytes, self.peak_by_process = total, by_name
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> Footprint:
+        self.sample()
+        self._thread = threading.Thread(target=self._run, name="footprint", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{name} {format_bytes(size)}"
+                          for name, size in sorted(self.peak_by_process.items(), key=lambda kv: -kv[1]))
+        return f"peak {format_bytes(self.peak_bytes)} over {self.samples} samples ({parts})"
