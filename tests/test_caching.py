@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from decimal import Decimal
 
 import pytest
 import redis
@@ -445,3 +446,189 @@ def test_redis_down_is_one_sentence(monkeypatch):
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
     with pytest.raises(AssertionError, match="needs Redis and cannot reach it"):
         check("05.q3", ch05._reference_cached_lookup)
+
+
+# ---------------------------------------------------------------------------------------------
+# The lab's harness: page requests, replays, price changes, a hot key
+
+
+def test_page_requests_are_seeded_zipf_with_currencies_and_tracking():
+    first = caching.page_requests(2000, 500, seed=3)
+    again = caching.page_requests(2000, 500, seed=3)
+    assert [(q.product_id, q.currency, q.params, q.session_id) for q in first] == [
+        (q.product_id, q.currency, q.params, q.session_id) for q in again]
+    assert {q.currency for q in first} == set(caching.CURRENCIES)
+    assert all(q.params["currency"] == q.currency for q in first)
+    assert all(q.url.startswith(f"/products/{q.product_id}?") for q in first)
+    assert sum("utm_source" in q.params for q in first) > 1000  # most links carry tracking
+    distinct = len({(q.product_id, q.currency) for q in first})
+    assert distinct < 1000  # popular products repeat
+    mapped = caching.page_requests(50, 3, seed=3, product_ids=[70, 80, 90])
+    assert {q.product_id for q in mapped} <= {70, 80, 90}
+
+
+def test_price_in_converts_and_rounds_to_the_cent():
+    assert caching.price_in("10.00", "EUR") == "10.00"
+    assert caching.price_in("10.00", "USD") == "10.80"
+    assert caching.price_in(Decimal("19.99"), "GBP") == "16.99"
+
+
+class _DictPages:
+    """A cache of pages in a dict, keyed by product and currency (a test double)."""
+
+    def __init__(self):
+        self.pages = {}
+
+    def fetch(self, request, render):
+        key = (request.product_id, request.currency)
+        if key not in self.pages:
+            self.pages[key] = render(*key)
+        return self.pages[key]
+
+
+def test_replay_pages_counts_renders_and_wrong_pages():
+    requests = caching.page_requests(400, 100, seed=2)
+
+    def render(product_id, currency):
+        return {"id": product_id, "currency": currency}
+
+    keyed = caching.replay_pages(_DictPages().fetch, requests, render, label="by page")
+    assert keyed["renders"] == keyed["distinct_pages"]
+    assert keyed["hit_rate"] == keyed["best_hit_rate"]
+    assert keyed["wrong_pages"] == 0 and keyed["case"] == "by page"
+
+    def one_key(request, render, box={}):  # noqa: B006 - the shared dict is the bug
+        if "page" not in box:
+            box["page"] = render(request.product_id, request.currency)
+        return box["page"]
+
+    shared = caching.replay_pages(one_key, requests, render)
+    assert shared["renders"] == 1
+    assert shared["wrong_pages"] > 300
+
+
+def test_page_renderer_counts_and_converts(tiny):
+    render = caching.PageRenderer(tiny)
+    page = render(1, "USD")
+    assert render.renders == 1
+    assert page == render.truth(1, "USD") and render.renders == 1
+    base = caching.product_page(tiny, 1)
+    assert page["price"] == caching.price_in(base["price"], "USD")
+    assert page["currency"] == "USD" and page["id"] == 1
+
+
+class _DictPagesWithListeners(_DictPages):
+    def __init__(self, when):
+        super().__init__()
+        self.when = when
+
+    def listeners(self):
+        from sqlalchemy.orm import object_session
+
+        def drop(ids):
+            for key in [k for k in self.pages if k[0] in ids]:
+                del self.pages[key]
+
+        def note(mapper, connection, target):
+            if self.when == "flush":
+                drop({target.id})
+            else:
+                object_session(target).info.setdefault("ids", set()).add(target.id)
+
+        def commit(session):
+            drop(session.info.pop("ids", set()))
+
+        return {"after_update": note, "after_commit": commit}
+
+
+@pytest.mark.parametrize("when,stale,recached", [(None, 6, 0), ("flush", 6, 6), ("commit", 0, 0)])
+def test_price_change_trial_counts_stale_pages_and_the_window(scratch, when, stale, recached):
+    from sqlalchemy import event
+
+    from perfcourse.models import Product
+
+    cache = _DictPagesWithListeners(when) if when else _DictPages()
+    render = caching.PageRenderer(scratch)
+
+    def change(session):
+        for pid in (2, 5):
+            session.get(Product, pid).price += Decimal("1.00")
+
+    before = len(Product.__mapper__.dispatch.after_update)
+    trial = caching.price_change_trial(scratch, cache, change, product_ids=[1, 2, 3, 4, 5],
+                                       render=render,
+                                       listeners=cache.listeners() if when else None)
+    hooks = cache.listeners() if when else {}
+    assert trial["pages"] == 15
+    assert trial["stale"] == stale
+    assert trial["recached_in_window"] == recached
+    assert trial["renders_after"] == (6 if when == "commit" else 0)
+    assert len(Product.__mapper__.dispatch.after_update) == before
+    assert all(not event.contains(Product, "after_update", fn) for fn in hooks.values())
+
+
+def _plain(client, key, compute, now, fresh_s):
+    raw = client.get(key)
+    if raw is not None:
+        return json.loads(raw)
+    value = compute()
+    client.set(key, json.dumps(value), ex=int(fresh_s))
+    return value
+
+
+def _stale_while_revalidate(nx):
+    def fetch(client, key, compute, now, fresh_s):
+        raw = client.get(key)
+        if raw is not None:
+            entry = json.loads(raw)
+            if now < entry["until"]:
+                return entry["value"]
+            if nx:
+                got = client.set(key + ":lock", 1, nx=True, px=2000)
+            else:  # check, then set: the race the trial makes happen every time
+                got = not client.get(key + ":lock")
+                if got:
+                    client.set(key + ":lock", 1, px=2000)
+            if not got:
+                return entry["value"]
+        value = compute()
+        client.set(key, json.dumps({"value": value, "until": now + fresh_s}), ex=int(10 * fresh_s))
+        client.delete(key + ":lock")
+        return value
+    return fetch
+
+
+def _lock_and_poll(client, key, compute, now, fresh_s):
+    raw = client.get(key)
+    if raw is not None:
+        return json.loads(raw)
+    if client.set(key + ":lock", 1, nx=True, px=2000):
+        value = compute()
+        client.set(key, json.dumps(value), ex=int(fresh_s))
+        client.delete(key + ":lock")
+        return value
+    for _ in range(400):
+        time.sleep(0.005)
+        raw = client.get(key)
+        if raw is not None:
+            return json.loads(raw)
+    return compute()
+
+
+def test_hot_key_trial_counts_recomputations_and_waiting(redis_client):
+    key = redis_client.prefix + "hot"
+    plain = caching.hot_key_trial(redis_client, key, _plain, threads=6, fresh_s=20)
+    assert plain["expired"] and plain["recomputations"] == 6 and plain["waited"] == 0
+    assert plain["fresh_recomputes"] == 0 and plain["first_value_ok"] and plain["refreshed"]
+    swr = caching.hot_key_trial(redis_client, key, _stale_while_revalidate(True), threads=6,
+                                fresh_s=20)
+    assert not swr["expired"] and swr["recomputations"] == 1 and swr["waited"] == 0
+    assert swr["served_old"] == 5 and swr["served_new"] == 1 and swr["served_other"] == 0
+    assert 0 < swr["lock_ttl_ms"] <= 2000 and swr["lock_left_ms"] == -2
+    race = caching.hot_key_trial(redis_client, key, _stale_while_revalidate(False), threads=6,
+                                 fresh_s=20)
+    assert race["recomputations"] == 6 and race["lock_set_without_nx"] == 6
+    polled = caching.hot_key_trial(redis_client, key, _lock_and_poll, threads=4, fresh_s=20,
+                                   patience_s=0.3)
+    assert polled["recomputations"] == 1 and polled["waited"] == 3
+    assert list(redis_client.scan_iter(match=key + "*")) == []

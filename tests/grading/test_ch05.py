@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -653,3 +654,438 @@ def test_an_untouched_stub_is_no_answer_yet(qid):
 
     hint = fails(qid, stub, "not written yet")
     assert not hint.startswith("Not yet"), hint
+
+
+# --------------------------------------------------------------------------------------------
+# The lab, 05.q9: product pages keyed by what changes them
+
+
+class PageCacheModel:
+    def __init__(self, client, prefix):
+        self.client, self.prefix = client, prefix
+
+    def key(self, product_id, currency):
+        return f"{self.prefix}page:{product_id}:{currency}"
+
+    def fetch(self, request, render):
+        key = self.key(request.product_id, request.currency)
+        raw = self.client.get(key)
+        if raw is not None:
+            return json.loads(raw)
+        page = render(request.product_id, request.currency)
+        self.client.set(key, json.dumps(page), ex=300)
+        return page
+
+
+class PageCacheWithPxAndDigest:
+    """Written another way: a digest of the parts, the TTL in milliseconds, 4 minutes."""
+
+    def __init__(self, client, prefix):
+        self.client = client
+        self.prefix = prefix
+
+    def fetch(self, request, render):
+        part = hashlib.sha1(f"{request.product_id}/{request.currency}".encode()).hexdigest()[:12]
+        key = self.prefix + "product-page:" + part
+        cached = self.client.get(key)
+        if cached is None:
+            page = render(request.product_id, request.currency)
+            self.client.set(key, json.dumps(page, separators=(",", ":")), px=240_000)
+            return page
+        return json.loads(cached)
+
+
+class PageCacheInAHash:
+    """Written another way: one hash per product, a field per currency, EXPIRE on the hash."""
+
+    def __init__(self, client, prefix):
+        self.client, self.prefix = client, prefix
+
+    def fetch(self, request, render):
+        key = f"{self.prefix}product:{request.product_id}"
+        raw = self.client.hget(key, request.currency)
+        if raw is not None:
+            return json.loads(raw)
+        page = render(request.product_id, request.currency)
+        with self.client.pipeline() as pipe:
+            pipe.hset(key, request.currency, json.dumps(page))
+            pipe.expire(key, 300)
+            pipe.execute()
+        return page
+
+
+def _page_cache(key_of, **set_kwargs):
+    class Variant(PageCacheModel):
+        def fetch(self, request, render):
+            key = self.prefix + key_of(request)
+            raw = self.client.get(key)
+            if raw is not None:
+                return json.loads(raw)
+            page = render(request.product_id, request.currency)
+            self.client.set(key, json.dumps(page), **set_kwargs)
+            return page
+    return Variant
+
+
+KeyedByUrl = _page_cache(lambda r: f"page:{r.url}", ex=300)
+KeyedByUrlAndSession = _page_cache(lambda r: f"page:{r.url}:{r.session_id}", ex=300)
+KeyedBySortedParams = _page_cache(
+    lambda r: "page:" + str(r.product_id) + ":" + "&".join(f"{k}={v}" for k, v in sorted(r.params.items())),
+    ex=300)
+WithoutCurrency = _page_cache(lambda r: f"page:{r.product_id}", ex=300)
+WithoutProduct = _page_cache(lambda r: f"page:{r.currency}", ex=300)
+TtlTooShort = _page_cache(lambda r: f"page:{r.product_id}:{r.currency}", ex=30)
+TtlInMillisecondsByMistake = _page_cache(lambda r: f"page:{r.product_id}:{r.currency}", px=300)
+NoTtl = _page_cache(lambda r: f"page:{r.product_id}:{r.currency}")
+TtlPastTheBudget = _page_cache(lambda r: f"page:{r.product_id}:{r.currency}", ex=3600)
+
+
+class OutsideThePrefix(PageCacheModel):
+    def key(self, product_id, currency):
+        return f"ch05lab:page:{product_id}:{currency}"
+
+
+class InADict(PageCacheModel):
+    def __init__(self, client, prefix):
+        super().__init__(client, prefix)
+        self.pages = {}
+
+    def fetch(self, request, render):
+        key = (request.product_id, request.currency)
+        if key not in self.pages:
+            self.pages[key] = render(*key)
+            self.client.set(self.prefix + "seen", 1, ex=300)
+        return self.pages[key]
+
+
+class ReturnsTheRawBytes(PageCacheModel):
+    def fetch(self, request, render):
+        key = self.key(request.product_id, request.currency)
+        raw = self.client.get(key)
+        if raw is not None:
+            return raw
+        page = render(request.product_id, request.currency)
+        self.client.set(key, json.dumps(page), ex=300)
+        return page
+
+
+@pytest.mark.parametrize("answer", [PageCacheModel, PageCacheWithPxAndDigest, PageCacheInAHash],
+                         ids=lambda a: a.__name__)
+def test_q9_right_answers_pass(answer):
+    passes("05.q9", answer)
+
+
+@pytest.mark.parametrize("answer,hint", [
+    (KeyedByUrl, ["tracking parameters", "product id and the currency"]),
+    (KeyedByUrlAndSession, ["session id"]),
+    (KeyedBySortedParams, ["tracking parameters"]),
+    (WithoutCurrency, ["currency", "key"]),
+    (WithoutProduct, ["product id in the key"]),
+    (TtlTooShort, ["expires before", "300 s"]),
+    (TtlInMillisecondsByMistake, ["px= milliseconds"]),
+    (NoTtl, ["never expire"]),
+    (TtlPastTheBudget, ["longer than the 300 s"]),
+    (OutsideThePrefix, ["outside the prefix"]),
+    (InADict, ["another worker"]),
+    (ReturnsTheRawBytes, ["json.loads"]),
+], ids=lambda v: getattr(v, "__name__", ""))
+def test_q9_usual_mistakes_fail_with_a_hint(answer, hint):
+    fails("05.q9", answer, *hint)
+
+
+# --------------------------------------------------------------------------------------------
+# 05.q10: every currency's page invalidated after the commit
+
+
+def _currencies():
+    from perfcourse.chapters.caching import CURRENCIES
+
+    return list(CURRENCIES)
+
+
+def _invalidating(*, note_on=("after_update",), delete_on="after_commit", currencies=None,
+                  wipe=False, base=PageCacheModel):
+    class Variant(base):
+        def listeners(self):
+            def note(mapper, connection, target):
+                object_session(target).info.setdefault("ids", set()).add(target.id)
+                if delete_on == "mapper":
+                    delete_now(object_session(target))
+
+            def delete_now(session, *_flush_context):
+                ids = session.info.pop("ids", set())
+                if wipe:
+                    keys = list(self.client.scan_iter(match=self.prefix + "*"))
+                else:
+                    keys = [self.key(i, c) for i in ids for c in (currencies or _currencies())]
+                if keys:
+                    self.client.delete(*keys)
+
+            hooks = {name: note for name in note_on}
+            if delete_on != "mapper":
+                hooks[delete_on] = delete_now
+            return hooks
+    return Variant
+
+
+class VersionedPages(PageCacheModel):
+    """Written another way: a version per product in the key, bumped after the commit."""
+
+    def key(self, product_id, currency):
+        version = int(self.client.get(f"{self.prefix}version:{product_id}") or 0)
+        return f"{self.prefix}page:{product_id}:v{version}:{currency}"
+
+    def listeners(self):
+        def before_flush(session, flush_context, instances):
+            changed = {o.id for o in session.dirty if isinstance(o, Product)}
+            session.info.setdefault("bump", set()).update(changed)
+
+        def after_commit(session):
+            for product_id in session.info.pop("bump", set()):
+                self.client.incr(f"{self.prefix}version:{product_id}")
+
+        def after_rollback(session):
+            session.info.pop("bump", None)
+
+        return {"before_flush": before_flush, "after_commit": after_commit,
+                "after_rollback": after_rollback}
+
+
+class PipelinedDeletes(PageCacheModel):
+    """Written another way: a list in session.info, one pipeline of UNLINKs."""
+
+    def listeners(self):
+        def remember(mapper, connection, target):
+            object_session(target).info.setdefault("to_unlink", []).append(target.id)
+
+        def unlink(session):
+            with self.client.pipeline(transaction=False) as pipe:
+                for product_id in set(session.info.pop("to_unlink", [])):
+                    for currency in _currencies():
+                        pipe.unlink(self.key(product_id, currency))
+                pipe.execute()
+
+        return {"after_update": remember, "after_commit": unlink}
+
+
+class VersionBumpedInTheFlush(VersionedPages):
+    def listeners(self):
+        def after_update(mapper, connection, target):
+            self.client.incr(f"{self.prefix}version:{target.id}")
+
+        return {"after_update": after_update}
+
+
+class VersionReadButNotInTheKey(VersionedPages):
+    def key(self, product_id, currency):
+        self.client.get(f"{self.prefix}version:{product_id}")
+        return f"{self.prefix}page:{product_id}:{currency}"
+
+
+@pytest.mark.parametrize("answer", [_invalidating(), VersionedPages, PipelinedDeletes],
+                         ids=["model", "versioned", "pipelined"])
+def test_q10_right_answers_pass(answer):
+    passes("05.q10", answer)
+
+
+@pytest.mark.parametrize("answer,hint", [
+    (_invalidating(delete_on="mapper"), ["before the commit", "after_commit"]),
+    (_invalidating(delete_on="before_commit"), ["before the commit"]),
+    (_invalidating(delete_on="after_flush"), ["before the commit"]),
+    (VersionBumpedInTheFlush, ["before the commit"]),
+    (_invalidating(currencies=["EUR"]), ["every currency"]),
+    (_invalidating(note_on=("after_insert",)), ["after_update"]),
+    (_invalidating(wipe=True), ["only the pages of the products"]),
+    (VersionReadButNotInTheKey, ["after_update"]),
+    (_invalidating(base=WithoutCurrency), ["05.q9"]),
+], ids=["deletes-in-flush", "deletes-before-commit", "deletes-after-flush", "version-in-flush",
+        "one-currency", "wrong-event", "wipes-everything", "version-not-in-key", "bad-fetch"])
+def test_q10_usual_mistakes_fail_with_a_hint(answer, hint):
+    fails("05.q10", answer, *hint)
+
+
+def test_q10_leaves_no_listener_behind():
+    def counts():
+        dispatch = Product.__mapper__.dispatch
+        return [len(getattr(dispatch, name)) for name in ("after_update", "after_delete")]
+
+    before = counts()
+    fails("05.q10", _invalidating(delete_on="mapper"))
+    passes("05.q10", PipelinedDeletes)
+    assert counts() == before
+
+
+# --------------------------------------------------------------------------------------------
+# 05.q11: one refresh of a hot key, the old copy for everyone else
+
+
+def fetch_hot_model(client, key, compute, now, fresh_s):
+    raw = client.get(key)
+    if raw is not None:
+        entry = json.loads(raw)
+        if now < entry["fresh_until"]:
+            return entry["value"]
+        if not client.set(key + ":lock", 1, nx=True, px=5000):
+            return entry["value"]
+    try:
+        value = compute()
+        client.set(key, json.dumps({"value": value, "fresh_until": now + fresh_s}),
+                   ex=int(10 * fresh_s))
+        return value
+    finally:
+        if raw is not None:
+            client.delete(key + ":lock")
+
+
+def fetch_hot_in_a_hash(client, key, compute, now, fresh_s):
+    """Written another way: a hash with the value and its expiry, a token in the lock."""
+    stored = client.hgetall(key)
+    if stored:
+        value = json.loads(stored[b"value"])
+        if now < float(stored[b"stale_at"]):
+            return value
+        token = f"{now}-{id(compute)}"
+        if client.set(f"{key}:lock", token, px=3000, nx=True) is None:
+            return value
+        try:
+            value = compute()
+            client.hset(key, mapping={"value": json.dumps(value), "stale_at": now + fresh_s})
+            client.expire(key, int(fresh_s * 20))
+        finally:
+            if client.get(f"{key}:lock") == token.encode():
+                client.delete(f"{key}:lock")
+        return value
+    value = compute()
+    client.hset(key, mapping={"value": json.dumps(value), "stale_at": now + fresh_s})
+    client.expire(key, int(fresh_s * 20))
+    return value
+
+
+def _hot(*, ttl=lambda f: int(10 * f), lock=True, nx=True, px=5000, wait=False,
+         release=True, soft=True):
+    def fetch_hot(client, key, compute, now, fresh_s):
+        raw = client.get(key)
+        if raw is not None:
+            entry = json.loads(raw)
+            if not soft or now < entry["fresh_until"]:
+                return entry["value"]
+            if lock:
+                if nx:
+                    got = client.set(key + ":lock", 1, nx=True, px=px)
+                else:
+                    got = not client.exists(key + ":lock")
+                    if got:
+                        client.set(key + ":lock", 1, px=px)
+                if not got:
+                    if not wait:
+                        return entry["value"]
+                    for _ in range(400):
+                        time.sleep(0.005)
+                        again = json.loads(client.get(key))
+                        if again["fresh_until"] > now:
+                            return again["value"]
+                    return entry["value"]
+        value = compute()
+        client.set(key, json.dumps({"value": value, "fresh_until": now + fresh_s}),
+                   ex=ttl(fresh_s))
+        if raw is not None and lock and release:
+            client.delete(key + ":lock")
+        return value
+    return fetch_hot
+
+
+def plain_cache_aside(client, key, compute, now, fresh_s):
+    raw = client.get(key)
+    if raw is not None:
+        return json.loads(raw)
+    value = compute()
+    client.set(key, json.dumps(value), ex=int(fresh_s))
+    return value
+
+
+def lock_and_wait(client, key, compute, now, fresh_s):
+    """The lesson's lock: the others poll for the new value."""
+    raw = client.get(key)
+    if raw is not None:
+        return json.loads(raw)
+    if client.set(key + ":lock", 1, nx=True, px=5000):
+        try:
+            value = compute()
+            client.set(key, json.dumps(value), ex=int(fresh_s))
+            return value
+        finally:
+            client.delete(key + ":lock")
+    for _ in range(400):
+        time.sleep(0.005)
+        raw = client.get(key)
+        if raw is not None:
+            return json.loads(raw)
+    return compute()
+
+
+def returns_the_envelope(client, key, compute, now, fresh_s):
+    raw = client.get(key)
+    if raw is not None:
+        entry = json.loads(raw)
+        if now < entry["fresh_until"] or not client.set(key + ":lock", 1, nx=True, px=5000):
+            return entry
+    value = compute()
+    client.set(key, json.dumps({"value": value, "fresh_until": now + fresh_s}), ex=600)
+    client.delete(key + ":lock")
+    return value
+
+
+@pytest.mark.parametrize("answer", [fetch_hot_model, fetch_hot_in_a_hash],
+                         ids=lambda a: a.__name__)
+def test_q11_right_answers_pass(answer):
+    passes("05.q11", answer)
+
+
+@pytest.mark.parametrize("answer,hint", [
+    (plain_cache_aside, ["expired from redis", "old copy"]),
+    (lock_and_wait, ["expired from redis"]),
+    (_hot(wait=True), ["waited for the refresh", "return it at once"]),
+    (_hot(lock=False), ["stampede", "set nx px"]),
+    (_hot(nx=False), ["race", "nx=True"]),
+    (_hot(px=None), ["no expiry"]),
+    (_hot(px=600_000), ["expires after 600 s"]),
+    (_hot(release=False), ["delete it"]),
+    (_hot(ttl=lambda f: None), ["never expires"]),
+    (_hot(ttl=lambda f: int(f)), ["expired from redis", "10 * fresh_s"]),
+    (_hot(soft=False), ["nobody recomputed"]),
+    (returns_the_envelope, ["neither the old nor the new"]),
+], ids=["plain", "lock-and-wait", "others-wait", "no-lock", "get-then-set", "lock-no-expiry",
+        "lock-too-long", "lock-kept", "value-no-ttl", "value-ttl-equals-freshness", "never-stale",
+        "envelope"])
+def test_q11_usual_mistakes_fail_with_a_hint(answer, hint):
+    fails("05.q11", answer, *hint)
+
+
+@pytest.mark.parametrize("qid", ["05.q9", "05.q10", "05.q11"])
+def test_lab_untouched_stub_is_no_answer_yet(qid):
+    class Stub:
+        def __init__(self, client, prefix):
+            pass
+
+        def fetch(self, request, render):
+            raise NotImplementedError("Your code here")
+
+        def listeners(self):
+            raise NotImplementedError("Your code here")
+
+    def stub(*args, **kwargs):
+        raise NotImplementedError("Your code here")
+
+    hint = fails(qid, stub if qid == "05.q11" else Stub, "not written yet")
+    assert not hint.startswith("Not yet"), hint
+
+
+def test_lab_graders_leave_no_keys_behind():
+    from perfcourse.services import redis_client
+
+    client = redis_client()
+    try:
+        assert list(client.scan_iter(match="grader05:*", count=1000)) == []
+        assert list(client.scan_iter(match="ch05lab:page:*", count=1000)) == []
+    finally:
+        client.close()

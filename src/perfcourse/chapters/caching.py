@@ -22,6 +22,13 @@ What is here, in the order of the chapter:
   fingerprinted assets), :func:`conditional_requests`, :func:`revisit_after_change` (served by
   :class:`perfcourse.web.BackgroundServer`).
 
+* The lab's harness: :class:`PageRequest` and :func:`page_requests` (a Zipf stream of product
+  page requests with currencies, tracking parameters and sessions), :class:`PageRenderer` (the
+  page in a currency, renders counted), :func:`replay_pages` (the notebook's cache, counted),
+  :func:`price_change_trial` (prices changed through the ORM with the notebook's listeners and a
+  reader between flush and commit) and :func:`hot_key_trial` (the notebook's fetch of a hot key
+  on a simulated clock, threads released together, recomputations counted).
+
 Every key written here lives under a namespace the caller gives (the notebook uses ``ch05``, tests
 a unique prefix); nothing is ever flushed globally. Counts are deterministic for a given workload:
 the random ones are seeded, the concurrent ones are sequenced with barriers and events.
@@ -75,6 +82,7 @@ __all__ = [
     "asset_headers",
     "Cache",
     "cache_key",
+    "CURRENCIES",
     "cached",
     "CacheStats",
     "change_item",
@@ -91,13 +99,20 @@ __all__ = [
     "FragmentCache",
     "hit_rates_by_size",
     "hit_rates_by_ttl",
+    "hot_key_trial",
     "invalidate_on_change",
     "lru_hits",
+    "page_requests",
+    "PageRenderer",
+    "PageRequest",
+    "price_change_trial",
+    "price_in",
     "product_key",
     "product_page",
     "read_product",
     "record_key",
     "render_user_orders",
+    "replay_pages",
     "resilient_client",
     "resilient_kwargs",
     "retry_policy",
@@ -1175,3 +1190,332 @@ def delete_namespace(client: redis.Redis, namespace: str = NAMESPACE) -> int:
     """Delete every key under ``namespace:`` (SCAN + DEL). The chapter's clean-up."""
     return delete_pattern(client, f"{namespace}:*")
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The lab: a product page, its price, a hot key
+# ---------------------------------------------------------------------------------------------
+
+#: The currencies a product page is shown in, with the rate from the shop's euro prices.
+CURRENCIES = {"EUR": Decimal("1"), "USD": Decimal("1.08"), "GBP": Decimal("0.85")}
+_CURRENCY_WEIGHTS = (0.6, 0.3, 0.1)
+_TRACKING = {"utm_source": ("newsletter", "google", "facebook", "partner", "instagram"),
+             "utm_campaign": ("spring", "summer-sale", "retarget", "brand")}
+
+
+@dataclass
+class PageRequest:
+    """One request for a product page, as the web framework hands it over.
+
+    ``params`` holds every query parameter of the URL, tracking ones (``utm_source``, ``ref``)
+    included; ``currency`` is the one that changes the page. ``session_id`` is the visitor's
+    cookie. ``url`` rebuilds the URL the browser asked for.
+    """
+
+    product_id: int
+    currency: str
+    params: dict[str, str]
+    session_id: str
+
+    @property
+    def url(self) -> str:
+        query = "&".join(f"{k}={v}" for k, v in self.params.items())
+        return f"/products/{self.product_id}?{query}"
+
+
+def page_requests(n: int, products: int, *, seed: int = 5, s: float = 1.1,
+                  product_ids: Sequence[int] | None = None) -> list[PageRequest]:
+    """``n`` product-page requests: Zipf-popular products (:func:`zipf_workload`), a currency per
+    visitor (EUR, USD, GBP: 60/30/10%), tracking parameters on most links, a session per
+    visitor, the parameters in the order each link happens to have. Seeded.
+
+    ``product_ids`` maps ranks ``1..products`` to real ids (default: the ids themselves).
+    """
+    rng = np.random.default_rng(seed + 1)
+    ids = list(product_ids) if product_ids is not None else list(range(1, products + 1))
+    visitors = max(1, n // 4)
+    currencies = rng.choice(list(CURRENCIES), size=visitors, p=_CURRENCY_WEIGHTS)
+    out = []
+    for pid in zipf_workload(n, len(ids), s=s, seed=seed):
+        visitor = int(rng.integers(visitors))
+        params = {"currency": str(currencies[visitor])}
+        if rng.random() < 0.8:
+            for name, values in _TRACKING.items():
+                params[name] = str(values[int(rng.integers(len(values)))])
+        if rng.random() < 0.5:
+            params["ref"] = f"r{int(rng.integers(10**6)):06d}"
+        order = list(params.items())
+        rng.shuffle(order)
+        out.append(PageRequest(int(ids[pid - 1]), str(currencies[visitor]), dict(order),
+                               f"s{visitor:05d}-{int(rng.integers(10**4)):04d}"))
+    return out
+
+
+def price_in(price: Any, currency: str) -> str:
+    """A euro price shown in ``currency``, rounded to the cent, as text."""
+    return str((Decimal(str(price)) * CURRENCIES[currency]).quantize(Decimal("0.01")))
+
+
+class PageRenderer:
+    """The expensive part of a product page: :func:`product_page` (3 queries) in a currency.
+
+    Call it as ``render(product_id, currency)``; ``renders`` counts the calls. ``truth(...)``
+    gives the same page without counting (what the database says now).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.renders = 0
+        self._lock = threading.Lock()
+
+    def truth(self, product_id: int, currency: str) -> dict[str, Any]:
+        page = product_page(self.engine, product_id)
+        return {**page, "currency": currency, "price": price_in(page["price"], currency)}
+
+    def __call__(self, product_id: int, currency: str) -> dict[str, Any]:
+        with self._lock:
+            self.renders += 1
+        return self.truth(product_id, currency)
+
+
+def replay_pages(fetch: Callable[[PageRequest, Callable[..., Any]], Any],
+                 requests: Sequence[PageRequest], render: Callable[..., Any], *,
+                 label: str | None = None) -> dict[str, Any]:
+    """Serve ``requests`` through ``fetch(request, render)`` (the code under test); count renders.
+
+    ``render`` is called by ``fetch`` on a miss; the renders counted here are those of this
+    replay. A page whose ``id`` or ``currency`` differs from the request's is a wrong page.
+    ``best_hit_rate`` is what a cache keyed by exactly what the page depends on reaches: every
+    distinct (product, currency) page rendered once.
+    """
+    renders = Counter()
+
+    def counting(product_id, currency):
+        renders["n"] += 1
+        return render(product_id, currency)
+
+    wrong = 0
+    for req in requests:
+        page = fetch(req, counting)
+        if not isinstance(page, dict) or (page.get("id"), page.get("currency")) != (
+                req.product_id, req.currency):
+            wrong += 1
+    distinct = len({(r.product_id, r.currency) for r in requests})
+    label = label or (getattr(fetch, "__doc__", None) or getattr(fetch, "__name__", "fetch"))
+    return {"case": label.strip().splitlines()[0], "requests": len(requests),
+            "distinct_pages": distinct, "renders": renders["n"],
+            "hit_rate": round(1 - renders["n"] / len(requests), 4),
+            "best_hit_rate": round(1 - distinct / len(requests), 4), "wrong_pages": wrong}
+
+
+_MAPPER_EVENTS = frozenset({"before_insert", "after_insert", "before_update", "after_update",
+                            "before_delete", "after_delete"})
+
+
+def price_change_trial(engine: Engine, cache: Any, change: Callable[[Session], Any], *,
+                       product_ids: Sequence[int], render: PageRenderer,
+                       listeners: dict[str, Callable[..., Any]] | None = None) -> dict[str, Any]:
+    """Warm the page of every product of ``product_ids`` in every currency through
+    ``cache.fetch(request, render)``; run ``change(session)`` (updates through the ORM) in a
+    session with ``listeners`` attached (mapper events on :class:`~perfcourse.models.Product`,
+    session events on this trial's own Session class), then flush and commit. A concurrent reader
+    fetches every page between the flush and the commit (right after the flush, and in
+    ``before_commit`` after the listeners), as requests arriving meanwhile would. Finally every
+    page is fetched again and compared with the database.
+
+    Returns ``pages``, ``stale`` (pages showing another price or name than the database),
+    ``stale_pages`` (a list of (product_id, currency)), ``recached_in_window`` (pages the reader
+    had to render between the flush and the commit) and ``renders_after`` (renders of the final
+    read). Listeners are removed on exit.
+    """
+
+    class TrialSession(Session):
+        """This trial's sessions: listeners attached here touch no other session."""
+
+    pages = [(pid, cur) for pid in product_ids for cur in CURRENCIES]
+
+    def read_all() -> int:
+        before = render.renders
+        for pid, cur in pages:
+            cache.fetch(PageRequest(pid, cur, {"currency": cur}, "trial"), render)
+        return render.renders - before
+
+    window = Counter()
+
+    def reader(*_args) -> None:
+        window["renders"] += read_all()
+
+    attached = []
+    try:
+        read_all()
+        for name, fn in (listeners or {}).items():
+            target = Product if name in _MAPPER_EVENTS else TrialSession
+            sa.event.listen(target, name, fn)
+            attached.append((target, name, fn))
+        sa.event.listen(TrialSession, "before_commit", reader)
+        attached.append((TrialSession, "before_commit", reader))
+        with TrialSession(engine) as session:
+            change(session)
+            session.flush()
+            reader()
+            session.commit()
+    finally:
+        for target, name, fn in attached:
+            sa.event.remove(target, name, fn)
+    before = render.renders
+    stale = []
+    for pid, cur in pages:
+        shown = cache.fetch(PageRequest(pid, cur, {"currency": cur}, "trial"), render)
+        truth = render.truth(pid, cur)
+        if not isinstance(shown, dict) or (shown.get("price"), shown.get("name")) != (
+                truth["price"], truth["name"]):
+            stale.append((pid, cur))
+    return {"pages": len(pages), "stale": len(stale), "stale_pages": stale,
+            "recached_in_window": window["renders"], "renders_after": render.renders - before}
+
+
+class _HotKeyClient:
+    """``client`` as one request of :func:`hot_key_trial` sees it.
+
+    After its first read of the lock key (``GET``/``EXISTS``) each request waits until every
+    request has read it (or one is computing, or ``pause_s`` passed): a check-then-set on the
+    lock then always meets the interleaving production meets by chance. ``SET`` on the lock without ``nx`` is noted.
+    """
+
+    def __init__(self, client: redis.Redis, lock_key: str, trial: dict[str, Any]) -> None:
+        self._client = client
+        self._lock_key = lock_key
+        self._trial = trial
+
+    def _pause_on_lock(self, names) -> None:
+        names = {n.decode() if isinstance(n, bytes) else n for n in names}
+        if self._lock_key not in names:
+            return
+        trial, me = self._trial, threading.get_ident()
+        with trial["cond"]:
+            if me in trial["lock_readers"]:
+                return
+            trial["lock_readers"].add(me)
+            trial["cond"].notify_all()
+            trial["cond"].wait_for(lambda: len(trial["lock_readers"]) >= trial["threads"]
+                                   or trial["state"]["computing"] > 0, timeout=trial["pause_s"])
+
+    def get(self, name):
+        value = self._client.get(name)
+        self._pause_on_lock([name])  # after the read: nobody sets the lock before all have read
+        return value
+
+    def exists(self, *names):
+        found = self._client.exists(*names)
+        self._pause_on_lock(names)
+        return found
+
+    def set(self, name, value, *args, **kwargs):
+        if (name.decode() if isinstance(name, bytes) else name) == self._lock_key and not (
+                kwargs.get("nx") or (len(args) > 2 and args[2])):
+            self._trial["lock_set_without_nx"] += 1
+        return self._client.set(name, value, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def hot_key_trial(client: redis.Redis, key: str, fetch: Callable[..., Any], *, threads: int = 12,
+                  fresh_s: float = 30.0, patience_s: float = 1.0) -> dict[str, Any]:
+    """A hot key goes stale while ``threads`` requests arrive together; count what ``fetch`` does.
+
+    ``fetch(client, key, compute, now, fresh_s)`` is the code under test; ``now`` is the trial's
+    simulated clock (seconds), ``fresh_s`` how long a value stays fresh, and ``compute()`` the
+    expensive value (a JSON-able dict, counted).
+    The trial: one request at ``now = 0`` (cold), one at ``fresh_s / 2`` (should hit), then
+    ``threads`` requests released together at ``now = fresh_s + 1``. A key whose Redis TTL would
+    have run out by then is deleted first (Redis would have expired it); a lock read
+    (``key + ":lock"``) is held until every request has read it. Each ``compute`` waits until
+    every other request has returned or is computing too (at most ``patience_s``): requests
+    that neither had were waiting for it. Then one more request at ``fresh_s + 2``.
+
+    Returns ``recomputations`` (at the stale moment), ``served_old``/``served_new``, ``waited``,
+    ``fresh_recomputes``, ``key_ttl_ms`` (after the first store), ``expired`` (deleted by the
+    simulated clock), ``lock_ttl_ms`` (the lock's PTTL while computing; -2 none, -1 no expiry),
+    ``lock_set_without_nx``, ``lock_left_ms`` (afterwards) and ``refreshed`` (the last request
+    got the new value without computing). Keys ``key*`` are deleted before and after.
+    """
+    lock_key = key + ":lock"
+    counts = Counter()
+    lock_ttls: list[int] = []
+    state = {"returned": 0, "computing": 0, "waited": None}
+    cond = threading.Condition()
+    trial: dict[str, Any] = {"cond": cond, "lock_readers": set(), "state": state,
+                             "threads": threads, "pause_s": patience_s, "lock_set_without_nx": 0}
+
+    def value(version: int) -> dict[str, Any]:
+        return {"bestsellers": [version * 100 + i for i in range(5)], "version": version}
+
+    def compute_value(version: int, phase: str) -> Callable[[], dict[str, Any]]:
+        def compute() -> dict[str, Any]:
+            with cond:
+                counts[phase] += 1
+            if phase == "stale":
+                lock_ttls.append(int(client.pttl(lock_key)))
+                with cond:
+                    state["computing"] += 1
+                    cond.notify_all()
+                    done = cond.wait_for(
+                        lambda: state["returned"] + state["computing"] >= threads,
+                        timeout=patience_s)
+                    if state["waited"] is None:
+                        state["waited"] = 0 if done else (
+                            threads - state["returned"] - state["computing"])
+            return value(version)
+        return compute
+
+    def clean() -> None:
+        delete_pattern(client, key.replace("*", r"\*") + "*")
+
+    clean()
+    errors: list[BaseException] = []
+    served: list[Any] = []
+    try:
+        old = fetch(client, key, compute_value(1, "cold"), 0.0, fresh_s)
+        key_ttl_ms = int(client.pttl(key))
+        fetch(client, key, compute_value(1, "fresh"), fresh_s / 2, fresh_s)
+        now = fresh_s + 1
+        expired = 0 <= key_ttl_ms <= now * 1000
+        if expired:
+            client.delete(key)
+        start = threading.Barrier(threads)
+        compute = compute_value(2, "stale")
+
+        def request() -> None:
+            try:
+                start.wait(timeout=10)
+                served.append(fetch(_HotKeyClient(client, lock_key, trial), key, compute, now,
+                                   fresh_s))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                errors.append(exc)
+            finally:
+                with cond:
+                    state["returned"] += 1
+                    cond.notify_all()
+
+        workers = [threading.Thread(target=request, daemon=True) for _ in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(30)
+        if errors:
+            raise errors[0]
+        lock_left_ms = int(client.pttl(lock_key))
+        last = fetch(client, key, compute_value(2, "after"), now + 1, fresh_s)
+    finally:
+        clean()
+    old_value, new_value = value(1), value(2)
+    return {"requests": threads, "recomputations": counts["stale"],
+            "served_old": sum(v == old_value for v in served),
+            "served_new": sum(v == new_value for v in served),
+            "served_other": sum(v != old_value and v != new_value for v in served),
+            "waited": state["waited"] or 0, "first_value_ok": old == old_value,
+            "fresh_recomputes": counts["fresh"], "key_ttl_ms": key_ttl_ms, "expired": expired,
+            "lock_ttl_ms": lock_ttls[0] if lock_ttls else None,
+            "lock_set_without_nx": trial["lock_set_without_nx"], "lock_left_ms": lock_left_ms,
+            "refreshed": counts["after"] == 0 and last == new_value}

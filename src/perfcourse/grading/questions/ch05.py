@@ -17,6 +17,7 @@ import math
 import random
 import shutil
 import tempfile
+import threading
 from collections import Counter
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -26,8 +27,10 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, object_session
 
+from perfcourse.chapters import caching
 from perfcourse.chapters.caching import CountingRedis
 from perfcourse.models import Base, Category, Product
+from perfcourse.units import format_duration
 
 from ..bank import Question
 from ..checkers import (
@@ -39,6 +42,7 @@ from ..checkers import (
     call_learner,
     need_function,
     short_repr,
+    time_limit,
     type_name,
 )
 from ..datasets import PrivateRedis
@@ -739,6 +743,447 @@ class _DeleteLeakedCheck(Checker):
 
 
 # --------------------------------------------------------------------------------------------
+# The lab (05.q9-q11): the product page that never hits, its stale price, the hot key
+#
+# The learner's cache is driven through the chapter's lab harness (caching.page_requests,
+# PageRenderer, price_change_trial, hot_key_trial) on hidden inputs: another Zipf stream, other
+# products and prices, other updates, another number of threads and freshness.
+
+#: The lab's freshness budget: a product page (its sales figures) may be this old.
+_PAGE_BUDGET_S = 300
+#: Requests per second on product pages, for the TTL's hit rate on a simulated clock.
+_PAGE_RATE_PER_S = 5
+#: How far below the budget TTL's simulated hit rate a TTL may fall.
+_TTL_SLACK = 0.05
+
+
+class _PageRecorder(CountingRedis):
+    """A counting client that also notes every key the learner's code writes."""
+
+    def __init__(self, source):
+        super().__init__(source)
+        self.written: set[str] = set()
+
+    def execute_command(self, *args, **options):
+        if args and str(args[0]).upper() in ("SET", "SETEX", "PSETEX", "SETNX", "GETSET",
+                                             "INCR", "INCRBY", "HSET") and len(args) > 1:
+            name = args[1].decode() if isinstance(args[1], bytes) else str(args[1])
+            with self._lock:
+                self.written.add(name)
+        return super().execute_command(*args, **options)
+
+
+def _page_cache(answer, client, prefix, qid, *methods):
+    cache = call_learner(answer, client, prefix)
+    for name in methods:
+        if not callable(getattr(cache, name, None)):
+            raise Incorrect(f"{type_name(cache)} has no method {name}(): pass the class itself, "
+                            f"e.g. check(\"{qid}\", {'PageCache' if qid == '05.q9' else 'PriceSafePageCache'}), "
+                            "whose instances have fetch(request, render)"
+                            + (" and listeners()." if "listeners" in methods else "."))
+    return cache
+
+
+class _Catalog:
+    """The grader's hidden products: a page in any currency, renders counted (no database)."""
+
+    def __init__(self, ids, rng):
+        self.products = {pid: (f"Product {pid}", Decimal(rng.randint(199, 99_999)) / 100)
+                         for pid in ids}
+        self.renders = 0
+
+    def truth(self, product_id, currency):
+        name, price = self.products[product_id]
+        return {"id": product_id, "name": name, "currency": currency,
+                "price": caching.price_in(price, currency)}
+
+    def __call__(self, product_id, currency):
+        self.renders += 1
+        return self.truth(product_id, currency)
+
+
+def _clean_outside(redis_, recorder):
+    outside = [k for k in recorder.written if not k.startswith(redis_.prefix)]
+    for start in range(0, len(outside), 500):
+        redis_.client.delete(*outside[start:start + 500])
+    return outside
+
+
+class _PageCacheCheck(Checker):
+    requests = 3000
+    products = 1500
+
+    def grade(self, answer):
+        need_function(answer, 'check("05.q9", PageCache)')
+        rng = random.Random(5009)
+        ids = rng.sample(range(10_000, 99_999), self.products)
+        stream = caching.page_requests(self.requests, self.products, seed=rng.randint(100, 999),
+                                       s=1.05, product_ids=ids)
+        catalog = _Catalog(ids, rng)
+        with _PrivateRedis() as redis_:
+            client = _PageRecorder(redis_.client)
+            try:
+                self._replay(answer, redis_, client, stream, catalog)
+            finally:
+                _clean_outside(redis_, client)
+
+    def _replay(self, answer, redis_, client, stream, catalog):
+        cache = _page_cache(answer, client, redis_.prefix, "05.q9", "fetch")
+        seen: dict[tuple[int, str], str] = {}
+        for number, req in enumerate(stream):
+            page = call_learner(cache.fetch, req, catalog)
+            expected = catalog.truth(req.product_id, req.currency)
+            if page != expected:
+                self._wrong_page(req, page, expected)
+            seen.setdefault((req.product_id, req.currency), req.session_id)
+            if number == 0:
+                self._check_prefix(redis_, client)
+                self._check_ttl(redis_, client)
+        _forbid_blocking(client)
+        self._check_prefix(redis_, client)
+        distinct = len(seen)
+        if catalog.renders > distinct * 1.02 + 2:
+            raise Incorrect(self._why_missed(redis_, stream, catalog.renders, distinct))
+        keys = redis_.keys()
+        if not keys:
+            raise Incorrect("Nothing was stored in Redis: keep the pages there (client.set), so "
+                            "every worker process shares them.")
+        other = _page_cache(answer, client, redis_.prefix, "05.q9", "fetch")  # another worker
+        before = catalog.renders
+        for req in stream[:40]:
+            call_learner(other.fetch, req, catalog)
+        if catalog.renders != before:
+            raise Incorrect(
+                f"A second PageCache (another worker process) rendered {catalog.renders - before} "
+                "pages the first one had cached: keep the pages in Redis, not in the object.")
+        self._check_ttl(redis_, client, stream)
+
+    @staticmethod
+    def _check_prefix(redis_, client):
+        outside = sorted(k for k in client.written if not k.startswith(redis_.prefix))
+        if outside:
+            raise Incorrect(f"Your cache wrote {short_repr(outside[0], 60)}, outside the prefix it "
+                            "was given: start every key with prefix, the lab's namespace.")
+
+    @staticmethod
+    def _wrong_page(req, page, expected):
+        if not isinstance(page, dict):
+            hint = " Did you forget `return`?" if page is None else ""
+            raise Incorrect(f"fetch returned {short_repr(page, 50)} (a {type_name(page)}) for "
+                            f"{req.url}: return the page dict, as render() gave it (JSON in "
+                            f"Redis, json.loads on a hit).{hint}")
+        if page.get("id") != req.product_id:
+            raise Incorrect(
+                f"{req.url} got the page of product {short_repr(page.get('id'), 20)}: two "
+                "products share a key. Put the product id in the key.")
+        if page.get("currency") != req.currency:
+            raise Incorrect(
+                f"{req.url} got the page in {short_repr(page.get('currency'), 10)}, not "
+                f"{req.currency}: the currency changes the page, so it belongs in the key.")
+        raise Incorrect(f"For {req.url} fetch returned {short_repr(page, 80)}, expected "
+                        f"{short_repr(expected, 80)}: return what render() gave (JSON round "
+                        "trip), unchanged.")
+
+    @staticmethod
+    def _why_missed(redis_, stream, renders, distinct):
+        keys = [k.decode() for k in redis_.keys()]
+        text = " ".join(keys[:400])
+        named = []
+        if any(r.session_id in text for r in stream[:400]):
+            named.append("the session id")
+        if any(v in text for r in stream[:400] for k, v in r.params.items() if k != "currency"):
+            named.append("tracking parameters (utm_source, utm_campaign, ref)")
+        if "/products/" in text or "?" in text:
+            named.append("the URL")
+        what = (" Your keys hold " + " and ".join(named) + ": they differ for visitors who see "
+                "the same page.") if named else ""
+        return (f"{len(stream):,} requests for {distinct:,} distinct pages made {renders:,} renders "
+                f"(hit rate {1 - renders / len(stream):.0%}, the best is "
+                f"{1 - distinct / len(stream):.0%}).{what} Key a page by what changes it: the "
+                "product id and the currency, nothing else.")
+
+    @staticmethod
+    def _check_ttl(redis_, client, stream=None):
+        ttls = {k: redis_.client.pttl(k) for k in redis_.keys()}
+        if not ttls:
+            raise Incorrect("After the first request nothing was stored under the prefix: store "
+                            "the page with client.set(key, json.dumps(page), ex=ttl).")
+        if -1 in ttls.values():
+            raise Incorrect("Your pages never expire: pass the TTL to SET (ex=...). Without it a "
+                            "page's sales figures stay old forever.")
+        longest, shortest = max(ttls.values()) / 1000, min(ttls.values()) / 1000
+        if longest > _PAGE_BUDGET_S + 1:
+            raise Incorrect(f"A page lives {longest:.0f} s in the cache: longer than the "
+                            f"{_PAGE_BUDGET_S} s its sales figures may be old.")
+        if shortest < 2:
+            raise Incorrect(f"A page lives {format_duration(shortest)} in the cache, gone before "
+                            "the next visitor: ex= takes seconds, px= milliseconds.")
+        if stream is None:
+            return
+        pages = [(r.product_id, r.currency) for r in stream]
+        hits, _ = caching.ttl_hits(pages, max(shortest, 0.001), _PAGE_RATE_PER_S)
+        best, _ = caching.ttl_hits(pages, _PAGE_BUDGET_S, _PAGE_RATE_PER_S)
+        if hits / len(pages) < best / len(pages) - _TTL_SLACK:
+            raise Incorrect(
+                f"A TTL of {format_duration(shortest)} expires before most pages are asked for "
+                f"again: at {_PAGE_RATE_PER_S} requests/s this stream would hit "
+                f"{hits / len(pages):.0%} of the time, against {best / len(pages):.0%} with the "
+                f"{_PAGE_BUDGET_S} s the budget allows (ex= takes seconds, px= milliseconds).")
+
+    def model_answer(self):
+        return (
+            "class PageCache:\n"
+            "    def __init__(self, client, prefix):\n"
+            "        self.client, self.prefix = client, prefix\n"
+            "\n"
+            "    def key(self, product_id, currency):\n"
+            "        return f\"{self.prefix}page:{product_id}:{currency}\"\n"
+            "\n"
+            "    def fetch(self, request, render):\n"
+            "        key = self.key(request.product_id, request.currency)\n"
+            "        raw = self.client.get(key)\n"
+            "        if raw is not None:\n"
+            "            return json.loads(raw)\n"
+            "        page = render(request.product_id, request.currency)\n"
+            "        self.client.set(key, json.dumps(page), ex=300)  # the freshness budget\n"
+            "        return page")
+
+
+def _grader_shop(folder: Path, rng):
+    engine = sa.create_engine(f"sqlite:///{folder / 'grader05_lab.db'}")
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add(Category(id=1, name="grader"))
+        for pid in range(1, 13):
+            session.add(Product(id=pid, category_id=1, name=f"product {rng.randint(100, 999)}",
+                                price=Decimal(rng.randint(199, 9999)) / 100, active=True))
+        session.commit()
+    return engine
+
+
+class _PriceInvalidationCheck(Checker):
+    def grade(self, answer):
+        need_function(answer, 'check("05.q10", PriceSafePageCache)')
+        rng = random.Random(5010)
+        folder = Path(tempfile.mkdtemp(prefix="grader05-lab-"))
+        engine = None
+        try:
+            engine = _grader_shop(folder, rng)
+            with _PrivateRedis() as redis_:
+                client = _PageRecorder(redis_.client)
+                try:
+                    self._scenarios(answer, redis_, client, engine, rng)
+                finally:
+                    _clean_outside(redis_, client)
+                _forbid_blocking(client)
+        finally:
+            if engine is not None:
+                engine.dispose()
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _scenarios(self, answer, redis_, client, engine, rng):
+        cache = _page_cache(answer, client, redis_.prefix, "05.q10", "fetch", "listeners")
+        hooks = _page_listeners(cache.listeners)
+        render = caching.PageRenderer(engine)
+        for pid in (1, 2):
+            for currency in caching.CURRENCIES:
+                page = call_learner(cache.fetch, caching.PageRequest(pid, currency,
+                                                                     {"currency": currency}, "g"),
+                                    render)
+                if page != render.truth(pid, currency):
+                    raise Incorrect("fetch (from your PageCache) returns another page than "
+                                    "render() gave: make 05.q9 pass first.")
+        ids = list(range(1, 13))
+        first, second, third, fourth = rng.sample(ids, 4)
+
+        def one_price(session):
+            session.get(Product, first).price += Decimal("1.10")
+
+        def several(session):
+            session.get(Product, second).price += Decimal("2.00")
+            product = session.get(Product, third)
+            product.price = product.price * Decimal("0.9")
+            session.flush()  # as a query's autoflush would: a second UPDATE of the same row
+            product.price += Decimal("0.05")
+            session.get(Product, fourth).name = "renamed " + session.get(Product, fourth).name
+
+        for change, changed, what in [
+                (one_price, {first}, f"After the price of product {first} went up"),
+                (several, {second, third, fourth},
+                 f"After products {second} and {third} changed price and {fourth} its name, "
+                 "in one transaction")]:
+            trial = call_learner(caching.price_change_trial, engine, cache, change,
+                                 product_ids=ids, render=render, listeners=hooks)
+            self._verify(trial, changed, what)
+
+    @staticmethod
+    def _verify(trial, changed, what):
+        stale = trial["stale_pages"]
+        if stale:
+            pid, currency = stale[0]
+            shown = sorted(c for p, c in stale if p == pid)
+            if trial["recached_in_window"]:
+                raise Incorrect(
+                    f"{what}, the {currency} page of product {pid} showed the old data: it was "
+                    "invalidated before the commit (during the flush), and a request in between "
+                    "cached the old page again. Note the product during the flush "
+                    "(session.info) and invalidate in after_commit.")
+            if len(shown) < len(caching.CURRENCIES):
+                fresh = sorted(set(caching.CURRENCIES) - set(shown))
+                raise Incorrect(
+                    f"{what}, the {', '.join(fresh)} page of product {pid} was right but the "
+                    f"{', '.join(shown)} page still showed the old data: a product has one page "
+                    "per currency. Delete every currency's page (or put a version in the key).")
+            raise Incorrect(
+                f"{what}, its pages still showed the old data after the commit: note the "
+                "changed product in after_update and delete its pages in after_commit.")
+        most = len(changed) * len(caching.CURRENCIES)
+        if trial["renders_after"] > most:
+            raise Incorrect(
+                f"{what}, reading every page again rendered {trial['renders_after']} pages, "
+                f"but only {most} (the changed products' pages) were out of date: invalidate "
+                "only the pages of the products this session changed.")
+
+    def model_answer(self):
+        return (
+            "class PriceSafePageCache(PageCache):\n"
+            "    def listeners(self):\n"
+            "        def note(mapper, connection, target):\n"
+            "            session = object_session(target)\n"
+            "            session.info.setdefault(\"changed_products\", set()).add(target.id)\n"
+            "\n"
+            "        def delete_pages(session):\n"
+            "            ids = session.info.pop(\"changed_products\", set())\n"
+            "            keys = [self.key(i, c) for i in ids for c in caching.CURRENCIES]\n"
+            "            if keys:\n"
+            "                self.client.delete(*keys)\n"
+            "\n"
+            "        def forget(session):\n"
+            "            session.info.pop(\"changed_products\", None)\n"
+            "\n"
+            "        return {\"after_update\": note, \"after_delete\": note,\n"
+            "                \"after_commit\": delete_pages, \"after_rollback\": forget}")
+
+
+def _page_listeners(make) -> dict:
+    hooks = call_learner(make)
+    if not isinstance(hooks, dict) or not hooks:
+        raise Incorrect("listeners() must return a dict from event names to listener "
+                        "functions, e.g. {\"after_update\": note, \"after_commit\": delete_pages}"
+                        f" (got a {type_name(hooks)}).")
+    for name, fn in hooks.items():
+        if name not in _MAPPER_EVENTS | _SESSION_EVENTS:
+            raise Incorrect(
+                f"{name!r} is not an event this exercise knows: use mapper events "
+                f"({', '.join(sorted(_MAPPER_EVENTS))}) or session events "
+                f"({', '.join(sorted(_SESSION_EVENTS))}).")
+        if not callable(fn):
+            raise Incorrect(f"The listener for {name!r} is a {type_name(fn)}, not a function.")
+    return hooks
+
+
+class _HotKeyCheck(Checker):
+    #: Hidden trials: (requests released together, seconds a value stays fresh).
+    trials = ((10, 45.0), (6, 20.0))
+
+    def grade(self, answer):
+        need_function(answer, 'check("05.q11", fetch_hot)')
+
+        def guarded(*args):
+            if threading.current_thread() is threading.main_thread():
+                return call_learner(answer, *args)
+            with time_limit(5.0):  # each request thread gets its own cap
+                return call_learner(answer, *args)
+
+        with _PrivateRedis() as redis_:
+            client = CountingRedis(redis_.client)
+            for threads, fresh_s in self.trials:
+                trial = caching.hot_key_trial(client, f"{redis_.prefix}bestsellers", guarded,
+                                              threads=threads, fresh_s=fresh_s)
+                self._verify(trial, threads, fresh_s)
+            _forbid_blocking(client)
+
+    @staticmethod
+    def _verify(t, threads, fresh_s):
+        if not t["first_value_ok"]:
+            raise Incorrect("On a cold miss (nothing stored) return what compute() gave.")
+        if t["fresh_recomputes"]:
+            raise Incorrect(
+                f"A request {fresh_s / 2:g} s after the value was computed (fresh for {fresh_s:g} "
+                "s) recomputed it: store the time it stays fresh (now + fresh_s) with the value, "
+                "and return the value while now is before it.")
+        if t["key_ttl_ms"] == -1:
+            raise Incorrect("The stored value never expires in Redis: give it a TTL (ex=...) "
+                            "several times fresh_s, so a key nobody reads goes away.")
+        if t["expired"]:
+            raise Incorrect(
+                f"The stored value expired from Redis after {t['key_ttl_ms'] / 1000:.3g} s, "
+                f"with its freshness ({fresh_s:g} s): at the stale moment there was no old copy "
+                "to serve and every request missed. Keep it in Redis several times longer "
+                "(e.g. ex=10 * fresh_s) and decide freshness with now.")
+        if t["served_other"]:
+            raise Incorrect("Some requests got neither the old nor the new value: return the "
+                            "value compute() gave (stored as JSON), not the stored envelope.")
+        if t["recomputations"] == 0:
+            raise Incorrect(
+                f"When the value went stale ({threads} requests at once), nobody recomputed it: "
+                "one request must take the lock and refresh the value.")
+        if t["recomputations"] > 1:
+            if t["lock_set_without_nx"]:
+                raise Incorrect(
+                    f"{threads} requests found the value stale at once and {t['recomputations']} "
+                    "recomputed: checking the lock (GET or EXISTS) and then setting it is a "
+                    "race, every request sees it free. Take it in one command: SET key:lock "
+                    "with nx=True and px=..., and recompute only if that returned True.")
+            raise Incorrect(
+                f"{threads} requests found the value stale at once and {t['recomputations']} "
+                "recomputed it (a stampede): take key + \":lock\" with SET NX PX; only the "
+                "request that got it recomputes.")
+        if t["lock_ttl_ms"] == -1:
+            raise Incorrect(
+                "Your lock has no expiry: if the request holding it dies (a crash, a timeout), "
+                "the lock stays forever and the value is never refreshed again. SET it with px=.")
+        if t["lock_ttl_ms"] == -2:
+            raise Incorrect("No key + \":lock\" was held while the value was recomputed: take "
+                            "the lock under that name, with SET NX PX, before computing.")
+        if t["lock_ttl_ms"] > 60_000:
+            raise Incorrect(f"Your lock expires after {t['lock_ttl_ms'] / 1000:.0f} s: if its "
+                            "holder dies, nobody refreshes the value for that long. A few "
+                            "seconds (longer than one computation) is enough.")
+        if t["waited"]:
+            raise Incorrect(
+                f"{t['waited']} of the {threads - 1} other requests waited for the refresh: "
+                "while an old copy exists, return it at once (stale-while-revalidate); only the "
+                "lock holder waits for compute().")
+        if t["lock_left_ms"] != -2:
+            raise Incorrect("The lock was still there after the refresh: delete it once the new "
+                            "value is stored (in a finally:), so the next refresh can take it.")
+        if not t["refreshed"]:
+            raise Incorrect(
+                "After the refresh, the next request did not get the new value without "
+                "recomputing: store the new value with its new freshness (now + fresh_s).")
+
+    def model_answer(self):
+        return (
+            "def fetch_hot(client, key, compute, now, fresh_s):\n"
+            "    raw = client.get(key)\n"
+            "    if raw is not None:\n"
+            "        entry = json.loads(raw)\n"
+            "        if now < entry[\"fresh_until\"]:\n"
+            "            return entry[\"value\"]\n"
+            "        if not client.set(key + \":lock\", 1, nx=True, px=5000):\n"
+            "            return entry[\"value\"]  # someone refreshes: serve the old copy\n"
+            "    try:\n"
+            "        value = compute()\n"
+            "        entry = {\"value\": value, \"fresh_until\": now + fresh_s}\n"
+            "        client.set(key, json.dumps(entry), ex=int(10 * fresh_s))\n"
+            "        return value\n"
+            "    finally:\n"
+            "        if raw is not None:\n"
+            "            client.delete(key + \":lock\")")
+
+
+# --------------------------------------------------------------------------------------------
 
 QUESTIONS = [
     Question(
@@ -908,5 +1353,48 @@ QUESTIONS = [
         explanation="app.e2f2b650.css can never change: new content gets a new name. So caches "
         "(browsers, CDNs) may keep it a year without asking again; `immutable` even skips the "
         "revalidation on reload.",
+    ),
+    Question(
+        id="05.q9",
+        title="Lab: product pages keyed by what changes them",
+        checker=_PageCacheCheck(),
+        explanation="A page differs by product and currency, and by nothing else the request "
+        "carries: tracking parameters, the session and the URL's parameter order only split one "
+        "page into thousands of keys that are each read once. Keyed by product and currency, a "
+        "cold cache renders each distinct page once. The TTL comes from how old the page may be "
+        "(5 minutes for its sales figures): the longest TTL the budget allows hits the most, "
+        "and the price, which may not be old at all, is invalidated on change instead.",
+        hints=("key = f\"{self.prefix}page:{request.product_id}:{request.currency}\"; GET it, "
+               "json.loads on a hit; on a miss render(product_id, currency), SET json.dumps(page) "
+               "with ex=300, return the page.",),
+        time_limit=15.0,
+    ),
+    Question(
+        id="05.q10",
+        title="Lab: every currency's page invalidated after the commit",
+        checker=_PriceInvalidationCheck(),
+        explanation="A change to a product makes all its pages wrong, one per currency. Note "
+        "the product id during the flush (after_update, per session in session.info) and delete "
+        "its pages in after_commit: deleted earlier, a request between the flush and the commit "
+        "caches the old page again. Pages of other products keep hitting. A version per product "
+        "in the key, bumped after the commit, works too (key-based expiry).",
+        hints=("listeners() returns {\"after_update\": note, \"after_commit\": delete_pages, "
+               "\"after_rollback\": forget}; note adds target.id to object_session(target).info; "
+               "delete_pages deletes self.key(id, currency) for every currency.",),
+        time_limit=15.0,
+    ),
+    Question(
+        id="05.q11",
+        title="Lab: one refresh of a hot key, the old copy for everyone else",
+        checker=_HotKeyCheck(),
+        explanation="Store the value with the moment it stops being fresh and keep it in Redis "
+        "much longer. Once stale, the request that wins SET key:lock NX PX recomputes; the "
+        "others return the old copy at once (stale-while-revalidate), so nobody waits and the "
+        "database sees one query. The lock's expiry frees it if its holder dies; a GET or "
+        "EXISTS before the SET is a race, NX makes the check and the set one command.",
+        hints=("Store json.dumps({\"value\": v, \"fresh_until\": now + fresh_s}) with "
+               "ex=10 * fresh_s. Stale: if client.set(key + \":lock\", 1, nx=True, px=5000) "
+               "recompute, store, delete the lock; else return the old value.",),
+        time_limit=15.0,
     ),
 ]
