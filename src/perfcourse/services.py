@@ -18,14 +18,17 @@ import socket
 import subprocess
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import redis
 
 from .config import data_dir
 from .errors import BackendUnavailable
 from .locks import file_lock
+from .memory import processes_with_env
 from .replicas import REPLICATION_DIR, replica_pair_running, stop_replica_pair
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "redis_client",
     "redis_url",
     "remove_embedded_state",
+    "session_processes",
     "start_embedded_postgres",
     "start_embedded_redis",
     "status",
@@ -337,3 +341,30 @@ def remove_embedded_state() -> None:
     down()
     for name in (POSTGRES_DIR, REDIS_DIR, REPLICATION_DIR):
         shutil.rmtree(data_dir() / name, ignore_errors=True)
+
+
+def session_processes(folder: Path | None = None) -> Callable[[], list[psutil.Process]]:
+    """Every process of one course session, for :class:`perfcourse.memory.Footprint`.
+
+    A session is what one data folder (``PERFCOURSE_DATA``) serves: the Jupyter server and
+    kernels started with it in their environment, and the embedded PostgreSQL (the postmaster
+    and its backends) and Redis found by their pid files. The pid files matter: Redis rewrites
+    its process title over its environment, so its environment no longer names the folder.
+    """
+
+    folder = Path(folder or data_dir()).resolve()
+    by_environment = processes_with_env("PERFCOURSE_DATA", str(folder))
+    pid_files = (folder / POSTGRES_DIR / "postmaster.pid", folder / REDIS_DIR / "redis.pid")
+
+    def select() -> list[psutil.Process]:
+        found = {process.pid: process for process in by_environment()}
+        for pid_file in pid_files:
+            try:
+                server = psutil.Process(int(pid_file.read_text().split()[0]))
+                family = [server, *server.children(recursive=True)]
+            except (OSError, ValueError, IndexError, psutil.Error):  # not running, or gone meanwhile
+                continue
+            found.update({process.pid: process for process in family})
+        return list(found.values())
+
+    return select

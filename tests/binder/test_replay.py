@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from perfcourse.memory import Footprint, processes_with_env
+from perfcourse.memory import Footprint
+from perfcourse.services import session_processes
 from perfcourse.units import format_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,7 +100,7 @@ def test_a_learner_session_fits_in_binders_memory(replay):
     try:
         time.sleep(5)  # the server settles at its idle size before the first notebook
         assert server.poll() is None, "JupyterLab did not start in the replayed environment"
-        with Footprint(processes_with_env("PERFCOURSE_DATA", env["PERFCOURSE_DATA"])) as footprint:
+        with Footprint(session_processes(Path(env["PERFCOURSE_DATA"]))) as footprint:
             run = subprocess.run([env_dir / "bin" / "python", "-c", DRIVER, *NOTEBOOKS], env=env,
                                  cwd=ROOT, capture_output=True, text=True, check=False)
         assert run.returncode == 0, run.stderr[-2000:] or run.stdout[-2000:]

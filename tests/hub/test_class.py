@@ -42,7 +42,8 @@ import nbformat
 import psutil
 import pytest
 
-from perfcourse.memory import Footprint, processes_with_env
+from perfcourse.memory import Footprint
+from perfcourse.services import session_processes
 from perfcourse.units import format_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -242,14 +243,18 @@ c.Spawner.environment = {{
 
 
 def test_three_learners_run_chapters_00_and_02_at_once_each_in_their_own_servers(hub, learners):
-    footprints = {user: Footprint(processes_with_env("PERFCOURSE_DATA", str(_data_dir(user)))) for user in learners}
+    footprints = {user: Footprint(session_processes(_data_dir(user))) for user in learners}
     errors: dict[str, list[str]] = {}
 
+    seconds: dict[str, float] = {}
+
     def learner(user: str) -> None:
+        started = time.monotonic()
         try:
             errors[user] = [f"{nb}: {e}" for nb in NOTEBOOKS for e in hub.run_notebook(user, nb)]
         except Exception as exc:  # noqa: BLE001 - reported below, with the learner's name
             errors[user] = [f"{type(exc).__name__}: {exc}"]
+        seconds[user] = round(time.monotonic() - started, 1)
 
     for footprint in footprints.values():
         footprint.__enter__()
@@ -263,12 +268,13 @@ def test_three_learners_run_chapters_00_and_02_at_once_each_in_their_own_servers
     assert errors == {user: [] for user in learners}
 
     record = {user: {"peak_bytes": f.peak_bytes, "peak_by_process": f.peak_by_process,
-                     "most_by_process": f.most_by_process, "samples": f.samples}
+                     "most_by_process": f.most_by_process, "samples": f.samples,
+                     "seconds_for_both_notebooks": seconds[user]}
               for user, f in footprints.items()}
     (ROOT / "data" / "hub-class.json").write_text(json.dumps({"notebooks": NOTEBOOKS, "learners": record},
                                                              indent=2) + "\n")
     for user, footprint in footprints.items():
-        print(f"\n{user}: {footprint}")
+        print(f"\n{user}: both notebooks in {seconds[user]} s; {footprint}")
         names = set(footprint.most_by_process)
         assert {"postgres", "redis-server"} <= names, f"{user}'s embedded servers were not seen: {names}"
         assert any(n.startswith("jupyterhub-sing") for n in names), f"{user}'s Jupyter server was not seen: {names}"
@@ -312,7 +318,7 @@ def test_each_learners_embedded_servers_are_closed_to_the_others(hub, learners):
     listening = [
         (process.name(), conn.laddr)
         for user in learners
-        for process in processes_with_env("PERFCOURSE_DATA", str(_data_dir(user)))()
+        for process in session_processes(_data_dir(user))()
         if process.name() in ("postgres", "redis-server")
         for conn in process.net_connections(kind="inet") if conn.status == psutil.CONN_LISTEN
     ]
