@@ -294,3 +294,86 @@ def test_lru_simulation():
     assert profiling.lru_misses([1, 1, 1], 0) == 3
     assert profiling.lru_misses([1, 2, 3, 1, 2, 3], None) == 3
     assert profiling.call_sequence(5, 3) == profiling.call_sequence(5, 3)
+
+
+# --- the lab: the app's nightly export and report, the job to profile ------------------------
+
+LAB_SINCE, LAB_UNTIL = datetime(2024, 1, 1), datetime(2025, 1, 1)
+
+
+def test_nightly_export_as_written_writes_the_window_and_measures_growth(seeded):
+    rows = []
+    sink = profiling.CountingSink()
+    profiling.nightly_export_as_written(seeded, sink, LAB_SINCE, LAB_UNTIL)
+    with seeded.connect() as conn:
+        expected = conn.execute(sa.text(
+            "SELECT count(*) FROM order_items i JOIN orders o ON o.id = i.order_id "
+            "WHERE o.created_at >= :since AND o.created_at < :until AND o.status <> 'cancelled'"),
+            {"since": LAB_SINCE, "until": LAB_UNTIL}).scalar_one()
+    assert sink.rows == expected > 0
+    assert sink.header == ",".join(profiling.EXPORT_LINE_COLUMNS)
+    for since in (datetime(2024, 10, 1), LAB_SINCE):
+        rows.append(profiling.measure_export(profiling.nightly_export_as_written, seeded, since, LAB_UNTIL))
+    assert rows[1]["lines"] > 2 * rows[0]["lines"]
+    assert rows[1]["peak_bytes"] > rows[0]["peak_bytes"]  # it holds the window
+    assert rows[1]["queries"] <= 5
+
+
+def test_nightly_report_as_written_counts_distinct_orders_per_category(seeded):
+    measured = profiling.measure_report(profiling.nightly_report_as_written, seeded, LAB_SINCE)
+    report = measured["result"]
+    with seeded.connect() as conn:
+        categories = conn.execute(sa.text("SELECT count(*) FROM categories")).scalar_one()
+        orders = conn.execute(sa.text(
+            "SELECT count(DISTINCT o.id) FROM orders o JOIN order_items i ON i.order_id = o.id "
+            "WHERE o.created_at >= :since AND o.status <> 'cancelled'"), {"since": LAB_SINCE}).scalar_one()
+    assert measured["rows"] == len(report) == categories
+    assert [row[0] for row in report] == sorted(row[0] for row in report)
+    assert measured["queries"] == 2 + categories  # one COUNT per category
+    assert sum(row[1] for row in report) >= orders  # an order with two categories counts in each
+    assert all(isinstance(row[3], Decimal) for row in report)
+
+
+@pytest.mark.parametrize("step", ["dedupe_customers", "match_refunds", "rank_products", "flag_repeat_buyers"])
+def test_each_step_gives_the_same_answer_quick_or_slow(tiny, step):
+    orders, lines = profiling.load_job_data(tiny, 300)
+    args = {"dedupe_customers": ([o[2].upper() if o[0] % 2 else o[2] for o in orders],),
+            "match_refunds": (orders, [o[0] for o in orders[::2]]),
+            "rank_products": (lines,), "flag_repeat_buyers": (orders,)}[step]
+    fn = getattr(profiling, step)
+    assert fn(*args, slow=True) == fn(*args, slow=False)
+
+
+def test_nightly_job_hides_its_seed_and_the_summary_does_not_depend_on_it(tiny):
+    jobs = [profiling.NightlyJob(tiny, seed=seed, orders=200) for seed in range(4)]
+    try:
+        assert {job._hot for job in jobs} == set(profiling.JOB_STEPS[1:])
+        assert profiling.current_job() is jobs[-1]
+        assert "seed" not in repr(jobs[0]) and "_hot" not in repr(jobs[0])
+        summaries = [job.run() for job in jobs]
+        assert all(summary == summaries[0] for summary in summaries)
+        assert summaries[0]["orders"] == 200
+    finally:
+        for job in jobs:
+            profiling._JOBS.remove(job)
+
+
+def test_the_hot_step_dominates_a_pyinstrument_profile(tiny):
+    from pyinstrument import Profiler
+
+    job = profiling.NightlyJob(tiny, seed=0, orders=1_000)
+    try:
+        profiler = Profiler(interval=0.001)
+        with profiler:
+            job.run()
+    finally:
+        profiling._JOBS.remove(job)
+    hot = profiling_hottest(profiler)
+    assert hot == job._hot
+
+
+def profiling_hottest(profiler):
+    from perfcourse.profiler import hottest_function
+
+    return hottest_function(profiler.last_session, "perfcourse.chapters.memory_and_cpu",
+                            exclude=["run", "NightlyJob.run"])

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 from collections import Counter, OrderedDict
+from decimal import Decimal
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import case, func, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
-from perfcourse.models import Order, OrderItem, User
+from perfcourse.models import Category, Order, OrderItem, Product, User
 
 from .kit import fails, passes
 
@@ -512,3 +515,370 @@ Q6_WRONG = [
     "cancelled-left-out", "visible-example-hard-coded"])
 def test_q6_wrong_answers_fail_with_a_hint_naming_the_mistake(answer, hint):
     fails("04.q6", answer, *hint)
+
+
+# --- the lab: 04.q7, the nightly export in bounded memory ----------------------------------
+
+LINE_HEADER = ["order_id", "ordered_on", "product", "quantity", "unit_price", "line_total"]
+
+
+def _window_lines(since, until):
+    return (select(Order.id, Order.created_at, Product.name, OrderItem.quantity, OrderItem.unit_price)
+            .join(OrderItem, OrderItem.order_id == Order.id)
+            .join(Product, Product.id == OrderItem.product_id)
+            .where(Order.created_at >= since, Order.created_at < until, Order.status != "cancelled")
+            .order_by(Order.id, OrderItem.id))
+
+
+def _line(order_id, created_at, name, quantity, price):
+    return [order_id, created_at.date().isoformat(), name, quantity, price, quantity * price]
+
+
+def lines_orm_yield_per_selectin(engine, out, since, until):
+    """ORM objects streamed with yield_per, items and products eager-loaded per batch."""
+    statement = (select(Order).where(Order.created_at >= since, Order.created_at < until,
+                                     Order.status != "cancelled").order_by(Order.id)
+                 .options(selectinload(Order.items).selectinload(OrderItem.product))
+                 .execution_options(yield_per=500))
+    writer = csv.writer(out)
+    writer.writerow(LINE_HEADER)
+    with Session(engine) as session:
+        for order in session.scalars(statement):
+            for item in sorted(order.items, key=lambda i: i.id):
+                writer.writerow(_line(order.id, order.created_at, item.product.name, item.quantity,
+                                      item.unit_price))
+
+
+def lines_keyset_batches(engine, out, since, until):
+    """Keyset batches on the order item id, one joined query per batch of 800 lines."""
+    writer = csv.writer(out)
+    writer.writerow(LINE_HEADER)
+    last = (0, 0)
+    with engine.connect() as conn:
+        while True:
+            rows = conn.execute(
+                _window_lines(since, until).add_columns(OrderItem.id)
+                .where(sa.tuple_(Order.id, OrderItem.id) > sa.tuple_(*last)).limit(800)).all()
+            if not rows:
+                return
+            writer.writerows(_line(*row[:5]) for row in rows)
+            last = (rows[-1][0], rows[-1][5])
+
+
+def lines_text_sql_stream_results(engine, out, since, until):
+    """Text SQL with a server-side cursor, rows written one by one, the date cut from the text."""
+    sql = text("SELECT o.id, o.created_at, p.name, i.quantity, i.unit_price "
+               "FROM orders o JOIN order_items i ON i.order_id = o.id JOIN products p ON p.id = i.product_id "
+               "WHERE o.created_at >= :since AND o.created_at < :until AND o.status <> 'cancelled' "
+               "ORDER BY o.id, i.id")
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(LINE_HEADER)
+    with engine.connect().execution_options(stream_results=True, max_row_buffer=500) as conn:
+        for order_id, created_at, name, quantity, price in conn.execute(sql, {"since": since, "until": until}):
+            price = Decimal(str(price))
+            writer.writerow([order_id, str(created_at)[:10], name, quantity, f"{price:.2f}",
+                             f"{quantity * price:.2f}"])
+
+
+@pytest.mark.parametrize("export", [lines_orm_yield_per_selectin, lines_keyset_batches,
+                                    lines_text_sql_stream_results], ids=lambda f: f.__name__)
+def test_q7_bounded_exports_written_other_ways_pass(export):
+    passes("04.q7", export)
+
+
+def lines_loading_all(engine, out, since, until):
+    with engine.connect() as conn:
+        rows = conn.execute(_window_lines(since, until)).all()
+    writer = csv.writer(out)
+    writer.writerow(LINE_HEADER)
+    writer.writerows(_line(*row) for row in rows)
+
+
+def lines_streamed_into_a_string(engine, out, since, until):
+    text_out = io.StringIO()  # every line in memory before anything reaches out
+    writer = csv.writer(text_out)
+    writer.writerow(LINE_HEADER)
+    with engine.connect() as conn:
+        for rows in conn.execute(_window_lines(since, until).execution_options(yield_per=1000)).partitions():
+            writer.writerows(_line(*row) for row in rows)
+    out.write(text_out.getvalue())
+
+
+def lines_client_side_cursor(engine, out, since, until):
+    writer = csv.writer(out)
+    writer.writerow(LINE_HEADER)
+    with engine.connect() as conn:
+        for row in conn.execute(_window_lines(since, until)):
+            writer.writerow(_line(*row))
+
+
+def lines_product_lazy_loaded(engine, out, since, until):
+    """Streamed order items, the product looked up one query per line: an N+1."""
+    statement = (select(OrderItem, Order.created_at).join(Order, Order.id == OrderItem.order_id)
+                 .where(Order.created_at >= since, Order.created_at < until, Order.status != "cancelled")
+                 .order_by(Order.id, OrderItem.id).execution_options(yield_per=1000))
+    writer = csv.writer(out)
+    writer.writerow(LINE_HEADER)
+    with Session(engine) as session:
+        for item, created_at in session.execute(statement):
+            name = session.execute(select(Product.name).where(Product.id == item.product_id)).scalar_one()
+            writer.writerow(_line(item.order_id, created_at, name, item.quantity, item.unit_price))
+
+
+def lines_joined_by_hand(engine, out, since, until):
+    out.write(",".join(LINE_HEADER) + "\n")
+    with engine.connect() as conn:
+        for rows in conn.execute(_window_lines(since, until).execution_options(yield_per=1000)).partitions():
+            for row in rows:
+                out.write(",".join(map(str, _line(*row))) + "\n")
+
+
+def _streamed(statement, out, engine, make_line=_line):
+    writer = csv.writer(out)
+    writer.writerow(LINE_HEADER)
+    with engine.connect() as conn:
+        for rows in conn.execute(statement.execution_options(yield_per=1000)).partitions():
+            writer.writerows(make_line(*row) for row in rows)
+
+
+def lines_with_cancelled(engine, out, since, until):
+    statement = (select(Order.id, Order.created_at, Product.name, OrderItem.quantity, OrderItem.unit_price)
+                 .join(OrderItem, OrderItem.order_id == Order.id).join(Product, Product.id == OrderItem.product_id)
+                 .where(Order.created_at >= since, Order.created_at < until).order_by(Order.id, OrderItem.id))
+    _streamed(statement, out, engine)
+
+
+def lines_until_included(engine, out, since, until):
+    statement = (select(Order.id, Order.created_at, Product.name, OrderItem.quantity, OrderItem.unit_price)
+                 .join(OrderItem, OrderItem.order_id == Order.id).join(Product, Product.id == OrderItem.product_id)
+                 .where(Order.created_at >= since, Order.created_at <= until, Order.status != "cancelled")
+                 .order_by(Order.id, OrderItem.id))
+    _streamed(statement, out, engine)
+
+
+def lines_since_excluded(engine, out, since, until):
+    statement = (select(Order.id, Order.created_at, Product.name, OrderItem.quantity, OrderItem.unit_price)
+                 .join(OrderItem, OrderItem.order_id == Order.id).join(Product, Product.id == OrderItem.product_id)
+                 .where(Order.created_at > since, Order.created_at < until, Order.status != "cancelled")
+                 .order_by(Order.id, OrderItem.id))
+    _streamed(statement, out, engine)
+
+
+def lines_unit_price_as_total(engine, out, since, until):
+    _streamed(_window_lines(since, until), out, engine,
+              lambda o, t, n, q, p: [o, t.date().isoformat(), n, q, p, p])
+
+
+def lines_without_header(engine, out, since, until):
+    writer = csv.writer(out)
+    with engine.connect() as conn:
+        for rows in conn.execute(_window_lines(since, until).execution_options(yield_per=1000)).partitions():
+            writer.writerows(_line(*row) for row in rows)
+
+
+Q7_WRONG = [
+    (lines_loading_all, ("memory grows with the window", "stream")),
+    (lines_streamed_into_a_string, ("in one write", "StringIO")),
+    (lines_client_side_cursor, ("client-side cursor", "yield_per")),
+    (lines_product_lazy_loaded, ("statements", "N+1")),
+    (lines_joined_by_hand, ("csv.writer", "quotes")),
+    (lines_with_cancelled, ("cancelled",)),
+    (lines_until_included, ("until", "excludes")),
+    (lines_since_excluded, ("since exactly",)),
+    (lines_unit_price_as_total, ("line_total", "quantity x unit_price")),
+    (lines_without_header, ("header",)),
+]
+
+
+@pytest.mark.parametrize("export, hint", Q7_WRONG, ids=[f.__name__ for f, _ in Q7_WRONG])
+def test_q7_wrong_exports_fail_with_a_hint_naming_the_mistake(export, hint):
+    fails("04.q7", export, *hint)
+
+
+# --- the lab: 04.q8, the category report in one statement ----------------------------------
+
+
+def report_text_sql_left_join_on(engine, since):
+    """The conditions in the ON clause of a nested join, in plain SQL."""
+    sql = text("SELECT c.name, count(DISTINCT o.id), coalesce(sum(CASE WHEN o.id IS NOT NULL THEN i.quantity END), 0), "
+               "coalesce(sum(CASE WHEN o.id IS NOT NULL THEN i.quantity * i.unit_price END), 0) "
+               "FROM categories c LEFT JOIN products p ON p.category_id = c.id "
+               "LEFT JOIN order_items i ON i.product_id = p.id "
+               "LEFT JOIN orders o ON o.id = i.order_id AND o.created_at >= :since AND o.status <> 'cancelled' "
+               "GROUP BY c.id, c.name ORDER BY c.name")
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(sql, {"since": since})]
+
+
+def report_filter_clauses(engine, since):
+    """The lines filtered in a subquery, outer-joined, then aggregated with floats."""
+    lines = (select(Product.category_id, OrderItem.order_id, OrderItem.quantity, OrderItem.unit_price)
+             .join(Order, Order.id == OrderItem.order_id).join(Product, Product.id == OrderItem.product_id)
+             .where(Order.created_at >= since, Order.status != "cancelled").subquery())
+    statement = (select(Category.name, func.count(lines.c.order_id.distinct()),
+                        func.coalesce(func.sum(lines.c.quantity), 0),
+                        func.coalesce(func.sum(lines.c.quantity * lines.c.unit_price), 0))
+                 .outerjoin(lines, lines.c.category_id == Category.id)
+                 .group_by(Category.id).order_by(Category.name))
+    with engine.connect() as conn:
+        return [(name, orders, units, float(revenue)) for name, orders, units, revenue in conn.execute(statement)]
+
+
+@pytest.mark.parametrize("answer", [report_text_sql_left_join_on, report_filter_clauses],
+                         ids=lambda f: f.__name__)
+def test_q8_one_statement_reports_written_other_ways_pass(answer):
+    passes("04.q8", answer)
+
+
+def _inner_report(since, *, where_on_left_join=False, distinct=True, cancelled=False, strict=False):
+    orders = func.count(OrderItem.order_id.distinct()) if distinct else func.count()
+    conditions = [Order.created_at > since if strict else Order.created_at >= since]
+    if not cancelled:
+        conditions.append(Order.status != "cancelled")
+    statement = (select(Category.name, orders, func.sum(OrderItem.quantity),
+                        func.sum(OrderItem.quantity * OrderItem.unit_price)))
+    if where_on_left_join:
+        statement = (statement.select_from(Category).outerjoin(Product, Product.category_id == Category.id)
+                     .outerjoin(OrderItem, OrderItem.product_id == Product.id)
+                     .outerjoin(Order, Order.id == OrderItem.order_id))
+    else:
+        statement = (statement.join(Product, Product.category_id == Category.id)
+                     .join(OrderItem, OrderItem.product_id == Product.id)
+                     .join(Order, Order.id == OrderItem.order_id))
+    return statement.where(*conditions).group_by(Category.id, Category.name).order_by(Category.name)
+
+
+def _filled(engine, since, *, distinct=True, cancelled=False, strict=False):
+    """A variant of the report in one statement: aggregated per category, categories left-joined."""
+    orders = func.count(OrderItem.order_id.distinct()) if distinct else func.count()
+    conditions = [Order.created_at > since if strict else Order.created_at >= since]
+    if not cancelled:
+        conditions.append(Order.status != "cancelled")
+    per_category = (select(Product.category_id, orders.label("orders"), func.sum(OrderItem.quantity).label("units"),
+                           func.sum(OrderItem.quantity * OrderItem.unit_price).label("revenue"))
+                    .join(Order, Order.id == OrderItem.order_id).join(Product, Product.id == OrderItem.product_id)
+                    .where(*conditions).group_by(Product.category_id).subquery())
+    statement = (select(Category.name, func.coalesce(per_category.c.orders, 0),
+                        func.coalesce(per_category.c.units, 0), func.coalesce(per_category.c.revenue, 0))
+                 .outerjoin(per_category, per_category.c.category_id == Category.id).order_by(Category.name))
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(statement)]
+
+
+def report_inner_join(engine, since):
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(_inner_report(since))]
+
+
+def report_where_on_left_join(engine, since):
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(_inner_report(since, where_on_left_join=True))]
+
+
+def report_counting_lines(engine, since):
+    return _filled(engine, since, distinct=False)
+
+
+def report_with_cancelled(engine, since):
+    return _filled(engine, since, cancelled=True)
+
+
+def report_since_excluded(engine, since):
+    return _filled(engine, since, strict=True)
+
+
+def report_two_statements(engine, since):
+    """Right rows, but the categories are counted first, in a statement of their own."""
+    with engine.connect() as conn:
+        conn.execute(select(func.count()).select_from(Category)).scalar_one()
+    return _filled(engine, since)
+
+
+def report_summed_in_python(engine, since):
+    """One statement, but every line of the period goes to Python."""
+    statement = (select(Category.name, OrderItem.order_id, OrderItem.quantity, OrderItem.unit_price)
+                 .select_from(Category).outerjoin(Product, Product.category_id == Category.id)
+                 .outerjoin(OrderItem, OrderItem.product_id == Product.id)
+                 .outerjoin(Order, (Order.id == OrderItem.order_id) & (Order.created_at >= since)
+                            & (Order.status != "cancelled")).add_columns(Order.id))
+    totals = {}
+    with engine.connect() as conn:
+        for name, _, quantity, price, order_id in conn.execute(statement):
+            orders, units, revenue = totals.setdefault(name, (set(), 0, Decimal(0)))
+            if order_id is not None:
+                orders.add(order_id)
+                totals[name] = (orders, units + quantity, revenue + quantity * Decimal(str(price)))
+    return [(name, len(o), u, r) for name, (o, u, r) in sorted(totals.items())]
+
+
+def report_one_query_per_category(engine, since):
+    with engine.connect() as conn:
+        names = conn.execute(select(Category.id, Category.name).order_by(Category.name)).all()
+        rows = []
+        for category_id, name in names:
+            o, u, r = conn.execute(
+                select(func.count(OrderItem.order_id.distinct()), func.coalesce(func.sum(OrderItem.quantity), 0),
+                       func.coalesce(func.sum(OrderItem.quantity * OrderItem.unit_price), 0))
+                .join(Order, Order.id == OrderItem.order_id).join(Product, Product.id == OrderItem.product_id)
+                .where(Product.category_id == category_id, Order.created_at >= since,
+                       Order.status != "cancelled")).one()
+            rows.append((name, o, u, r))
+    return rows
+
+
+Q8_WRONG = [
+    (report_inner_join, ("missing", "LEFT JOIN")),
+    (report_where_on_left_join, ("missing", "WHERE")),
+    (report_counting_lines, ("order lines", "DISTINCT")),
+    (report_with_cancelled, ("cancelled",)),
+    (report_since_excluded, ("since exactly", "included")),
+    (report_two_statements, ("2 statements", "1 is needed")),
+    (report_summed_in_python, ("Python", "aggregate")),
+    (report_one_query_per_category, ("statements", "GROUP BY")),
+]
+
+
+@pytest.mark.parametrize("answer, hint", Q8_WRONG, ids=[f.__name__ for f, _ in Q8_WRONG])
+def test_q8_wrong_reports_fail_with_a_hint_naming_the_mistake(answer, hint):
+    fails("04.q8", answer, *hint)
+
+
+# --- the lab: 04.q9, the hot function of the nightly job -----------------------------------
+
+
+@pytest.fixture
+def job():
+    """A nightly job with a known hot step (it is the one the grader reads: made last)."""
+    from perfcourse.chapters import memory_and_cpu as profiling
+
+    made = profiling.NightlyJob(engine=None, seed=2)  # never run: the grader only reads it
+    yield made
+    profiling._JOBS.remove(made)
+
+
+@pytest.mark.parametrize("form", ["rank_products", " rank_products() ",
+                                  "perfcourse.chapters.memory_and_cpu.rank_products", "`rank_products`"])
+def test_q9_the_hot_step_passes_in_the_forms_a_profile_shows(job, form):
+    assert job._hot == "rank_products"
+    passes("04.q9", form)
+
+
+@pytest.mark.parametrize("answer, hint", [
+    ("NightlyJob.run", ("where you entered", "below")),
+    ("run", ("where you entered",)),
+    ("dedupe_customers", ("quick one",)),
+    ("load_job_data", ("quick one",)),
+    ("<genexpr>", ("called by run()",)),
+    ("sum", ("called by run()",)),
+    (42, ("as a string",)),
+    ("", ("as a string",)),
+])
+def test_q9_other_frames_fail_with_a_hint(job, answer, hint):
+    fails("04.q9", answer, *hint)
+
+
+def test_q9_without_a_job_asks_for_one(monkeypatch):
+    from perfcourse.chapters import memory_and_cpu as profiling
+
+    monkeypatch.setattr(profiling, "_JOBS", [])
+    fails("04.q9", "rank_products", "no nightly job")

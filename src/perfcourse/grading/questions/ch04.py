@@ -13,6 +13,17 @@ Practical questions run on the grader's own data and never on the case the lesso
 * 04.q6 counts orders per *total band* in one query (the lesson: per status), on hidden data
   with orders on the band boundaries.
 
+The lab's questions:
+
+* 04.q7 streams the nightly export of *order lines* (joined with products, in a date window,
+  cancelled orders left out) from a hidden shop built here; graded by every line, by the
+  statements sent (no N+1), by how rows were fetched, and by the tracemalloc peak on two hidden
+  windows, one five times the other: a bounded export peaks about the same on both.
+* 04.q8 builds the category report in one aggregate statement on the tiny copy with hidden
+  rows (an empty category, one sold only in cancelled orders, an order at ``since`` exactly).
+* 04.q9 names the hot function of the lab's :class:`NightlyJob`, drawn from a seed the
+  notebook does not show; the grader reads it from the job made last in the kernel.
+
 The reference answers live here, private; no function of the chapter module solves them.
 """
 
@@ -23,6 +34,8 @@ import functools
 import gc
 import random
 import re
+import sqlite3
+from collections import Counter
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
@@ -31,9 +44,9 @@ from sqlalchemy import case, event, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
-from perfcourse.chapters.memory_and_cpu import lru_misses
+from perfcourse.chapters.memory_and_cpu import JOB_STEPS, current_job, lru_misses
 from perfcourse.memory import track_memory
-from perfcourse.models import ORDER_STATUSES, Order, OrderItem, User
+from perfcourse.models import ORDER_STATUSES, Base, Category, Order, OrderItem, Product, User
 from perfcourse.statements import count_queries
 from perfcourse.units import format_bytes
 
@@ -46,7 +59,9 @@ from ..checkers import (
     NoAnswer,
     QueryCheck,
     call_learner,
+    need_function,
     short_repr,
+    shorten,
     type_name,
 )
 from ..datasets import private_dataset
@@ -54,6 +69,7 @@ from ..datasets import private_dataset
 __all__ = [
     "EXPORT_COLUMNS",
     "EXPORT_ROWS",
+    "LINE_COLUMNS",
     "QUESTIONS",
 ]
 
@@ -114,11 +130,14 @@ class _CheckingSink:
         self.header = None
         self.rows = 0
         self.problem = None
+        self.extra = None  # the first field of the first line past the expected ones
+        self.most_lines_per_write = 0
         self._partial = ""
 
     def write(self, text):
         if not isinstance(text, str):
             raise TypeError(f"write() takes text (str), not {type_name(text)}")
+        self.most_lines_per_write = max(self.most_lines_per_write, text.count("\n"))
         pieces = (self._partial + text).split("\n")
         self._partial = pieces.pop()
         for line in pieces:
@@ -600,6 +619,555 @@ class _BandCountsCheck(Checker):
 
 
 # --------------------------------------------------------------------------------------------
+# The lab (04.q7-04.q9): the nightly export, the nightly report, the nightly job's hot function
+
+#: The header of the nightly export of order lines.
+LINE_COLUMNS = ("order_id", "ordered_on", "product", "quantity", "unit_price", "line_total")
+_LAB_START = datetime(2025, 3, 3)
+_LAB_DAYS = 60
+_LAB_ORDERS_PER_DAY = 230
+_LAB_PRODUCTS = 1_000
+#: The two hidden windows (first day, days): about 1,500 and 8,000 lines.
+_SMALL_WINDOW = (10, 3)
+_LARGE_WINDOW = (40, 15)
+#: A write of more lines than this means the export built its text in memory first.
+_MOST_LINES_PER_WRITE = 1_000
+#: A bounded export may peak at most this much higher on the large window than on the small one
+#: (five times the lines). No absolute bound: streamed ORM objects weigh more than rows loaded
+#: all at once at this scale; the growth is what tells.
+_GROWTH = 2.0
+_GROWTH_SLACK = 512 * 1024
+#: At most one statement per this many lines written (plus a few).
+_LINES_PER_STATEMENT = 100
+
+
+def _repeated(statements):
+    """A hint naming the statement that ran again and again, if one did."""
+    shapes = Counter(" ".join(s.sql.split()) for s in statements)
+    if not shapes:
+        return ""
+    text, times = shapes.most_common(1)[0]
+    return (f" The same statement ran {times:,} times ({shorten(text, 70)}): the N+1 pattern."
+            if times > 2 else "")
+
+
+def _window(window):
+    first, days = window
+    since = _LAB_START + timedelta(days=first)
+    return since, since + timedelta(days=days)
+
+
+@functools.lru_cache(maxsize=1)
+def _lab_data():
+    """The hidden shop of the export: ``(products, orders, items)`` as plain tuples.
+
+    Product names with commas and quotes (only csv.writer quotes them right); orders at the
+    exact start and end of each window; cancelled orders in every window.
+    """
+    rng = random.Random(4077)
+    words = ["mug", "lamp", "desk", "chair", "pan", "kettle", "rug", "clock", "vase", "shelf"]
+    products = []
+    for pid in range(1, _LAB_PRODUCTS + 1):
+        name = f"{rng.choice(words)} {pid}"
+        if pid % 9 == 0:
+            name = f"{name}, set of {pid % 4 + 2}"
+        elif pid % 13 == 0:
+            name = f'{name} "deluxe"'
+        products.append((pid, 1 + pid % 7, name, Decimal(rng.randint(100, 20_000)) / 100))
+    orders, items = [], []
+    order_id = item_id = 0
+    boundaries = {_window(w)[0] for w in (_SMALL_WINDOW, _LARGE_WINDOW)} | \
+        {_window(w)[1] for w in (_SMALL_WINDOW, _LARGE_WINDOW)}
+    for day in range(_LAB_DAYS):
+        start = _LAB_START + timedelta(days=day)
+        stamps = sorted(start + timedelta(seconds=rng.randrange(86_400))
+                        for _ in range(_LAB_ORDERS_PER_DAY))
+        if start in boundaries:
+            stamps[0] = start  # an order at midnight sharp: in the window it starts
+        for stamp in stamps:
+            order_id += rng.randint(1, 3)  # gaps: ids are not line numbers
+            status = "cancelled" if rng.random() < 0.08 else rng.choice(ORDER_STATUSES[:4])
+            if stamp in boundaries:
+                status = "paid"  # the boundary orders count: only the window's rule decides
+            orders.append((order_id, 1 + order_id % 500, status, stamp))
+            for _ in range(rng.choice((1, 2, 2, 3, 3, 4))):
+                item_id += 1
+                product = products[rng.randrange(_LAB_PRODUCTS)]
+                items.append((item_id, order_id, product[0], rng.randint(1, 5), product[3]))
+    return products, orders, items
+
+
+@functools.lru_cache(maxsize=1)
+def _lab_database_bytes() -> bytes:
+    """The hidden shop, built once in SQLite and kept serialised (a fresh copy per check)."""
+    products, orders, items = _lab_data()
+    engine = sa.create_engine("sqlite://", poolclass=StaticPool)
+    try:
+        Base.metadata.create_all(engine)
+        with engine.begin() as conn:
+            conn.execute(User.__table__.insert(), [
+                {"id": u, "email": f"u{u}@lab.test", "first_name": "x", "last_name": "y",
+                 "active": True, "premium": False, "created_at": _LAB_START} for u in range(1, 501)])
+            conn.execute(Category.__table__.insert(), [{"id": c, "name": f"c{c}"} for c in range(1, 8)])
+            conn.execute(Product.__table__.insert(), [
+                {"id": p, "category_id": c, "name": n, "price": price, "active": True}
+                for p, c, n, price in products])
+            conn.execute(Order.__table__.insert(), [
+                {"id": i, "user_id": u, "status": s, "total": Decimal(0), "created_at": t}
+                for i, u, s, t in orders])
+            conn.execute(OrderItem.__table__.insert(), [
+                {"id": i, "order_id": o, "product_id": p, "quantity": q, "unit_price": price}
+                for i, o, p, q, price in items])
+        with engine.connect() as conn:
+            return conn.connection.dbapi_connection.serialize()
+    finally:
+        engine.dispose()
+
+
+def _lab_engine():
+    """A fresh in-memory copy of the hidden shop of the export."""
+    memory = sqlite3.connect(":memory:", check_same_thread=False)
+    memory.deserialize(_lab_database_bytes())
+    engine = sa.create_engine("sqlite://", creator=lambda: memory, poolclass=StaticPool)
+    engine.perfcourse_namespace = "grader_lab04"
+    return engine
+
+
+def _expected_export(window):
+    """The lines of the export of ``window``: ``(order_id, date, product, quantity, unit_price,
+    line_total)``, and the ids the diagnosis needs."""
+    products, orders, items = _lab_data()
+    since, until = _window(window)
+    names = {p: n for p, _, n, _ in products}
+    wanted = {i: t for i, _, s, t in orders if since <= t < until and s != "cancelled"}
+    lines = [(o, wanted[o].date().isoformat(), names[p], q, price, q * price)
+             for _, o, p, q, price in sorted(items, key=lambda item: (item[1], item[0]))
+             if o in wanted]
+    near = {
+        "cancelled": {i for i, _, s, t in orders if since <= t < until and s == "cancelled"},
+        "at_until": {i for i, _, s, t in orders if t == until and s != "cancelled"},
+        "at_since": {i for i, _, s, t in orders if t == since and s != "cancelled"},
+        "wanted": set(wanted),
+    }
+    return lines, near
+
+
+class _LineSink:
+    """A write-only sink that compares each CSV line with the expected one as it arrives.
+
+    It keeps counters and the first problem only, so its own memory stays flat.
+    """
+
+    def __init__(self, expected, near):
+        self.expected, self.near = expected, near
+        self.header = None
+        self.rows = 0
+        self.problem = None
+        self.extra = None  # the first field of the first line past the expected ones
+        self.most_lines_per_write = 0
+        self._partial = ""
+
+    def write(self, text):
+        if not isinstance(text, str):
+            raise TypeError(f"write() takes text (str), not {type_name(text)}")
+        self.most_lines_per_write = max(self.most_lines_per_write, text.count("\n"))
+        pieces = (self._partial + text).split("\n")
+        self._partial = pieces.pop()
+        for line in pieces:
+            self._line(line.rstrip("\r"))
+        return len(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        pass
+
+    def close(self):  # a learner may close what they write to
+        pass
+
+    def finish(self):
+        if self._partial:
+            self._line(self._partial.rstrip("\r"))
+            self._partial = ""
+
+    def _line(self, line):
+        if self.header is None:
+            self.header = line
+            return
+        index = self.rows
+        self.rows += 1
+        if self.problem is None and index < len(self.expected):
+            self.problem = self._compare(index, line)
+        elif index == len(self.expected):
+            self.extra = line.split(",", 1)[0]
+
+    def _compare(self, index, line):
+        want = self.expected[index]
+        fields = next(csv.reader([line]), [])
+        if len(fields) != len(LINE_COLUMNS):
+            return (f"Data line {index + 1} has {len(fields)} fields ({short_repr(line, 70)}), "
+                    f"not {len(LINE_COLUMNS)}: some product names hold commas or quotes, so write "
+                    "with csv.writer, which quotes them, not by joining strings.")
+        order_id, ordered_on, product, quantity, unit_price, line_total = fields
+        if order_id != str(want[0]):
+            return self._wrong_order(index, order_id, want[0])
+        if ordered_on.strip()[:10] != want[1]:
+            return (f"Order {want[0]} was placed on {want[1]}, not {short_repr(ordered_on, 30)}: "
+                    "write the date of orders.created_at (YYYY-MM-DD).")
+        if product != want[2]:
+            return (f"Line {index + 1} (order {want[0]}) should name the product {want[2]!r}, not "
+                    f"{short_repr(product, 40)}: join products on products.id = "
+                    "order_items.product_id and write products.name.")
+        if quantity.strip() != str(want[3]):
+            return (f"Line {index + 1} (order {want[0]}) should have the quantity {want[3]}, not "
+                    f"{short_repr(quantity, 20)}; lines of one order come by item id.")
+        for label, text, value in (("unit_price", unit_price, want[4]),
+                                   ("line_total", line_total, want[5])):
+            try:
+                same = abs(Decimal(text.strip()) - value) <= Decimal("0.005")
+            except (InvalidOperation, ValueError):
+                same = False
+            if not same:
+                rule = " (quantity x unit_price)" if label == "line_total" else ""
+                return (f"Line {index + 1} (order {want[0]}) should have the {label} {value}"
+                        f"{rule}, not {short_repr(text, 30)}.")
+        return None
+
+    def _wrong_order(self, index, got, want):
+        try:
+            got_id = int(got)
+        except ValueError:
+            return (f"Data line {index + 1} starts with {short_repr(got, 30)}, not an order id: "
+                    f"the columns are {','.join(LINE_COLUMNS)}.")
+        if got_id in self.near["cancelled"]:
+            return (f"Order {got_id} is cancelled: the export leaves cancelled orders out "
+                    "(status != 'cancelled').")
+        if got_id in self.near["at_until"]:
+            return (f"Order {got_id} was placed at until exactly: the window includes since and "
+                    "excludes until (since <= created_at < until).")
+        if want in self.near["at_since"]:
+            return (f"Order {want} was placed at since exactly and belongs in the export: "
+                    "since <= created_at < until.")
+        if got_id in self.near["wanted"]:
+            return (f"Data line {index + 1} should belong to order {want}, not {got_id}: sort the "
+                    "lines by order id, then by item id (ORDER BY orders.id, order_items.id).")
+        return (f"Data line {index + 1} should belong to order {want}, not {got_id}: one line per "
+                "item of the orders placed in the window (since <= created_at < until), cancelled "
+                "ones left out, by order id.")
+
+
+def _export_window(answer, window):
+    """Run the learner's export on a fresh copy for ``window``: ``(sink, peak, statements, seen)``."""
+    expected, near = _expected_export(window)
+    engine = _lab_engine()
+    sink = _LineSink(expected, near)
+    seen, stop_watching = _watch_fetching(engine)
+    since, until = _window(window)
+    try:
+        gc.collect()
+        with count_queries(engine) as counted, track_memory() as memory:
+            call_learner(answer, engine, sink, since, until)
+    finally:
+        stop_watching()
+        engine.dispose()
+    sink.finish()
+    return sink, memory.peak_bytes, counted, seen
+
+
+class _NightlyExportCheck(Checker):
+    def grade(self, answer):
+        need_function(answer, 'check("04.q7", export_order_lines)')
+        runs = {}
+        for label, window in (("small", _SMALL_WINDOW), ("large", _LARGE_WINDOW)):
+            sink, peak, counted, seen = _export_window(answer, window)
+            self._judge_lines(sink, len(_expected_export(window)[0]))
+            allowed = 3 + sink.rows // _LINES_PER_STATEMENT
+            if counted.count > allowed:
+                raise Incorrect(
+                    f"Right lines, but {counted.count:,} statements for {sink.rows:,} lines: more "
+                    f"than one per {_LINES_PER_STATEMENT} lines." + _repeated(counted.statements)
+                    + " Fetch the lines with their product names in one joined query (streamed), "
+                    "or in keyset batches of hundreds of lines.")
+            runs[label] = (sink.rows, peak, seen)
+        (small_rows, small, _), (large_rows, large, seen) = runs["small"], runs["large"]
+        if large > _GROWTH * small + _GROWTH_SLACK:
+            raise Incorrect(
+                f"Right lines, but memory grows with the window: Python allocations peaked at "
+                f"{format_bytes(small)} for {small_rows:,} lines and {format_bytes(large)} for "
+                f"{large_rows:,}, five times the lines. Something holds every row: the result "
+                "(.all()), a list of lines or the whole text (a StringIO). Stream the rows "
+                "(yield_per) and write each batch as it arrives.")
+        if not (any(stream for stream, _ in seen)
+                or (len(seen) > 1 and all(limited for _, limited in seen))):
+            raise Incorrect(
+                "Right lines and flat memory on SQLite, which hands rows over one by one, but the "
+                "query uses a client-side cursor: on PostgreSQL the driver receives the whole "
+                "result before your first row (memory tracemalloc cannot see). Ask for a "
+                "server-side cursor with execution_options(yield_per=...) (or stream_results=True), "
+                "or fetch keyset batches (WHERE ... > :last ... LIMIT).")
+
+    @staticmethod
+    def _judge_lines(sink, expected_rows):
+        if sink.most_lines_per_write > _MOST_LINES_PER_WRITE:
+            raise Incorrect(
+                f"Your export handed out {sink.most_lines_per_write:,} lines in one write: it built "
+                "the text in memory first (a StringIO, a joined string, a list of lines). Write "
+                "each batch as it arrives: csv.writer(out) straight on out.")
+        header = ",".join(LINE_COLUMNS)
+        if sink.header is None:
+            raise Incorrect("Nothing was written to out: create csv.writer(out), write the header, "
+                            "then one line per order item.")
+        if sink.header != header:
+            raise Incorrect(f"The first line should be the header {header!r}, not "
+                            f"{short_repr(sink.header, 70)}.")
+        if sink.problem:
+            raise Incorrect(sink.problem)
+        extra = int(sink.extra) if sink.extra and sink.extra.isdigit() else None
+        if sink.rows > expected_rows and extra in sink.near["at_until"]:
+            raise Incorrect(f"Order {extra} was placed at until exactly: the window includes "
+                            "since and excludes until (since <= created_at < until).")
+        if sink.rows > expected_rows and extra in sink.near["cancelled"]:
+            raise Incorrect(f"Order {extra} is cancelled: the export leaves cancelled orders out "
+                            "(status != 'cancelled').")
+        if sink.rows != expected_rows:
+            raise Incorrect(
+                f"The hidden window has {expected_rows:,} order lines to export and your function "
+                f"wrote {sink.rows:,}: every item of every order placed at or after since and "
+                "before until, cancelled orders left out (an order placed at since exactly is in).")
+
+    def model_answer(self):
+        return ("def export_order_lines(engine, out, since, until):\n"
+                "    statement = (\n"
+                "        select(Order.id, Order.created_at, Product.name, OrderItem.quantity,\n"
+                "               OrderItem.unit_price)\n"
+                "        .join(OrderItem, OrderItem.order_id == Order.id)\n"
+                "        .join(Product, Product.id == OrderItem.product_id)\n"
+                "        .where(Order.created_at >= since, Order.created_at < until,\n"
+                "               Order.status != \"cancelled\")\n"
+                "        .order_by(Order.id, OrderItem.id)\n"
+                "        .execution_options(yield_per=1000))\n"
+                "    writer = csv.writer(out)\n"
+                "    writer.writerow(LINE_COLUMNS)\n"
+                "    with engine.connect() as conn:\n"
+                "        for rows in conn.execute(statement).partitions():\n"
+                "            writer.writerows((o, t.date().isoformat(), name, q, price, q * price)\n"
+                "                             for o, t, name, q, price in rows)")
+
+
+# 04.q8: the category report in one aggregate statement
+
+#: Hidden values of since: one at an order's exact time (it is included), one earlier.
+_REPORT_SINCES = (datetime(2025, 1, 1), datetime(2024, 6, 15, 10, 30))
+
+
+def _report_rounds(engine):
+    """Hidden data on the tiny copy: an empty category, one sold only in cancelled orders and one
+    sold only before since; an order at since exactly with two lines of one category."""
+    with engine.begin() as conn:
+        top_order = conn.exec_driver_sql("SELECT max(id) FROM orders").scalar_one()
+        top_product = conn.exec_driver_sql("SELECT max(id) FROM products").scalar_one()
+        top_category = conn.exec_driver_sql("SELECT max(id) FROM categories").scalar_one()
+        conn.execute(Category.__table__.insert(), [
+            {"id": top_category + 1, "name": "aa gift cards"},     # no product at all
+            {"id": top_category + 2, "name": "mm refurbished"},    # sold in cancelled orders only
+            {"id": top_category + 3, "name": "zz vintage"}])       # sold before since only
+        conn.execute(Product.__table__.insert(), [
+            {"id": top_product + 1, "category_id": top_category + 2, "name": "old phone",
+             "price": Decimal("40.00"), "active": True},
+            {"id": top_product + 2, "category_id": top_category + 3, "name": "old lamp",
+             "price": Decimal("25.50"), "active": True}])
+        conn.execute(Order.__table__.insert(), [
+            {"id": top_order + 1, "user_id": 1, "status": "cancelled", "total": Decimal("80.00"),
+             "created_at": datetime(2025, 2, 1)},
+            {"id": top_order + 2, "user_id": 2, "status": "delivered", "total": Decimal("25.50"),
+             "created_at": datetime(2023, 3, 1)},
+            {"id": top_order + 3, "user_id": 3, "status": "paid", "total": Decimal("51.00"),
+             "created_at": _REPORT_SINCES[1]}])
+        conn.execute(OrderItem.__table__.insert(), [
+            {"order_id": top_order + 1, "product_id": top_product + 1, "quantity": 2,
+             "unit_price": Decimal("40.00")},
+            {"order_id": top_order + 2, "product_id": top_product + 2, "quantity": 1,
+             "unit_price": Decimal("25.50")},
+            {"order_id": top_order + 3, "product_id": 1, "quantity": 1, "unit_price": Decimal("19.99")},
+            {"order_id": top_order + 3, "product_id": 1, "quantity": 2, "unit_price": Decimal("19.99")}])
+    yield from _REPORT_SINCES
+
+
+def _report_reference(engine, since, *, strict=False, every_line=False, cancelled=False,
+                      drop_empty=False):
+    """The report computed in Python from every line (the grader's reference and its variants)."""
+    with engine.connect() as conn:
+        names = dict(conn.execute(select(Category.id, Category.name)).all())
+        lines = conn.execute(
+            select(Product.category_id, Order.id, Order.status, Order.created_at,
+                   OrderItem.quantity, OrderItem.unit_price)
+            .join(Order, Order.id == OrderItem.order_id)
+            .join(Product, Product.id == OrderItem.product_id)).all()
+    orders, units, revenue, lines_counted = {}, Counter(), {}, Counter()
+    for category, order_id, status, created_at, quantity, unit_price in lines:
+        if (created_at <= since if strict else created_at < since):
+            continue
+        if status == "cancelled" and not cancelled:
+            continue
+        orders.setdefault(category, set()).add(order_id)
+        lines_counted[category] += 1
+        units[category] += quantity
+        revenue[category] = revenue.get(category, Decimal(0)) + quantity * Decimal(str(unit_price))
+    rows = []
+    for category, name in sorted(names.items(), key=lambda item: item[1]):
+        if drop_empty and category not in orders:
+            continue
+        count = lines_counted[category] if every_line else len(orders.get(category, ()))
+        rows.append((name, count, units[category],
+                     revenue.get(category, Decimal(0)).quantize(Decimal("0.01"))))
+    return rows
+
+
+def _as_report(result):
+    if not isinstance(result, (list, tuple)) or isinstance(result, str):
+        raise Incorrect("Return a list of tuples (category, orders, units, revenue), one per "
+                        f"category in name order, not a {type_name(result)}.")
+    rows = []
+    for row in result:
+        try:
+            name, orders, units, revenue = tuple(row)
+            rows.append((str(name), int(orders), int(units),
+                         Decimal(str(revenue)).quantize(Decimal("0.01"))))
+        except (TypeError, ValueError, InvalidOperation):
+            raise Incorrect(f"Each row should be (category, orders, units, revenue), not "
+                            f"{short_repr(row, 60)}.") from None
+    return rows
+
+
+def _same_report(got, want):
+    return len(got) == len(want) and all(
+        g[:3] == w[:3] and abs(g[3] - w[3]) <= Decimal("0.011") for g, w in zip(got, want))
+
+
+class _CategoryReportCheck(Checker):
+    def grade(self, answer):
+        need_function(answer, 'check("04.q8", category_report)')
+        engine = private_dataset()
+        try:
+            for since in _report_rounds(engine):
+                expected = _report_reference(engine, since)
+                with count_queries(engine) as counted:
+                    got = _as_report(call_learner(answer, engine, since))
+                if not _same_report(got, expected):
+                    raise Incorrect(self._why(engine, since, got, expected))
+                if counted.count > 1:
+                    raise Incorrect(
+                        f"Right report, but {counted.count} statements and 1 is needed."
+                        + _repeated(counted.statements)
+                        + " Join categories to the period's lines and GROUP BY the category: "
+                        "one pass, every count at once.")
+                sql = " ".join(s.sql for s in counted.statements)
+                if not (re.search(r"\b(count|sum)\s*\(", sql, re.I)
+                        and re.search(r"\bgroup\s+by\b", sql, re.I)):
+                    raise Incorrect(
+                        "Right report in one statement, but the statement sends every line to "
+                        "Python to be added up there: let the database aggregate (count(DISTINCT "
+                        "...), sum(...) ... GROUP BY the category), so one row per category "
+                        "crosses the wire.")
+        finally:
+            engine.dispose()
+
+    @staticmethod
+    def _why(engine, since, got, expected):
+        when = f"With since = {since:%Y-%m-%d %H:%M}"
+        if [r[0] for r in got] != [r[0] for r in expected]:
+            missing = [r[0] for r in expected if r[0] not in {g[0] for g in got}]
+            if missing:
+                return (f"{when}, the categories {', '.join(map(repr, missing[:3]))} are missing: "
+                        "every category is in the report, with zeros when nothing of it sold. "
+                        "Start from categories with a LEFT JOIN, and keep the period's "
+                        "conditions out of WHERE (in the ON clause, or in a subquery of the "
+                        "period's lines), where they would drop the empty ones.")
+            return (f"{when}, your categories are {short_repr([g[0] for g in got], 60)}: one row "
+                    "per category, sorted by name.")
+        variants = [
+            (dict(every_line=True), "counts order lines, not orders: an order with two lines in a "
+             "category is one order there. count(DISTINCT order id)."),
+            (dict(cancelled=True), "counts cancelled orders too: leave them out "
+             "(status != 'cancelled')."),
+            (dict(strict=True), "leaves out the order placed at since exactly: the period starts "
+             "at since, included (created_at >= since)."),
+        ]
+        for variant, text in variants:
+            if _same_report(got, _report_reference(engine, since, **variant)):
+                return f"{when}, your report {text}"
+        for g, w in zip(got, expected):
+            if g != w:
+                if w[1] == 0 and g[1] == 0 and g[2:] != w[2:]:
+                    return (f"{when}, {w[0]!r} sold nothing in the period yet shows units or "
+                            "revenue: its lines outside the period (cancelled, or earlier) must "
+                            "not count. Filter the lines before you join them to categories.")
+                return (f"{when}, the row of {w[0]!r} should be {w}, not {g}: the lines of orders "
+                        "placed at or after since, cancelled ones left out; revenue is quantity x "
+                        "unit_price summed.")
+        return f"{when}, your report differs from the expected one."
+
+    def model_answer(self):
+        return ("def category_report(engine, since):\n"
+                "    per_category = (\n"
+                "        select(Product.category_id.label(\"category_id\"),\n"
+                "               func.count(OrderItem.order_id.distinct()).label(\"orders\"),\n"
+                "               func.sum(OrderItem.quantity).label(\"units\"),\n"
+                "               func.sum(OrderItem.quantity * OrderItem.unit_price).label(\"revenue\"))\n"
+                "        .join(Order, Order.id == OrderItem.order_id)\n"
+                "        .join(Product, Product.id == OrderItem.product_id)\n"
+                "        .where(Order.created_at >= since, Order.status != \"cancelled\")\n"
+                "        .group_by(Product.category_id).subquery())\n"
+                "    statement = (\n"
+                "        select(Category.name, func.coalesce(per_category.c.orders, 0),\n"
+                "               func.coalesce(per_category.c.units, 0),\n"
+                "               func.coalesce(per_category.c.revenue, 0))\n"
+                "        .outerjoin(per_category, per_category.c.category_id == Category.id)\n"
+                "        .order_by(Category.name))\n"
+                "    with engine.connect() as conn:\n"
+                "        return [(name, orders, units, Decimal(str(revenue)).quantize(Decimal(\"0.01\")))\n"
+                "                for name, orders, units, revenue in conn.execute(statement)]")
+
+
+# 04.q9: the hot function of the nightly job
+
+
+def _function_name(text):
+    name = text.strip().strip("`'\"").strip()
+    name = re.sub(r"\(.*\)$", "", name).strip()
+    return name.rsplit(".", 1)[-1]
+
+
+class _HotFunctionCheck(Checker):
+    def grade(self, answer):
+        if not isinstance(answer, str) or not answer.strip():
+            raise Incorrect("Answer with the function's name as a string, as the profile shows it, "
+                            f'e.g. "load_job_data" (got {short_repr(answer, 30)}).')
+        job = current_job()
+        if job is None:
+            raise Incorrect("No nightly job in this kernel: run the lab's cells that make it "
+                            "(NightlyJob(...)) and profile job.run() first.")
+        name = _function_name(answer)
+        if name == job._hot:
+            return
+        if name in ("run", "NightlyJob", "<module>"):
+            raise Incorrect(f"{name} is where you entered: it holds the whole run. Look one level "
+                            "below it in the tree: which function it calls holds most of the time?")
+        if name in JOB_STEPS:
+            raise Incorrect(f"{name} is a step of the job, but a quick one in this run: compare the "
+                            "times of the functions run() calls and take the largest.")
+        raise Incorrect(f"{short_repr(answer, 40)} is no function the job calls directly: name the "
+                        "function of memory_and_cpu.py, called by run(), whose frame holds most of "
+                        "the time (the frames under it are the code inside it).")
+
+    def model_answer(self):
+        return ("the function called by run() whose frame holds most of the profile's time "
+                "(it depends on the hidden seed)")
+
+
+# --------------------------------------------------------------------------------------------
 
 QUESTIONS = [
     Question(
@@ -709,5 +1277,33 @@ QUESTIONS = [
         "Three COUNT queries scan the table three times and pay three round trips; a GROUP BY "
         "on a CASE leaves empty bands out.",
         time_limit=15.0,
+    ),
+    Question(
+        id="04.q7",
+        title="Lab: the nightly export in bounded memory",
+        checker=_NightlyExportCheck(),
+        explanation="One joined query streamed with yield_per (a server-side cursor on "
+        "PostgreSQL), each batch written as it arrives: the process holds one batch, whatever "
+        "the window, where the app's export held the ORM objects, a list of lines and the whole "
+        "text, each as big as the window. csv.writer quotes names with commas and quotes.",
+        time_limit=15.0,
+    ),
+    Question(
+        id="04.q8",
+        title="Lab: the category report in one query",
+        checker=_CategoryReportCheck(),
+        explanation="Aggregate the period's lines per category (count(DISTINCT order), sums, "
+        "GROUP BY) and LEFT JOIN the categories to that, so the empty ones stay with zeros "
+        "(conditions on a left-joined table in WHERE would drop them): one statement and one "
+        "pass, where the app sent one COUNT per category and held every line in Python.",
+        time_limit=15.0,
+    ),
+    Question(
+        id="04.q9",
+        title="Lab: the hot function of the nightly job",
+        checker=_HotFunctionCheck(),
+        explanation="A profile is read from the top down: under the function you ran, the child "
+        "holding most of the time is where to look; its source says why: a pass over a list "
+        "for each element, a quadratic loop.",
     ),
 ]
