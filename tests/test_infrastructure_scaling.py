@@ -1,4 +1,5 @@
-"""Chapter 07 helpers: gunicorn started and always stopped, load generator, balancer, sizing.
+"""Chapter 07 helpers: gunicorn started and always stopped, load generator, balancer, sizing, and
+the lab's harness (shop endpoints, profile, send, kill, the failover trial).
 
 Counts only, never wall time. Every test starts its servers in ``with`` blocks and checks that
 the process group is gone afterwards.
@@ -7,6 +8,8 @@ the process group is gone afterwards.
 from __future__ import annotations
 
 import os
+import socket
+import threading
 
 import pytest
 
@@ -147,3 +150,187 @@ def test_simulated_server_counts_requests_and_states_its_bound():
     assert infra.simulate_server(workers=1, threads=1, io_fraction=1.0, seconds=0.05)["model_per_s"] == 100
     with pytest.raises(ValueError):
         infra.simulate_server(workers=0, threads=1, io_fraction=0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# The lab's harness: shop endpoints, the mix, send, kill, the failover trial
+
+
+def test_shop_endpoints_report_their_cpu_and_wall_time_and_health_can_drain(tmp_path):
+    flag = tmp_path / "deploying"
+    with infra.serve(infra.LAB_APP, env={"PERFCOURSE_INFRA_DRAIN": str(flag)}) as server:
+        status, headers, body = web.get(server.port, "/shop/checkout")
+        assert status == 200 and body == b'{"endpoint": "checkout"}'
+        assert float(headers["X-Wall-Ms"]) >= float(headers["X-Cpu-Ms"]) >= 0
+        assert web.get(server.port, "/shop/nope")[0] == 404
+        assert web.get(server.port, "/checkout?ms=1&req=7")[2] == b'{"order": "7", "charged": true}'
+        flag.touch()
+        assert web.get(server.port, "/health")[:3:2] == (503, b"draining")
+        assert web.get(server.port, "/io?ms=1")[0] == 200  # draining: it still serves requests
+        flag.unlink()
+        assert web.get(server.port, "/health")[0] == 200
+    with infra.serve() as server:  # the lesson's app knows none of it
+        assert web.get(server.port, "/shop/checkout")[0] == 404
+
+
+def test_measure_profile_tells_computing_from_waiting_and_memory_is_read_per_worker():
+    with infra.serve(infra.LAB_APP, workers=2, preload=True) as server:
+        profile = infra.measure_profile(server.port, infra.SHOP_MIX, samples=3)
+        memory = infra.worker_memory_mb(server)
+        with pytest.raises(RuntimeError, match="without a profile"):
+            infra.measure_profile(server.port, {"/health": 1.0}, samples=1)
+    assert list(profile.columns) == ["endpoint", "share", "cpu_ms", "wait_ms"]
+    assert list(profile.endpoint) == list(infra.SHOP_MIX) and list(profile.share) == list(infra.SHOP_MIX.values())
+    by = profile.set_index("endpoint")
+    # 90,000 loop iterations against 8,000; 80 ms asleep against 2 (orderings, not durations)
+    assert by.cpu_ms["/shop/catalog"] > by.cpu_ms["/shop/checkout"]
+    assert by.wait_ms["/shop/checkout"] > by.wait_ms["/shop/catalog"]
+    assert len(memory) == 2 and all(mb > 1 for mb in memory)
+
+
+def test_the_mix_is_sent_in_its_proportions():
+    paths = infra._mix_paths({"/a": 0.5, "/b": 0.3, "/c": 0.2}, 10, seed=3)
+    assert sorted(paths) == ["/a"] * 5 + ["/b"] * 3 + ["/c"] * 2
+    assert paths == infra._mix_paths({"/a": 0.5, "/b": 0.3, "/c": 0.2}, 10, seed=3)
+    assert sorted(infra._mix_paths({"/a": 1, "/b": 1, "/c": 1}, 4, seed=0)).count("/a") >= 1
+    with infra.serve(infra.LAB_APP, worker_class="gthread", threads=4) as server:
+        result = infra.mix_load(server.port, {"/shop/search": 2, "/health": 1}, requests=12, concurrency=3)
+    assert result.ok == 12 and result.requested == 12
+
+
+def _silent_server():
+    """A socket that accepts one connection, reads the request and closes without answering."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def serve_once():
+        conn, _ = listener.accept()
+        conn.recv(1024)
+        conn.close()
+        listener.close()
+
+    threading.Thread(target=serve_once, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def test_send_tells_a_refused_connection_from_a_request_without_answer():
+    with pytest.raises(infra.BackendRefused):
+        infra.send(free_port(), "POST", "/checkout")
+    sent = []
+    with pytest.raises(infra.BackendNoResponse):
+        infra.send(_silent_server(), "POST", "/checkout", on_sent=lambda: sent.append(True))
+    assert sent == [True]
+    assert issubclass(infra.BackendRefused, infra.BackendError) and issubclass(infra.BackendError, OSError)
+    with infra.serve(infra.LAB_APP) as server:
+        response = infra.send(server.port, "POST", "/checkout?ms=1&req=3")
+        assert response.status == 200 and response.body == b'{"order": "3", "charged": true}'
+        infra.kill(server)
+        assert not server.running()
+        with pytest.raises(infra.BackendRefused):
+            infra.send(server.port, "GET", "/health")
+
+
+def _attempt(outcome, status=0):
+    return infra._Attempt(1, 1, "a", "GET", "/x", 0.0, sent=outcome != "refused", outcome=outcome, status=status)
+
+
+@pytest.mark.parametrize(("method", "status", "outcomes", "verdict"), [
+    ("GET", 200, [("answered", 200)], "served"),
+    ("GET", 200, [("no response", 0), ("answered", 200)], "served"),
+    ("POST", 200, [("refused", 0), ("answered", 200)], "served"),
+    ("POST", 502, [("no response", 0)], "unknown outcome"),
+    ("POST", 200, [("no response", 0), ("answered", 200)], "unsafe retry"),
+    ("GET", 502, [("no response", 0)], "lost"),
+    ("POST", 502, [("refused", 0)], "lost"),
+    ("GET", 200, [], "lost"),               # a 200 no backend gave
+    ("POST", 200, [("no response", 0)], "lost"),  # a payment of unknown outcome reported as done
+], ids=["served", "get-retried", "refused-post-retried", "post-unknown", "post-sent-twice", "get-dropped",
+        "refused-post-dropped", "made-up-200", "unknown-called-ok"])
+def test_each_request_gets_a_verdict(method, status, outcomes, verdict):
+    attempts = [_attempt(outcome, code) for outcome, code in outcomes]
+    assert infra._classify(method, status, None, attempts) == verdict
+
+
+class _RoundRobin:
+    def __init__(self, backends, send):
+        self.names, self.backends, self.send = list(backends), dict(backends), send
+        self.turn = 0
+
+    def check_health(self):
+        pass
+
+    def handle(self, method, path):
+        name = self.names[self.turn % len(self.names)]
+        self.turn += 1
+        try:
+            return self.send(self.backends[name], method, path)
+        except infra.BackendError:
+            return web.HttpResponse(502, {}, b"")
+
+
+class _Failover(_RoundRobin):
+    def __init__(self, backends, send):
+        super().__init__(backends, send)
+        self.lock = threading.Lock()
+        self.up = dict.fromkeys(self.names, True)
+
+    def check_health(self):
+        for name, port in self.backends.items():
+            try:
+                self.up[name] = self.send(port, "GET", "/health", 1.0).status == 200
+            except infra.BackendError:
+                self.up[name] = False
+
+    def handle(self, method, path):
+        with self.lock:
+            start = self.turn
+            self.turn += 1
+        for k in range(len(self.names)):  # each backend once, from this request's turn on
+            name = self.names[(start + k) % len(self.names)]
+            if not self.up[name]:
+                continue
+            try:
+                return self.send(self.backends[name], method, path)
+            except infra.BackendRefused:
+                self.up[name] = False
+            except infra.BackendNoResponse:
+                self.up[name] = False
+                if method != "GET":
+                    return web.HttpResponse(502, {}, b"")
+        return web.HttpResponse(503, {}, b"")
+
+
+def test_failover_trial_counts_what_a_naive_balancer_loses():
+    trial = infra.failover_trial(_RoundRobin, seed=2, requests=(30, 20), concurrency=4)
+    assert web.running_servers() == 0
+    roles, summary = trial.roles, trial.summary()
+    assert sorted(roles.values()) == ["a", "b", "c"] and 30 // 4 <= trial.killed_after < 30 // 2
+    assert summary["requests"] == 50 == len(trial.requests)
+    assert summary["lost"] > 0 and summary["unsafe_retries"] == 0
+    # every third request of phase 2 went to the dead backend; the deployed one got its turns in phase 1
+    assert trial.to_down[roles["killed"]] > 0 and trial.to_down[roles["deployed"]] > 0
+    load = trial.attempts[trial.attempts.request.notna()]
+    assert set(load[(load.phase == 2) & (load.backend == roles["killed"])].outcome) == {"refused"}
+    assert summary["served"] + summary["lost"] + summary["unknown_outcome"] == 50
+
+
+def test_failover_trial_of_a_balancer_with_health_checks_and_safe_retries():
+    trial = infra.failover_trial(_Failover, seed=2, requests=(30, 20), concurrency=4)
+    assert web.running_servers() == 0
+    summary = trial.summary()
+    assert (summary["lost"], summary["unsafe_retries"], summary["sent_to_down"]) == (0, 0, 0)
+    assert summary["revived_served"] > 0 and summary["served"] + summary["unknown_outcome"] == 50
+    assert trial.served_before_kill[trial.roles["steady"]] > 0
+    health = trial.attempts[trial.attempts.request.isna()]
+    assert len(health) == 6 and set(health.path) == {"/health"}  # two checks of three backends
+
+
+def test_failover_trial_stops_every_backend_when_the_balancer_raises():
+    class Broken(_RoundRobin):
+        def check_health(self):
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        infra.failover_trial(Broken, seed=1)
+    assert web.running_servers() == 0

@@ -1,13 +1,17 @@
 """Grader tests for chapter 07 (infrastructure scaling): right answers written another way pass,
 plausible wrong ones fail with a hint naming the mistake. The post_fork checks start a real
-gunicorn each (a few seconds): few of them, and every server is stopped (checked at the end)."""
+gunicorn each, the lab's balancer checks three (a few seconds each): few of them, and every server
+is stopped (checked at the end)."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 
 from perfcourse import web
 from perfcourse.chapters import infrastructure_scaling as infra
+from perfcourse.web import HttpResponse
 
 from .kit import fails, passes
 
@@ -258,3 +262,345 @@ def test_q6_wrong_hooks_fail_with_hint(answer, hint):
 def test_no_chapter_function_passes_q3_or_q4(name):
     for qid in ("07.q3", "07.q4"):
         fails(qid, getattr(infra, name))
+
+
+# --------------------------------------------------------------------------------------------
+# 07.q7 (lab): a gunicorn configuration for a weighted mix of endpoints
+
+
+def config_by_totals(cores, memory_mb, profile):
+    endpoints = profile["endpoints"]
+    shares = sum(e["share"] for e in endpoints)
+    cpu = sum(e["share"] / shares * e["cpu_ms"] for e in endpoints)      # normalised shares
+    total = sum(e["share"] / shares * (e["cpu_ms"] + e["wait_ms"]) for e in endpoints)
+    db = profile["db_connections"]
+    workers = max(1, min(cores, db, int(memory_mb / profile["worker_mb"])))
+    threads = 32 if cpu == 0 else max(1, min(32, round(total / cpu)))
+    threads = min(threads, max(1, db // workers))
+    return {"worker_class": "sync" if threads == 1 else "gthread", "workers": workers, "threads": threads}
+
+
+def config_with_loop(cores, memory_mb, profile):
+    cpu = wait = 0.0
+    for endpoint in profile["endpoints"]:
+        cpu += endpoint["share"] * endpoint["cpu_ms"]
+        wait += endpoint["share"] * endpoint["wait_ms"]
+    workers = cores
+    while workers > 1 and (workers * profile["worker_mb"] > memory_mb or workers > profile["db_connections"]):
+        workers -= 1
+    waiting = wait / (cpu + wait)
+    threads = 32 if waiting >= 1 else round(1 / (1 - waiting))
+    threads = max(1, min(threads, 32, profile["db_connections"] // workers))
+    config = {"workers": workers, "threads": threads, "worker_class": "sync"}
+    if threads > 1:
+        config["worker_class"] = "gthread"
+    return config
+
+
+def _right_threads(cores, memory_mb, profile):
+    return config_by_totals(cores, memory_mb, profile)
+
+
+def config_unweighted(cores, memory_mb, profile):
+    return config_by_totals(cores, memory_mb, {**profile, "endpoints": [
+        {**e, "share": 1} for e in profile["endpoints"]]})
+
+
+def config_mean_of_fractions(cores, memory_mb, profile):
+    config = config_by_totals(cores, memory_mb, profile)
+    timed = [e for e in profile["endpoints"] if e["cpu_ms"] + e["wait_ms"]]
+    waiting = sum(e["wait_ms"] / (e["cpu_ms"] + e["wait_ms"]) for e in timed) / len(timed)
+    threads = 32 if waiting >= 1 else max(1, min(32, round(1 / (1 - waiting))))
+    threads = max(1, min(threads, profile["db_connections"] // config["workers"]))
+    return {**config, "threads": threads, "worker_class": "gthread" if threads > 1 else "sync"}
+
+
+def config_share_weighted_fractions(cores, memory_mb, profile):
+    config = config_by_totals(cores, memory_mb, profile)
+    timed = [e for e in profile["endpoints"] if e["cpu_ms"] + e["wait_ms"]]
+    waiting = (sum(e["share"] * e["wait_ms"] / (e["cpu_ms"] + e["wait_ms"]) for e in timed)
+               / sum(e["share"] for e in timed))
+    threads = 32 if waiting >= 1 else max(1, min(32, round(1 / (1 - waiting))))
+    threads = max(1, min(threads, profile["db_connections"] // config["workers"]))
+    return {**config, "threads": threads, "worker_class": "gthread" if threads > 1 else "sync"}
+
+
+def config_ignores_database(cores, memory_mb, profile):
+    return config_by_totals(cores, memory_mb, {**profile, "db_connections": 10**6})
+
+
+def config_sync_with_threads(cores, memory_mb, profile):
+    return {**config_by_totals(cores, memory_mb, profile), "worker_class": "sync"}
+
+
+def config_always_gthread(cores, memory_mb, profile):
+    return {**config_by_totals(cores, memory_mb, profile), "worker_class": "gthread"}
+
+
+def config_gunicorn_docs_rule(cores, memory_mb, profile):  # 2 x cores + 1 sync workers
+    return {"workers": 2 * cores + 1, "threads": 1, "worker_class": "sync"}
+
+
+def config_ignores_memory(cores, memory_mb, profile):
+    return config_by_totals(cores, 10**9, profile)
+
+
+def config_as_tuple(cores, memory_mb, profile):  # the shape of 07.q3's answer
+    config = config_by_totals(cores, memory_mb, profile)
+    return config["workers"], config["threads"]
+
+
+def config_hard_coded(cores, memory_mb, profile):  # what the lab's machine gave
+    return {"workers": 2, "threads": 5, "worker_class": "gthread"}
+
+
+@pytest.mark.parametrize("answer", [config_by_totals, config_with_loop], ids=["totals", "loop"])
+def test_q7_right_answers_pass(answer):
+    passes("07.q7", answer)
+
+
+@pytest.mark.parametrize(("answer", "hint"), [
+    pytest.param(config_unweighted, "share of the traffic", id="unweighted"),
+    pytest.param(config_mean_of_fractions, "not the mean of the endpoints' fractions", id="mean-of-fractions"),
+    pytest.param(config_share_weighted_fractions, "weight by time", id="share-weighted-fractions"),
+    pytest.param(config_ignores_database, "database connections", id="ignores-database"),
+    pytest.param(config_sync_with_threads, '"gthread"', id="sync-with-threads"),
+    pytest.param(config_always_gthread, '"sync"', id="gthread-with-one-thread"),
+    pytest.param(config_gunicorn_docs_rule, "memory_mb // worker_mb", id="2n+1-sync"),
+    pytest.param(config_ignores_memory, "do not fit", id="ignores-memory"),
+    pytest.param(config_as_tuple, "return a dict", id="tuple"),
+    pytest.param(config_hard_coded, "expected", id="hard-coded"),
+])
+def test_q7_wrong_answers_fail_with_hint(answer, hint):
+    fails("07.q7", answer, hint)
+
+
+def test_q7_model_answer_on_a_hand_computed_case():
+    from perfcourse.grading import question
+    namespace: dict = {}
+    exec(question("07.q7").model_answer(), namespace)
+    profile = {"worker_mb": 300, "db_connections": 12, "endpoints": [
+        {"endpoint": "/a", "share": 0.75, "cpu_ms": 4.0, "wait_ms": 4.0},     # 3 ms cpu, 3 ms wait
+        {"endpoint": "/b", "share": 0.25, "cpu_ms": 4.0, "wait_ms": 52.0}]}   # 1 ms cpu, 13 ms wait
+    # 4 cores, 1000 MB: 3 workers fit; waiting 16 of 20 ms: 1 / (1 - 0.8) = 5 threads; 12 // 3 = 4
+    assert namespace["size_gunicorn"](4, 1000, profile) == {"workers": 3, "threads": 4, "worker_class": "gthread"}
+    assert config_with_loop(4, 1000, profile) == namespace["size_gunicorn"](4, 1000, profile)
+
+
+# --------------------------------------------------------------------------------------------
+# 07.q8 (lab): a balancer in front of real backends, one deployed and one killed mid-load
+
+IDEMPOTENT = {"GET", "HEAD", "PUT", "DELETE", "OPTIONS"}
+
+
+class TurnTaker:
+    """The lab's given starting point: round robin over the backends marked up."""
+
+    def __init__(self, backends, send):
+        self.backends, self.send = dict(backends), send
+        self.up = {name: True for name in self.backends}
+        self.lock = threading.Lock()
+        self.previous = -1
+
+    def pick(self, exclude=()):
+        names = list(self.backends)
+        with self.lock:
+            for step in range(1, len(names) + 1):
+                index = (self.previous + step) % len(names)
+                if self.up[names[index]] and names[index] not in exclude:
+                    self.previous = index
+                    return names[index]
+        return None
+
+    def check_health(self):
+        pass
+
+    def handle(self, method, path):
+        name = self.pick()
+        if name is None:
+            return HttpResponse(503, {}, b"")
+        try:
+            return self.send(self.backends[name], method, path)
+        except infra.BackendError:
+            return HttpResponse(502, {}, b"")
+
+
+class FailoverLoop(TurnTaker):
+    def check_health(self):
+        for name, port in self.backends.items():
+            try:
+                self.up[name] = self.send(port, "GET", "/health", 1.0).status == 200
+            except infra.BackendError:
+                self.up[name] = False
+
+    def handle(self, method, path):
+        tried = set()
+        while (name := self.pick(exclude=tried)) is not None:
+            tried.add(name)
+            try:
+                return self.send(self.backends[name], method, path)
+            except infra.BackendRefused:
+                self.up[name] = False
+            except infra.BackendNoResponse:
+                self.up[name] = False
+                if method not in IDEMPOTENT:
+                    return HttpResponse(502, {}, b"")
+        return HttpResponse(503, {}, b"")
+
+
+class FailoverOwnRing:
+    """Written from scratch: its own ring and counter, health kept as a set, tuples returned."""
+
+    def __init__(self, backends, send):
+        self.ring = list(backends.items())
+        self.send = send
+        self.down = set()
+        self.counter = 0
+        self.lock = threading.Lock()
+
+    def check_health(self):
+        for name, port in self.ring:
+            try:
+                answer = self.send(port, "GET", "/health", timeout_s=0.5)
+                healthy = answer.status == 200
+            except OSError:
+                healthy = False
+            with self.lock:
+                (self.down.discard if healthy else self.down.add)(name)
+
+    def handle(self, method, path):
+        with self.lock:
+            start = self.counter
+            self.counter += 1
+            order = [self.ring[(start + k) % len(self.ring)] for k in range(len(self.ring))]
+            order = [(n, p) for n, p in order if n not in self.down]
+        for _name, port in order:
+            try:
+                response = self.send(port, method, path)
+                return response.status, response.headers, response.body
+            except infra.BackendRefused:
+                continue
+            except infra.BackendNoResponse:
+                if method.upper() in ("GET", "HEAD"):
+                    continue
+                return 502, {}, b"the backend died while handling it"
+        return 503, {}, b"no healthy backend"
+
+
+class RetryEverything(FailoverLoop):  # sends a POST again after it reached a dying backend
+    def handle(self, method, path):
+        tried = set()
+        while (name := self.pick(exclude=tried)) is not None:
+            tried.add(name)
+            try:
+                return self.send(self.backends[name], method, path)
+            except infra.BackendError:
+                self.up[name] = False
+        return HttpResponse(503, {}, b"")
+
+
+class NoRetry(FailoverLoop):  # health checks, but an error goes back to the client
+    def handle(self, method, path):
+        return TurnTaker.handle(self, method, path)
+
+
+class RetryOnlyRefused(FailoverLoop):
+    def handle(self, method, path):
+        tried = set()
+        while (name := self.pick(exclude=tried)) is not None:
+            tried.add(name)
+            try:
+                return self.send(self.backends[name], method, path)
+            except infra.BackendRefused:
+                self.up[name] = False
+            except infra.BackendNoResponse:
+                return HttpResponse(502, {}, b"")
+        return HttpResponse(503, {}, b"")
+
+
+class NoHealthCheck(FailoverLoop):  # retries right, never looks at /health
+    def check_health(self):
+        pass
+
+
+class ConnectIsHealthy(FailoverLoop):  # any answer counts as up, even 503
+    def check_health(self):
+        for name, port in self.backends.items():
+            try:
+                self.send(port, "GET", "/health")
+                self.up[name] = True
+            except infra.BackendError:
+                self.up[name] = False
+
+
+class NeverBackUp(FailoverLoop):  # marks down, never up again
+    def check_health(self):
+        for name, port in self.backends.items():
+            try:
+                if self.send(port, "GET", "/health").status != 200:
+                    self.up[name] = False
+            except infra.BackendError:
+                self.up[name] = False
+
+
+class AlwaysFirst(FailoverLoop):  # fails over, but never balances
+    def pick(self, exclude=()):
+        return next((n for n in self.backends if self.up[n] and n not in exclude), None)
+
+
+class AnswersOkWhenAllDown(FailoverLoop):
+    def handle(self, method, path):
+        response = super().handle(method, path)
+        return HttpResponse(200, {}, b"") if response.status == 503 else response
+
+
+class ReturnsTheBody(FailoverLoop):
+    def handle(self, method, path):
+        return super().handle(method, path).body
+
+
+class BalancerStub(TurnTaker):
+    def check_health(self):
+        raise NotImplementedError("Your code here")
+
+    def handle(self, method, path):
+        raise NotImplementedError("Your code here")
+
+
+@pytest.mark.parametrize("answer", [FailoverLoop, FailoverOwnRing], ids=["loop", "own-ring-tuples"])
+def test_q8_right_balancers_pass(answer):
+    passes("07.q8", answer)
+    assert web.running_servers() == 0
+
+
+@pytest.mark.parametrize(("answer", "hint"), [
+    pytest.param(RetryEverything, "charge twice", id="retries-posts"),
+    pytest.param(NoRetry, "lost", id="no-retry"),
+    pytest.param(RetryOnlyRefused, "idempotent", id="get-not-retried"),
+    pytest.param(NoHealthCheck, "answered 503", id="no-health-check"),
+    pytest.param(ConnectIsHealthy, "answered 503", id="any-status-is-up"),
+    pytest.param(NeverBackUp, "up again", id="never-back-up"),
+    pytest.param(AlwaysFirst, "round robin", id="no-balancing"),
+    pytest.param(TurnTaker, "lost", id="the-given-starting-point"),
+])
+def test_q8_wrong_balancers_fail_with_hint(answer, hint):
+    fails("07.q8", answer, hint)
+    assert web.running_servers() == 0
+
+
+@pytest.mark.parametrize(("answer", "hint"), [
+    pytest.param(AnswersOkWhenAllDown, "answer 503", id="200-when-all-down"),
+    pytest.param(ReturnsTheBody, "must return the response", id="returns-the-body"),
+    pytest.param(BalancerStub, "not written yet", id="stub"),
+])
+def test_q8_wrong_shapes_fail_before_any_server_starts(answer, hint, monkeypatch):
+    def no_trial(*args, **kwargs):
+        raise AssertionError("a backend was started")
+
+    monkeypatch.setattr(infra, "failover_trial", no_trial)
+    fails("07.q8", answer, hint)
+
+
+@pytest.mark.parametrize("name", [n for n in infra.__all__ if callable(getattr(infra, n)) and n != "serve"])
+def test_no_chapter_function_passes_q7(name):
+    fails("07.q7", getattr(infra, name))
