@@ -12,7 +12,7 @@ import http.client
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -204,9 +204,11 @@ class HttpLoadResult:
                 "throughput_per_s": self.throughput_per_s, "p50_s": p50, "p95_s": p95}
 
 
-def http_load(port: int, path: str, *, requests: int, concurrency: int, timeout_s: float = 10.0,
-              max_duration_s: float = 30.0, host: str = LOOPBACK) -> HttpLoadResult:
+def http_load(port: int, path: str | Sequence[str], *, requests: int, concurrency: int,
+              timeout_s: float = 10.0, max_duration_s: float = 30.0, host: str = LOOPBACK) -> HttpLoadResult:
     """Send ``requests`` GETs for ``path`` from ``concurrency`` threads; return every sample.
+
+    ``path`` is one path, or one per request (a mix of endpoints, in the order to send them).
 
     Each thread keeps one ``http.client`` connection (reopened when the server closes it, as
     gunicorn's sync workers do after every response). Bounded: at most ``requests`` requests, no
@@ -216,17 +218,19 @@ def http_load(port: int, path: str, *, requests: int, concurrency: int, timeout_
         raise ValueError("http_load sends load to loopback only (127.0.0.1)")
     if requests < 0 or concurrency < 1:
         raise ValueError("requests >= 0 and concurrency >= 1")
+    if not isinstance(path, str) and len(path) < requests:
+        raise ValueError(f"{requests} requests need {requests} paths, got {len(path)}")
     local = threading.local()
     opened: list[http.client.HTTPConnection] = []
 
-    def get(_i: int) -> HttpSample:
+    def get(i: int) -> HttpSample:
         conn = getattr(local, "conn", None)
         if conn is None:
             conn = local.conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
             opened.append(conn)
         t0 = time.perf_counter()
         try:
-            conn.request("GET", path)
+            conn.request("GET", path if isinstance(path, str) else path[i])
             resp = conn.getresponse()
             resp.read()
             return HttpSample(time.perf_counter() - t0, resp.status,

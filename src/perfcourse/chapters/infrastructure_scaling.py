@@ -55,7 +55,7 @@ from urllib.parse import parse_qs
 import sqlalchemy as sa
 
 from .. import db, web
-from ..load import HttpLoadResult, HttpSample, http_load, run_load
+from ..load import HttpLoadResult, http_load
 from ..net import LOOPBACK
 from ..web import get
 
@@ -519,35 +519,11 @@ def mix_load(port: int, mix: dict[str, float], *, requests: int, concurrency: in
              timeout_s: float = 10.0, max_duration_s: float = 30.0) -> HttpLoadResult:
     """Send ``requests`` GETs spread over the paths of ``mix`` in its proportions (a shuffled,
     seeded order), from ``concurrency`` threads with one keep-alive connection each, as
-    :func:`perfcourse.load.http_load` does for one path. Loopback only; bounded."""
+    with :func:`perfcourse.load.http_load`. Loopback only; bounded."""
     if requests < 0 or concurrency < 1:
         raise ValueError("requests >= 0 and concurrency >= 1")
-    paths = _mix_paths(mix, requests, seed)
-    local = threading.local()
-    opened: list[http.client.HTTPConnection] = []
-
-    def get(i: int) -> HttpSample:
-        conn = getattr(local, "conn", None)
-        if conn is None:
-            conn = local.conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout_s)
-            opened.append(conn)
-        t0 = time.perf_counter()
-        try:
-            conn.request("GET", paths[i])
-            resp = conn.getresponse()
-            resp.read()
-            return HttpSample(time.perf_counter() - t0, resp.status, resp.getheader("X-Worker-Pid", ""))
-        except (OSError, http.client.HTTPException):
-            conn.close()
-            return HttpSample(time.perf_counter() - t0, 0)
-
-    try:
-        run = run_load(get, workers=concurrency, requests=requests, sample_every_s=None,
-                       max_duration_s=max_duration_s)
-    finally:
-        for conn in opened:
-            conn.close()
-    return HttpLoadResult(list(run.log["result"]), run.elapsed_s, requests)
+    return http_load(port, _mix_paths(mix, requests, seed), requests=requests, concurrency=concurrency,
+                     timeout_s=timeout_s, max_duration_s=max_duration_s)
 
 
 def measure_profile(port: int, mix: dict[str, float], *, samples: int = 5):

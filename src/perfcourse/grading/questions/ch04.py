@@ -119,10 +119,11 @@ def _expected_lines():
     return [(i, emails[u], s, t) for i, u, s, t in sorted(orders)]
 
 
-class _CheckingSink:
-    """A write-only sink that compares each line with the expected one as it arrives.
+class _StreamingSink:
+    """A write-only sink that compares each CSV line with the expected one as it arrives.
 
-    It keeps nothing but counters and the first problem found, so its own memory stays flat.
+    It keeps counters and the first problem only, so its own memory stays flat. Subclasses say
+    what a line should be (``_compare`` returns the problem with line ``index``, or None).
     """
 
     def __init__(self, expected):
@@ -144,10 +145,14 @@ class _CheckingSink:
             self._line(line.rstrip("\r"))
         return len(text)
 
-    def close(self):  # a learner may close what they write to
-        pass
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
 
     def flush(self):
+        pass
+
+    def close(self):  # a learner may close what they write to
         pass
 
     def finish(self):
@@ -161,35 +166,41 @@ class _CheckingSink:
             return
         index = self.rows
         self.rows += 1
-        if self.problem is not None or index >= len(self.expected):
-            return
+        if self.problem is None and index < len(self.expected):
+            self.problem = self._compare(index, line)
+        elif index == len(self.expected):
+            self.extra = line.split(",", 1)[0]
+
+    def _compare(self, index, line):
+        raise NotImplementedError
+
+
+class _CheckingSink(_StreamingSink):
+    """The sink of 04.q3: one line per order."""
+
+    def _compare(self, index, line):
         want = self.expected[index]
         fields = next(csv.reader([line]), [])
         if len(fields) != len(EXPORT_COLUMNS):
-            self.problem = (f"Data line {index + 1} has {len(fields)} fields "
-                            f"({short_repr(line, 60)}); each line has the {len(EXPORT_COLUMNS)} "
-                            f"columns of the header: {','.join(EXPORT_COLUMNS)}.")
-            return
+            return (f"Data line {index + 1} has {len(fields)} fields ({short_repr(line, 60)}); each "
+                    f"line has the {len(EXPORT_COLUMNS)} columns of the header: {','.join(EXPORT_COLUMNS)}.")
         order_id, email, status, total = fields
         if order_id != str(want[0]):
-            self.problem = (f"Data line {index + 1} should be order {want[0]}, not "
-                            f"{short_repr(order_id, 30)}: one line per order, sorted by order id "
-                            "(ORDER BY orders.id), starting with the first.")
-        elif email != want[1]:
-            self.problem = (f"Order {want[0]} should have the email of the user who placed it "
-                            f"({want[1]!r}), not {short_repr(email, 40)}: join users on "
-                            "users.id = orders.user_id and write users.email.")
-        elif status != want[2]:
-            self.problem = (f"Order {want[0]} should have the status {want[2]!r}, "
-                            f"not {short_repr(status, 30)}.")
-        else:
-            try:
-                same = abs(Decimal(total) - want[3]) <= Decimal("0.005")
-            except (InvalidOperation, ValueError):
-                same = False
-            if not same:
-                self.problem = (f"Order {want[0]} should have the total {want[3]}, not "
-                                f"{short_repr(total, 30)}: write orders.total as it is.")
+            return (f"Data line {index + 1} should be order {want[0]}, not {short_repr(order_id, 30)}: "
+                    "one line per order, sorted by order id (ORDER BY orders.id), starting with the first.")
+        if email != want[1]:
+            return (f"Order {want[0]} should have the email of the user who placed it ({want[1]!r}), not "
+                    f"{short_repr(email, 40)}: join users on users.id = orders.user_id and write users.email.")
+        if status != want[2]:
+            return f"Order {want[0]} should have the status {want[2]!r}, not {short_repr(status, 30)}."
+        try:
+            same = abs(Decimal(total) - want[3]) <= Decimal("0.005")
+        except (InvalidOperation, ValueError):
+            same = False
+        if not same:
+            return (f"Order {want[0]} should have the total {want[3]}, not {short_repr(total, 30)}: "
+                    "write orders.total as it is.")
+        return None
 
 
 def _export_loading_all(engine, sink):
@@ -752,56 +763,12 @@ def _expected_export(window):
     return lines, near
 
 
-class _LineSink:
-    """A write-only sink that compares each CSV line with the expected one as it arrives.
-
-    It keeps counters and the first problem only, so its own memory stays flat.
-    """
+class _LineSink(_StreamingSink):
+    """The sink of 04.q7: one line per order item, with the orders near the window's edges."""
 
     def __init__(self, expected, near):
-        self.expected, self.near = expected, near
-        self.header = None
-        self.rows = 0
-        self.problem = None
-        self.extra = None  # the first field of the first line past the expected ones
-        self.most_lines_per_write = 0
-        self._partial = ""
-
-    def write(self, text):
-        if not isinstance(text, str):
-            raise TypeError(f"write() takes text (str), not {type_name(text)}")
-        self.most_lines_per_write = max(self.most_lines_per_write, text.count("\n"))
-        pieces = (self._partial + text).split("\n")
-        self._partial = pieces.pop()
-        for line in pieces:
-            self._line(line.rstrip("\r"))
-        return len(text)
-
-    def writelines(self, lines):
-        for line in lines:
-            self.write(line)
-
-    def flush(self):
-        pass
-
-    def close(self):  # a learner may close what they write to
-        pass
-
-    def finish(self):
-        if self._partial:
-            self._line(self._partial.rstrip("\r"))
-            self._partial = ""
-
-    def _line(self, line):
-        if self.header is None:
-            self.header = line
-            return
-        index = self.rows
-        self.rows += 1
-        if self.problem is None and index < len(self.expected):
-            self.problem = self._compare(index, line)
-        elif index == len(self.expected):
-            self.extra = line.split(",", 1)[0]
+        super().__init__(expected)
+        self.near = near
 
     def _compare(self, index, line):
         want = self.expected[index]
