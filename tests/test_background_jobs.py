@@ -123,3 +123,127 @@ def test_equal_jitter_stays_between_half_and_all_of_the_ceiling():
         delays = [jobs.backoff_with_jitter(attempt, rng) for _ in range(50)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(set(delays)) > 1
+
+
+# --------------------------------------------------------------------------------------------
+# The lab's shop: the gateway, the receipt, the backlog, the worker and the trials
+
+
+def _orders(n=6, start=500):
+    return [{"id": start + i, "amount_cents": 1000 + i, "email": f"c{i}@shop.test"} for i in range(n)]
+
+
+def test_gateway_honours_idempotency_keys_and_plans(run):
+    shop = run.shop("gw")
+    shop.plan(1, ["timeout", "lost"])
+    with pytest.raises(jobs.GatewayTimeout, match="nothing was charged"):
+        jobs.charge_card(shop.key, 1, 500, "k1")
+    with pytest.raises(jobs.GatewayTimeout, match="answer was lost"):
+        jobs.charge_card(shop.key, 1, 500, "k1")
+    first = shop.ledger()[0][2]
+    assert jobs.charge_card(shop.key, 1, 500, "k1") == first  # a replay: the first charge's id
+    with pytest.raises(jobs.IdempotencyKeyReused):
+        jobs.charge_card(shop.key, 2, 700, "k1")
+    jobs.charge_card(shop.key, 2, 700)
+    jobs.charge_card(shop.key, 2, 700)  # no key: charged again
+    shop.plan(3, ["declined"])
+    with pytest.raises(jobs.CardDeclined):
+        jobs.charge_card(shop.key, 3, 100, "k3")
+    assert shop.charges() == {1: 1, 2: 2} and shop.gateway_calls() == 7
+    assert [e["outcome"] for e in shop.events()] == [
+        "timeout", "charged", "replayed", "key reused", "charged", "charged", "declined"]
+    with pytest.raises(ValueError, match="unknown"):
+        shop.plan(4, ["maybe"])
+
+
+def test_shop_jobs_refuse_anything_but_the_shop_key(run):
+    with pytest.raises(TypeError, match="shop.key"):
+        jobs.send_receipt({"id": 1}, 1, "a@b")
+    with pytest.raises(TypeError, match="shop.key"):
+        jobs.bulk_task(run.shop("x"), "newsletter")
+
+
+def test_receipt_notes_whether_its_order_was_charged(run):
+    shop = run.shop("receipts")
+    jobs.send_receipt(shop.key, 9, "nine@shop.test")
+    jobs.charge_card(shop.key, 9, 900)
+    jobs.send_receipt(shop.key, 9, "nine@shop.test")
+    assert [e["charged"] for e in shop.events() if e["job"] == "receipt"] == [False, True]
+    assert shop.outbox() == ["receipt for order 9 to nine@shop.test"] * 2
+
+
+def test_latency_trial_counts_work_done_before_the_answer(run):
+    shop = run.shop("latency")
+
+    def inline(order, shop):
+        jobs.charge_card(shop.key, order["id"], order["amount_cents"])
+        return {"order_id": order["id"], "status": "paid"}
+
+    def queued(order, shop):
+        shop.queues["high"].enqueue(jobs.charge_card, shop.key, order["id"], order["amount_cents"])
+        return {"order_id": order["id"], "status": "processing"}
+
+    rows = {name: jobs.latency_trial(fn, shop, _orders(3)) for name, fn in [("inline", inline), ("queued", queued)]}
+    assert rows["inline"].gateway_calls.tolist() == [1, 1, 1] and rows["inline"].jobs_enqueued.sum() == 0
+    assert rows["queued"].gateway_calls.sum() == 0 and rows["queued"].jobs_enqueued.tolist() == [1, 1, 1]
+    assert rows["queued"].status.unique().tolist() == ["processing"]
+
+
+def _plain(order, shop):
+    shop.queues["default"].enqueue(jobs.charge_card, shop.key, order["id"], order["amount_cents"])
+    shop.queues["default"].enqueue(jobs.send_receipt, shop.key, order["id"], order["email"])
+
+
+def _retried_once(order, shop):
+    charge = shop.queues["high"].enqueue(jobs.charge_card, shop.key, order["id"], order["amount_cents"],
+                                         idempotency_key=f"o{order['id']}", retry=Retry(max=3, interval=1))
+    shop.queues["high"].enqueue(jobs.send_receipt, shop.key, order["id"], order["email"], depends_on=charge)
+
+
+def test_delivery_trial_shows_lost_and_double_charges_and_their_fix(run):
+    plain = jobs.delivery_trial(_plain, run.shop("d1"), _orders()).set_index("scenario")
+    assert plain.charges.to_dict() == {"plain": 1, "timeout": 0, "timeout twice": 0, "answer lost": 1,
+                                       "double click": 2, "redelivered": 2}
+    fixed = jobs.delivery_trial(_retried_once, run.shop("d2"), _orders()).set_index("scenario")
+    assert fixed.charges.tolist() == [1] * 6
+    assert fixed.gateway_calls.to_dict() == {"plain": 1, "timeout": 2, "timeout twice": 3, "answer lost": 2,
+                                             "double click": 2, "redelivered": 2}
+
+
+def test_backlog_trial_reads_the_run_order(run):
+    orders = _orders(3)
+    before = jobs.backlog_trial(_plain, run.shop("b1"), orders, 3, 2, declined=[orders[1]["id"]])
+    assert before.job.tolist()[:3] == ["bulk"] * 3 and (before.checkout_jobs_waiting[:3] == 6).all()
+    assert before.receipt_before_charge.sum() == 1
+    after = jobs.backlog_trial(_retried_once, run.shop("b2"), orders, 3, 2, declined=[orders[1]["id"]])
+    assert after.job.tolist()[:5] == ["charge"] * 3 + ["receipt"] * 2
+    assert after.checkout_jobs_waiting.sum() == 0 and not after.receipt_before_charge.any()
+
+
+def test_settle_queues_due_retries_and_redeliver_runs_a_job_again(run):
+    shop = run.shop("settle")
+    shop.plan(1, ["timeout"])
+    job = shop.queues["high"].enqueue(jobs.charge_card, shop.key, 1, 100, "k", retry=Retry(max=1, interval=1))
+    worker = shop.start_worker()
+    try:
+        assert shop.settle(15) and job.get_status(refresh=True).value == "finished"
+        assert shop.next_due() is None and not shop.busy()
+        assert [j.id for j in shop.charge_jobs(1)] == [job.id]
+        assert shop.redeliver([1]) == 1 and shop.settle(15)
+    finally:
+        worker.stop()
+    assert [e["outcome"] for e in shop.events()] == ["timeout", "charged", "replayed"]
+
+
+def test_lab_orders_come_from_the_dataset(tiny):
+    orders = jobs.lab_orders(tiny, 3)
+    assert len(orders) == 3 and all(set(o) == {"id", "amount_cents", "email"} for o in orders)
+    assert all(isinstance(o["amount_cents"], int) and "@" in o["email"] for o in orders)
+
+
+def test_a_namespace_of_its_own(redis_client):
+    with jobs.JobRun(redis_client, namespace="ch06test") as other:
+        shop = other.shop("s")
+        assert shop.key.startswith(f"ch06test:{other.run_id}:") and other.prefix.startswith("ch06test-")
+        assert shop.queues["high"].name == f"ch06test-{other.run_id}-high"
+    assert other.leftovers() == 0

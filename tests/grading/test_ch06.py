@@ -5,8 +5,12 @@ a private key prefix and private queues that it deletes itself (checked at the e
 from __future__ import annotations
 
 import random
+import threading
+import uuid
 
 import pytest
+from rq import Queue, Retry
+from rq.exceptions import DuplicateJobError
 
 from perfcourse.chapters import background_jobs as jobs
 from perfcourse.services import redis_client
@@ -274,14 +278,234 @@ def test_q4_wrong_answers_fail_with_hint(answer, hint):
 
 @pytest.mark.parametrize("name", [n for n in jobs.__all__ if callable(getattr(jobs, n))])
 def test_no_chapter_function_passes_a_practical(name):
-    for qid in ("06.q2", "06.q3", "06.q4"):
+    for qid in ("06.q2", "06.q3", "06.q4", "06.q7", "06.q8", "06.q9"):
         fails(qid, getattr(jobs, name))
 
 
-def test_checks_leave_no_keys_behind():
+
+# --------------------------------------------------------------------------------------------
+# The lab, 06.q7-06.q9: one checkout handler, graded on real workers of the grader's own shop
+
+
+def checkout_model_like(order, shop):  # the shape of the model, written with other choices
+    high = shop.queues["high"]
+    charge = high.enqueue_call(
+        jobs.charge_card, args=(shop.key, order["id"], order["amount_cents"]),
+        kwargs={"idempotency_key": f"{order['id']}:{order['amount_cents']}"},
+        retry=Retry(max=4, interval=[1, 2]))
+    high.enqueue_call(jobs.send_receipt, args=(shop.key, order["id"], order["email"]), depends_on=charge.id)
+    return {"order_id": order["id"], "status": "processing", "message": "Thank you!"}
+
+
+def checkout_immediate_retries(order, shop):  # no interval, a job id of its own, a list of dependencies
+    order_id = order["id"]
+    urgent = shop.queues["high"]
+    charge = urgent.enqueue(jobs.charge_card, shop.key, order_id, order["amount_cents"],
+                            idempotency_key="order-" + str(order_id), retry=Retry(max=2),
+                            job_id=f"charge-{order_id}-{uuid.uuid4().hex[:6]}")
+    urgent.enqueue(jobs.send_receipt, shop.key, order_id, order["email"], depends_on=[charge])
+    return dict(order_id=order_id, status="processing")
+
+
+@pytest.mark.parametrize("answer", [checkout_model_like, checkout_immediate_retries],
+                         ids=["enqueue-call-backoff-list", "immediate-retries-job-id"])
+@pytest.mark.parametrize("qid", ["06.q7", "06.q8", "06.q9"])
+def test_lab_right_answers_pass(qid, answer):
+    passes(qid, answer)
+
+
+def checkout_last_sprint(order, shop):  # offloaded, nothing more: right for q7 only
+    shop.queues["default"].enqueue(jobs.charge_card, shop.key, order["id"], order["amount_cents"])
+    shop.queues["default"].enqueue(jobs.send_receipt, shop.key, order["id"], order["email"])
+    return {"order_id": order["id"], "status": "processing"}
+
+
+def test_q7_offloading_alone_passes_q7():
+    passes("06.q7", checkout_last_sprint)
+
+
+def checkout_inline(order, shop):
+    jobs.charge_card(shop.key, order["id"], order["amount_cents"])
+    jobs.send_receipt(shop.key, order["id"], order["email"])
+    return {"order_id": order["id"], "status": "paid"}
+
+
+def checkout_enqueues_the_result(order, shop):
+    shop.queues["high"].enqueue(jobs.charge_card(shop.key, order["id"], order["amount_cents"]))
+    shop.queues["high"].enqueue(jobs.send_receipt, shop.key, order["id"], order["email"])
+    return {"order_id": order["id"], "status": "processing"}
+
+
+def checkout_mail_inline(order, shop):
+    shop.queues["high"].enqueue(jobs.charge_card, shop.key, order["id"], order["amount_cents"])
+    jobs.send_receipt(shop.key, order["id"], order["email"])
+    return {"order_id": order["id"], "status": "processing"}
+
+
+def checkout_in_a_thread(order, shop):
+    def work():
+        jobs.charge_card(shop.key, order["id"], order["amount_cents"])
+        jobs.send_receipt(shop.key, order["id"], order["email"])
+
+    threading.Thread(target=work, daemon=True).start()
+    shop.queues["low"].enqueue(jobs.bulk_task, shop.key, f"audit {order['id']}")  # a job, so the worker runs
+    return {"order_id": order["id"], "status": "processing"}
+
+
+def checkout_says_paid(order, shop):
+    return {**checkout_last_sprint(order, shop), "status": "paid"}
+
+
+def checkout_returns_nothing(order, shop):
+    checkout_last_sprint(order, shop)
+
+
+def checkout_no_receipt(order, shop):
+    shop.queues["high"].enqueue(jobs.charge_card, shop.key, order["id"], order["amount_cents"])
+    return {"order_id": order["id"], "status": "processing"}
+
+
+def checkout_in_euros(order, shop):
+    shop.queues["high"].enqueue(jobs.charge_card, shop.key, order["id"], order["amount_cents"] / 100)
+    shop.queues["high"].enqueue(jobs.send_receipt, shop.key, order["id"], order["email"])
+    return {"order_id": order["id"], "status": "processing"}
+
+
+def checkout_passes_the_shop(order, shop):
+    shop.queues["high"].enqueue(jobs.charge_card, shop, order["id"], order["amount_cents"])
+    return {"order_id": order["id"], "status": "processing"}
+
+
+_own_queue_names: list[str] = []
+
+
+def checkout_own_queue(order, shop):
+    name = f"test06-{uuid.uuid4().hex[:8]}"
+    _own_queue_names.append(name)
+    Queue(name, connection=shop.connection).enqueue(jobs.charge_card, shop.key, order["id"], order["amount_cents"])
+    return {"order_id": order["id"], "status": "processing"}
+
+
+@pytest.mark.parametrize(("answer", "hint"), [
+    pytest.param(checkout_inline, "payment gateway was called", id="charges-inline"),
+    pytest.param(checkout_enqueues_the_result, "enqueues its result", id="enqueues-the-result"),
+    pytest.param(checkout_mail_inline, "receipt mail", id="mails-inline"),
+    pytest.param(checkout_in_a_thread, "web process", id="thread-in-the-request-process"),
+    pytest.param(checkout_says_paid, "processing", id="answers-paid"),
+    pytest.param(checkout_returns_nothing, "return the response", id="returns-none"),
+    pytest.param(checkout_no_receipt, "no receipt", id="no-receipt-job"),
+    pytest.param(checkout_in_euros, "instead of its amount_cents", id="amount-not-in-cents"),
+    pytest.param(checkout_own_queue, "shop.queues", id="a-queue-of-its-own"),
+    pytest.param(checkout_passes_the_shop, "pickled", id="the-shop-as-a-job-argument"),
+])
+def test_q7_wrong_answers_fail_with_hint(answer, hint):
+    try:
+        fails("06.q7", answer, hint)
+    finally:
+        client = redis_client()
+        for name in _own_queue_names:
+            Queue(name, connection=client).delete(delete_jobs=True)
+        _own_queue_names.clear()
+        client.close()
+
+
+def _high(order, shop, key=None, retry=None, **options):
+    """Charge on high with the given key and retries, receipt after it: the other parts right."""
+    charge = shop.queues["high"].enqueue(jobs.charge_card, shop.key, order["id"], order["amount_cents"],
+                                         idempotency_key=key, retry=retry, **options)
+    shop.queues["high"].enqueue(jobs.send_receipt, shop.key, order["id"], order["email"], depends_on=charge)
+    return {"order_id": order["id"], "status": "processing"}
+
+
+def checkout_no_retry(order, shop):
+    return _high(order, shop, key=f"order-{order['id']}")
+
+
+def checkout_retries_once(order, shop):
+    return _high(order, shop, key=f"order-{order['id']}", retry=Retry(max=1))
+
+
+def checkout_no_key(order, shop):
+    return _high(order, shop, retry=Retry(max=3, interval=1))
+
+
+def checkout_random_key(order, shop):
+    return _high(order, shop, key=uuid.uuid4().hex, retry=Retry(max=3, interval=1))
+
+
+def checkout_one_key_for_all(order, shop):
+    return _high(order, shop, key="checkout", retry=Retry(max=3))
+
+
+def checkout_unique_job_no_key(order, shop):  # a double click is refused by RQ, a redelivery is not
+    try:
+        return _high(order, shop, retry=Retry(max=3), job_id=f"charge-order-{order['id']}", unique=True)
+    except DuplicateJobError:
+        return {"order_id": order["id"], "status": "processing"}
+
+
+def checkout_unique_job_unhandled(order, shop):
+    return _high(order, shop, key=f"order-{order['id']}", retry=Retry(max=3),
+                 job_id=f"charge-order-{order['id']}", unique=True)
+
+
+def checkout_long_backoff(order, shop):
+    return _high(order, shop, key=f"order-{order['id']}", retry=Retry(max=3, interval=[30, 60]))
+
+
+@pytest.mark.parametrize(("answer", "hint"), [
+    pytest.param(checkout_last_sprint, "Retry(", id="no-retry-no-key"),
+    pytest.param(checkout_no_retry, "timed out", id="key-without-retry"),
+    pytest.param(checkout_retries_once, "2 time(s) in a row", id="too-few-retries"),
+    pytest.param(checkout_no_key, "answer was lost", id="retry-without-key"),
+    pytest.param(checkout_random_key, "double click", id="uuid4-key"),
+    pytest.param(checkout_one_key_for_all, "another order", id="one-key-for-every-order"),
+    pytest.param(checkout_unique_job_no_key, "idempotency_key", id="unique-job-id-without-key"),
+    pytest.param(checkout_unique_job_unhandled, "a second time", id="duplicate-job-error-unhandled"),
+    pytest.param(checkout_long_backoff, "retry intervals short", id="intervals-too-long"),
+    pytest.param(checkout_inline, "06.q7", id="charges-inline"),
+])
+def test_q8_wrong_answers_fail_with_hint(answer, hint):
+    fails("06.q8", answer, hint)
+
+
+def checkout_all_high_no_dependency(order, shop):
+    shop.queues["high"].enqueue(jobs.charge_card, shop.key, order["id"], order["amount_cents"],
+                                idempotency_key=f"order-{order['id']}", retry=Retry(max=3))
+    shop.queues["high"].enqueue(jobs.send_receipt, shop.key, order["id"], order["email"])
+    return {"order_id": order["id"], "status": "processing"}
+
+
+def checkout_receipt_on_default(order, shop):
+    charge = shop.queues["high"].enqueue(jobs.charge_card, shop.key, order["id"], order["amount_cents"],
+                                         idempotency_key=f"order-{order['id']}", retry=Retry(max=3))
+    shop.queues["default"].enqueue(jobs.send_receipt, shop.key, order["id"], order["email"], depends_on=charge)
+    return {"order_id": order["id"], "status": "processing"}
+
+
+def checkout_receipt_first(order, shop):
+    shop.queues["high"].enqueue(jobs.send_receipt, shop.key, order["id"], order["email"])
+    shop.queues["high"].enqueue(jobs.charge_card, shop.key, order["id"], order["amount_cents"],
+                                idempotency_key=f"order-{order['id']}", retry=Retry(max=3))
+    return {"order_id": order["id"], "status": "processing"}
+
+
+@pytest.mark.parametrize(("answer", "hint"), [
+    pytest.param(checkout_last_sprint, "behind the newsletters", id="everything-on-default"),
+    pytest.param(checkout_all_high_no_dependency, "declined", id="receipt-without-depends-on"),
+    pytest.param(checkout_receipt_on_default, "receipts on default", id="receipt-on-default"),
+    pytest.param(checkout_receipt_first, "before its charge", id="receipt-enqueued-first"),
+    pytest.param(checkout_inline, "06.q7", id="charges-inline"),
+])
+def test_q9_wrong_answers_fail_with_hint(answer, hint):
+    fails("06.q9", answer, hint)
+
+
+def test_checks_leave_no_keys_behind():  # last: after every check of this file
     client = redis_client()
     try:
         assert not list(client.scan_iter(match="grader06*", count=1000))
         assert not [m for m in client.smembers("rq:queues") if b"grader06" in m]
+        assert not [m for m in client.smembers("rq:workers") if b"grader06" in m]
     finally:
         client.close()

@@ -19,26 +19,44 @@ live in this module because a worker imports a job's function by its dotted name
 
 Job functions find Redis through the job that runs them (:func:`rq.get_current_job`); called
 directly (inline, in a request handler) they use the course's client.
+
+The lab (``06-background-jobs-lab``) adds a shop: :meth:`JobRun.shop` makes a :class:`Shop` (three
+queues and a key prefix), whose jobs are :func:`charge_card` (a payment gateway that can time out
+before or after charging, and that honours idempotency keys as Stripe does), :func:`send_receipt`
+and :func:`bulk_task` (the nightly backlog). Each job run leaves an event (what, outcome, process
+id) in run order, so the experiments :func:`latency_trial`, :func:`delivery_trial` and
+:func:`backlog_trial` count what a checkout written in the notebook did, and when.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
+import logging
 import os
 import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pandas as pd
 import redis
 from rq import Queue, SimpleWorker, Worker, get_current_job
 from rq.job import Job, JobStatus
+from rq.scheduler import RQScheduler
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
 
 from .. import services
+from ..models import Order, User
 
 NAMESPACE = "ch06"
 #: The priority queues of the chapter, most urgent first: the order a worker listens in.
@@ -194,6 +212,8 @@ class WorkerProcess:
     name: str
     process: subprocess.Popen
     log_path: Path
+    #: Set once it was asked to stop: its exit is then expected, whatever its code.
+    stopping: bool = False
 
     def log(self) -> str:
         try:
@@ -201,8 +221,16 @@ class WorkerProcess:
         except OSError:
             return ""
 
+    def signal_stop(self) -> None:
+        """Ask the worker to stop (SIGTERM: it finishes its job, takes no other, exits) without
+        waiting for it to exit; :meth:`JobRun.stop_workers` and :meth:`JobRun.cleanup` wait."""
+        self.stopping = True
+        if self.process.poll() is None:
+            self.process.terminate()
+
     def stop(self, timeout_s: float = 5.0) -> int:
         """Terminate the worker (SIGTERM: a warm shutdown), kill it if it does not exit."""
+        self.stopping = True
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -219,6 +247,8 @@ class JobRun:
 
     connection: redis.Redis
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    #: First part of every name: ``ch06`` for the notebooks, another for a grader's own runs.
+    namespace: str = NAMESPACE
     workers: list[WorkerProcess] = field(default_factory=list)
     _queue_names: set[str] = field(default_factory=set)
     _worker_count: int = 0
@@ -226,11 +256,11 @@ class JobRun:
     @property
     def prefix(self) -> str:
         """Prefix of the run's queue and worker names, e.g. ``ch06-1a2b3c4d``."""
-        return f"{NAMESPACE}-{self.run_id}"
+        return f"{self.namespace}-{self.run_id}"
 
     def key(self, name: str) -> str:
         """A key for the jobs' own data, e.g. ``ch06:1a2b3c4d:order``."""
-        return f"{NAMESPACE}:{self.run_id}:{name}"
+        return f"{self.namespace}:{self.run_id}:{name}"
 
     def queue(self, name: str = "default", **kwargs) -> Queue:
         """The RQ queue ``<prefix>-<name>`` on the course's Redis."""
@@ -349,7 +379,7 @@ class JobRun:
         keys = [key for key in client.scan_iter(match="rq:*", count=1000)
                 if self.prefix in key.decode(errors="replace")
                 or job_ids.intersection(key.decode(errors="replace").split(":"))]
-        keys += list(client.scan_iter(match=f"{NAMESPACE}:{self.run_id}:*", count=1000))
+        keys += list(client.scan_iter(match=f"{self.namespace}:{self.run_id}:*", count=1000))
         deleted = 0
         for start in range(0, len(keys), 500):
             deleted += client.delete(*keys[start:start + 500])
@@ -360,8 +390,19 @@ class JobRun:
 
     def leftovers(self) -> int:
         """Keys of this run still in Redis (0 after :meth:`cleanup`)."""
-        return sum(1 for pattern in (f"rq:*{self.prefix}*", f"{NAMESPACE}:{self.run_id}:*")
+        return sum(1 for pattern in (f"rq:*{self.prefix}*", f"{self.namespace}:{self.run_id}:*")
                    for _ in self.connection.scan_iter(match=pattern, count=1000))
+
+    def shop(self, name: str = "shop", *, gateway_s: float = 0.0, mail_s: float = 0.0,
+             bulk_s: float = 0.0) -> Shop:
+        """The lab's shop in this run: queues ``high``, ``default``, ``low`` and keys under
+        ``key(name) + ":"``; the gateway takes ``gateway_s`` per call, a mail ``mail_s``, a
+        backlog job ``bulk_s`` (seconds)."""
+        shop = Shop(self, f"{self.key(name)}:", self.queues(PRIORITIES))
+        self.connection.hset(f"{shop.key}settings", mapping={
+            "gateway_s": gateway_s, "mail_s": mail_s, "bulk_s": bulk_s})
+        self.connection.sadd(f"{shop.key}queues", *(q.name for q in shop.queues.values()))
+        return shop
 
     def __enter__(self) -> JobRun:
         return self
@@ -409,9 +450,438 @@ def delays_between(timestamps: Sequence[str | bytes]) -> list[float]:
     return [b - a for a, b in zip(times, times[1:])]
 
 
+# --------------------------------------------------------------------------------------------
+# The lab: a shop's checkout, its payment gateway, its mail and its nightly backlog
+#
+# The job functions below are what the lab's checkout enqueues (or, before the fix, calls
+# inline). They keep what they did in Redis under the shop's key, so experiments and graders
+# count it: the gateway's ledger and attempts, the outbox, and one event per job run, in the
+# order the jobs ran, with the id of the process that ran it.
+
+
+class GatewayTimeout(ConnectionError):
+    """The payment gateway did not answer in time; it may have charged or not."""
+
+
+class CardDeclined(ValueError):
+    """The card was refused: retrying does not help."""
+
+
+class IdempotencyKeyReused(ValueError):
+    """An idempotency key came back with another order or amount than its first charge."""
+
+
+def _shop_key(shop) -> str:
+    if not isinstance(shop, str) or not shop.endswith(":"):
+        raise TypeError("the first argument of a shop job is the shop's key prefix (shop.key, a str "
+                        f"ending in ':'), not {type(shop).__name__} {str(shop)[:40]!r}")
+    return shop
+
+
+def _setting(client: redis.Redis, shop: str, name: str) -> float:
+    value = client.hget(f"{shop}settings", name)
+    return 0.0 if value is None else float(value)
+
+
+def _event(client: redis.Redis, shop: str, **fields) -> None:
+    if "order" in fields and not isinstance(fields["order"], (int, str)):
+        fields["order"] = str(fields["order"])  # whatever a caller passed, readable back
+    client.rpush(f"{shop}events", json.dumps({**fields, "pid": os.getpid()}))
+
+
+def _number(text: str):
+    """An id or amount read back from the ledger: an int when it is one, else as written."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() else value
+
+
+def charge_card(shop: str, order_id: int, amount_cents: int,
+                idempotency_key: str | None = None) -> str:
+    """Charge an order's card at the payment gateway (a slow network call); the charge id.
+
+    Like Stripe's API, the gateway charges each ``idempotency_key`` once: sent again with the
+    same order and amount, the key gets the first charge's id back and nothing is charged. With
+    no key, every call charges. A call can fail, as the shop's plan for the order says
+    (:meth:`Shop.plan`): ``timeout`` (nothing charged), ``lost`` (charged, then the answer was
+    lost: the caller sees a timeout) or ``declined``.
+    """
+    shop = _shop_key(shop)
+    client = _redis()
+    client.rpush(f"{shop}gateway:calls", f"{os.getpid()}:{threading.get_ident()}")  # who called
+    time.sleep(_setting(client, shop, "gateway_s"))
+    charge = f"{order_id}:{amount_cents}"
+    if idempotency_key is not None:
+        first = client.hget(f"{shop}gateway:keys", str(idempotency_key))
+        if first is not None:
+            return _replay(client, shop, first.decode(), charge, order_id, idempotency_key)
+    outcome = (client.lpop(f"{shop}gateway:plan:{order_id}") or b"ok").decode()
+    if outcome in ("timeout", "declined"):
+        _event(client, shop, job="charge", order=order_id, outcome=outcome)
+        if outcome == "declined":
+            raise CardDeclined(f"order {order_id}: the card was declined")
+        raise GatewayTimeout(f"order {order_id}: the gateway timed out; nothing was charged")
+    charge_id = f"ch_{client.incr(f'{shop}gateway:sequence')}"
+    if idempotency_key is not None and not client.hsetnx(
+            f"{shop}gateway:keys", str(idempotency_key), f"{charge}:{charge_id}"):
+        # another call with this key charged in the meantime: answer as it did
+        first = client.hget(f"{shop}gateway:keys", str(idempotency_key)).decode()
+        return _replay(client, shop, first, charge, order_id, idempotency_key)
+    client.rpush(f"{shop}ledger", f"{charge}:{charge_id}")
+    client.hincrby(f"{shop}charged", str(order_id), 1)
+    _event(client, shop, job="charge", order=order_id, outcome="charged", charge=charge_id)
+    if outcome == "lost":
+        raise GatewayTimeout(f"order {order_id}: the gateway timed out after charging {charge_id} "
+                             "(the answer was lost)")
+    return charge_id
+
+
+def _replay(client: redis.Redis, shop: str, first: str, charge: str, order_id: int,
+            idempotency_key) -> str:
+    """The gateway's answer to a key it has seen: the first charge, or an error if it differs."""
+    first_charge, _, charge_id = first.rpartition(":")
+    if first_charge != charge:
+        _event(client, shop, job="charge", order=order_id, outcome="key reused")
+        raise IdempotencyKeyReused(
+            f"idempotency key {idempotency_key!r} was first sent for order:amount {first_charge}, "
+            f"now for {charge}")
+    _event(client, shop, job="charge", order=order_id, outcome="replayed", charge=charge_id)
+    return charge_id
+
+
+def send_receipt(shop: str, order_id: int, email: str) -> str:
+    """Mail an order's receipt (a slow SMTP round trip). Notes whether the order had been
+    charged when the mail left."""
+    shop = _shop_key(shop)
+    client = _redis()
+    time.sleep(_setting(client, shop, "mail_s"))
+    charged = bool(client.hexists(f"{shop}charged", str(order_id)))
+    client.rpush(f"{shop}outbox", f"receipt for order {order_id} to {email}")
+    _event(client, shop, job="receipt", order=order_id, charged=charged)
+    return email
+
+
+def bulk_task(shop: str, label: str) -> str:
+    """A job of the nightly backlog (a newsletter, an export) that nobody is waiting for. Notes
+    how many checkout jobs (charges, receipts) were waiting in the shop's queues when the worker
+    took it (ready for :data:`READY_MARGIN_S` already: not one that arrived as it was taken)."""
+    shop = _shop_key(shop)
+    client = _redis()
+    job = get_current_job()
+    taken = job.started_at if job is not None and job.started_at else datetime.now(UTC)
+    waiting = _checkout_jobs_ready(client, shop, taken - timedelta(seconds=READY_MARGIN_S))
+    time.sleep(_setting(client, shop, "bulk_s"))
+    _event(client, shop, job="bulk", label=label, waiting=waiting)
+    return label
+
+
+#: A checkout job counts as waiting behind a backlog job when it was queued this long before the
+#: worker took the backlog job (a retry the scheduler queues at that very moment does not).
+READY_MARGIN_S = 0.1
+_CHECKOUT_JOBS = frozenset(f"{__name__}.{name}" for name in ("charge_card", "send_receipt"))
+
+
+def _checkout_jobs_ready(client: redis.Redis, shop: str, before: datetime) -> int:
+    """Charges and receipts in the shop's queues (not scheduled, not deferred) since ``before``."""
+    ready = 0
+    for name in _text(client.smembers(f"{shop}queues")):
+        ids = _text(client.lrange(f"rq:queue:{name}", 0, -1))
+        for job in Job.fetch_many(ids, connection=client):
+            if job is not None and job.func_name in _CHECKOUT_JOBS and job.enqueued_at is not None:
+                enqueued = job.enqueued_at if job.enqueued_at.tzinfo else job.enqueued_at.replace(tzinfo=UTC)
+                ready += enqueued < before
+    return ready
+
+
+@dataclass
+class Shop:
+    """The lab's shop on the course's Redis: three queues and the keys its jobs write under.
+
+    ``key`` is the prefix the job functions take as their first argument (``shop.key``);
+    ``queues`` maps ``high``, ``default`` and ``low`` to RQ queues. Made by :meth:`JobRun.shop`
+    and deleted with its run.
+    """
+
+    run: JobRun
+    key: str
+    queues: dict[str, Queue]
+
+    @property
+    def connection(self) -> redis.Redis:
+        return self.run.connection
+
+    # Setting up an experiment
+
+    def plan(self, order_id: int, outcomes: Sequence[str]) -> None:
+        """What the gateway does on the next calls for this order, one outcome per call:
+        ``ok``, ``timeout``, ``lost`` or ``declined``; after the plan, ``ok``."""
+        unknown = set(outcomes) - {"ok", "timeout", "lost", "declined"}
+        if unknown:
+            raise ValueError(f"unknown gateway outcomes {sorted(unknown)}")
+        key = f"{self.key}gateway:plan:{order_id}"
+        self.connection.delete(key)
+        if outcomes:
+            self.connection.rpush(key, *outcomes)
+
+    def enqueue_backlog(self, newsletters: int, exports: int) -> list[Job]:
+        """The nightly backlog: newsletters on ``default``, exports on ``low``."""
+        return ([self.queues["default"].enqueue(bulk_task, self.key, f"newsletter {i}")
+                 for i in range(1, newsletters + 1)]
+                + [self.queues["low"].enqueue(bulk_task, self.key, f"export {i}")
+                   for i in range(1, exports + 1)])
+
+    # Reading what happened
+
+    def gateway_calls(self) -> int:
+        """Calls the gateway received so far (attempts, replays included)."""
+        return self.connection.llen(f"{self.key}gateway:calls")
+
+    def gateway_callers(self, start: int = 0) -> list[tuple[int, int]]:
+        """(process id, thread id) of each call to the gateway from the ``start``-th on."""
+        return [tuple(map(int, caller.split(":")))
+                for caller in _text(self.connection.lrange(f"{self.key}gateway:calls", start, -1))]
+
+    def ledger(self) -> list[tuple]:
+        """The charges made: (order id, amount in cents, charge id), in order."""
+        rows = []
+        for entry in _text(self.connection.lrange(f"{self.key}ledger", 0, -1)):
+            order_id, amount, charge_id = entry.rsplit(":", 2)
+            rows.append((_number(order_id), _number(amount), charge_id))
+        return rows
+
+    def charges(self) -> Counter:
+        """Charges per order id."""
+        return Counter(order_id for order_id, _, _ in self.ledger())
+
+    def outbox(self) -> list[str]:
+        """The receipts mailed, in order."""
+        return _text(self.connection.lrange(f"{self.key}outbox", 0, -1))
+
+    def events(self) -> list[dict]:
+        """One entry per job run (charge attempts, receipts, backlog jobs), in the order they ran."""
+        return [json.loads(e) for e in _text(self.connection.lrange(f"{self.key}events", 0, -1))]
+
+    def jobs(self) -> list[Job]:
+        """Every job of the shop's queues, in whatever state (queued to failed)."""
+        ids: list[str] = []
+        for queue in self.queues.values():
+            ids += queue.get_job_ids()
+            for registry in (queue.started_job_registry, queue.scheduled_job_registry,
+                             queue.deferred_job_registry, queue.finished_job_registry,
+                             queue.failed_job_registry):
+                ids += registry.get_job_ids(cleanup=False)
+        found = Job.fetch_many(list(dict.fromkeys(ids)), connection=self.connection)
+        return [job for job in found if job is not None]
+
+    def charge_jobs(self, order_id: int) -> list[Job]:
+        """The jobs of the shop's queues that run :func:`charge_card` for this order."""
+        found = []
+        for job in self.jobs():
+            if job.func_name == f"{__name__}.charge_card":
+                try:
+                    bound = inspect.signature(charge_card).bind(*job.args, **job.kwargs)
+                except TypeError:
+                    continue
+                if bound.arguments.get("order_id") == order_id:
+                    found.append(job)
+        return found
+
+    # Running the workers
+
+    def start_worker(self) -> WorkerProcess:
+        """One worker on ``high default low`` (that order), a ``SimpleWorker`` (jobs run in the
+        worker process, no fork per job). It keeps running until stopped; retries scheduled with
+        an interval are queued again by :meth:`settle`, which plays rq's scheduler."""
+        return self.run.start_worker(PRIORITIES, burst=False, simple=True, max_idle_s=120)
+
+    def enqueue_due(self) -> int:
+        """Queue the scheduled jobs (retries with an interval) whose time has come, as the
+        scheduler of ``rq worker --with-scheduler`` does every second; how many."""
+        now = time.time()
+        due = [queue.name for queue in self.queues.values()
+               if self.connection.zcount(queue.scheduled_job_registry.key, 0, now)]
+        if not due:
+            return 0
+        scheduler = RQScheduler(due, connection=self.connection, logging_level=logging.WARNING)
+        scheduler.acquire_locks()
+        try:
+            before = sum(self.queues[name].count for name in self.queues)
+            scheduler.enqueue_scheduled_jobs()
+            return sum(self.queues[name].count for name in self.queues) - before
+        finally:
+            scheduler.release_locks()
+
+    def next_due(self) -> float | None:
+        """Seconds until the earliest scheduled job of the shop's queues runs (None: none is)."""
+        first = [score for queue in self.queues.values()
+                 for _, score in self.connection.zrange(queue.scheduled_job_registry.key, 0, 0,
+                                                        withscores=True)]
+        return max(0.0, min(first) - time.time()) if first else None
+
+    def busy(self) -> bool:
+        """Whether a job is queued, running or scheduled (deferred ones wait for another job)."""
+        with self.connection.pipeline(transaction=False) as pipe:  # one round trip
+            for queue in self.queues.values():
+                pipe.llen(queue.key)
+                pipe.llen(queue.intermediate_queue_key)
+                pipe.zcard(queue.started_job_registry.key)
+                pipe.zcard(queue.scheduled_job_registry.key)
+            return any(pipe.execute())
+
+    def settle(self, timeout_s: float = 20.0, done: Callable[[], bool] | None = None,
+               quiet_s: float = 0.2) -> bool:
+        """Wait until ``done()`` is true or nothing has been queued, running or scheduled for
+        ``quiet_s``, queuing due retries meanwhile (:meth:`enqueue_due`); False if neither
+        happened within ``timeout_s``. Raises :class:`JobTimeout` with its log if a worker died."""
+        deadline = time.perf_counter() + timeout_s
+        quiet_since = None
+        while True:
+            if done is not None and done():
+                return True
+            self.enqueue_due()
+            now = time.perf_counter()
+            if self.busy():
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= quiet_s:
+                return True
+            if now > deadline:
+                return False
+            dead = [w for w in self.run.workers if not w.stopping and w.process.poll() not in (0, None)]
+            if dead:
+                raise JobTimeout(f"worker {dead[0].name} exited with {dead[0].process.returncode}:\n"
+                                 f"{dead[0].log()[-2000:]}")
+            time.sleep(0.05)
+
+    def work(self, timeout_s: float = 20.0, done: Callable[[], bool] | None = None) -> bool:
+        """Start a worker, let it run until the queues settle (:meth:`settle`), tell it to stop
+        (its exit is waited for by the run's clean-up)."""
+        worker = self.start_worker()
+        try:
+            return self.settle(timeout_s, done)
+        finally:
+            worker.signal_stop()
+
+    def redeliver(self, order_ids: Iterable[int]) -> int:
+        """Put the finished charge jobs of these orders on their queue again, as a queue does
+        when a worker dies after the work but before reporting it done; how many."""
+        count = 0
+        for order_id in order_ids:
+            for job in self.charge_jobs(order_id):
+                if job.get_status(refresh=True) == JobStatus.FINISHED:
+                    Queue(job.origin, connection=self.connection).enqueue_job(job)
+                    count += 1
+        return count
+
+
+# Experiments of the lab (the checkouts themselves are written in the notebook)
+
+
+def lab_orders(engine: Engine, count: int) -> list[dict]:
+    """``count`` pending orders of the shop dataset with their customer's email, as a checkout
+    receives them: ``{"id", "amount_cents", "email"}``."""
+    query = (select(Order.id, Order.total, User.email).join(User, User.id == Order.user_id)
+             .where(Order.status == "pending").order_by(Order.id).limit(count))
+    with engine.connect() as conn:
+        return [{"id": order_id, "amount_cents": int(round(total * 100)), "email": email}
+                for order_id, total, email in conn.execute(query)]
+
+
+def latency_trial(checkout: Callable, shop: Shop, orders: Sequence[dict]) -> pd.DataFrame:
+    """Call ``checkout(order, shop)`` once per order, as the web app would; one row per request:
+    its response time, what had happened when it returned (gateway calls, receipts mailed, jobs
+    enqueued) and the status it answered."""
+    rows = []
+    for order in orders:
+        calls, mails = shop.gateway_calls(), len(shop.outbox())
+        queued = sum(queue.count for queue in shop.queues.values())
+        start = time.perf_counter()
+        response = checkout(order, shop)
+        elapsed = time.perf_counter() - start
+        rows.append({"order": order["id"], "response_s": elapsed,
+                     "gateway_calls": shop.gateway_calls() - calls,
+                     "receipts_mailed": len(shop.outbox()) - mails,
+                     "jobs_enqueued": sum(q.count for q in shop.queues.values()) - queued,
+                     "status": (response or {}).get("status") if isinstance(response, dict) else None})
+    return pd.DataFrame(rows)
+
+
+#: What goes wrong, per order, in :func:`delivery_trial`.
+SCENARIOS = ("plain", "timeout", "timeout twice", "answer lost", "double click", "redelivered")
+
+
+def delivery_trial(checkout: Callable, shop: Shop, orders: Sequence[dict],
+                   timeout_s: float = 20.0) -> pd.DataFrame:
+    """At-least-once delivery and a flaky gateway, order by order, on one real worker.
+
+    Order ``i`` meets ``SCENARIOS[i % 6]``: ``timeout`` (the gateway times out once before
+    charging), ``timeout twice``, ``answer lost`` (it charges, then times out), ``double click``
+    (the checkout is called twice), ``redelivered`` (its charge job runs a second time, as after
+    a worker died before reporting it done). One row per order: charges and receipts.
+    """
+    plans = {"timeout": ["timeout"], "timeout twice": ["timeout", "timeout"],
+             "answer lost": ["lost"]}
+    scenario = {order["id"]: SCENARIOS[i % len(SCENARIOS)] for i, order in enumerate(orders)}
+    for order in orders:
+        shop.plan(order["id"], plans.get(scenario[order["id"]], []))
+    for order in orders:
+        for _ in range(2 if scenario[order["id"]] == "double click" else 1):
+            checkout(order, shop)
+    worker = shop.start_worker()
+    try:
+        shop.settle(timeout_s)
+        shop.redeliver(o for o, s in scenario.items() if s == "redelivered")
+        shop.settle(timeout_s)
+    finally:
+        worker.signal_stop()
+    charges, receipts = shop.charges(), Counter(int(m.split()[3]) for m in shop.outbox())
+    attempts = Counter(e["order"] for e in shop.events() if e["job"] == "charge")
+    return pd.DataFrame([{"order": order["id"], "scenario": scenario[order["id"]],
+                          "gateway_calls": attempts[order["id"]], "charges": charges[order["id"]],
+                          "receipts": receipts[order["id"]]} for order in orders])
+
+
+def backlog_trial(checkout: Callable, shop: Shop, orders: Sequence[dict], newsletters: int,
+                  exports: int, declined: Iterable[int] = (), timeout_s: float = 20.0) -> pd.DataFrame:
+    """The nightly backlog is waiting (newsletters on ``default``, exports on ``low``) when the
+    checkouts come in; the cards of the ``declined`` orders are refused on every call. One
+    worker on ``high default low`` runs everything; one row per job run, in the order they ran:
+    ``job`` (charge, receipt, bulk), ``what``, ``outcome``, and the two things that must not
+    happen: a backlog job started while checkout jobs were ready (``checkout_jobs_waiting``), a
+    receipt mailed for an order not charged (``receipt_before_charge``). Stops once every backlog
+    job and every receipt due has run."""
+    declined = set(declined)
+    shop.enqueue_backlog(newsletters, exports)
+    for order_id in declined:
+        shop.plan(order_id, ["declined"] * 20)
+    for order in orders:
+        checkout(order, shop)
+    receipts_due = {order["id"] for order in orders} - declined
+
+    def done() -> bool:  # every backlog job and every receipt due has run (retries may follow)
+        events = shop.events()
+        return (sum(e["job"] == "bulk" for e in events) == newsletters + exports
+                and receipts_due <= {e["order"] for e in events if e["job"] == "receipt"})
+
+    shop.work(timeout_s, done)
+    rows = []
+    for position, event in enumerate(shop.events(), start=1):
+        rows.append({"position": position, "job": event["job"],
+                     "what": event.get("label") or f"order {event['order']}",
+                     "outcome": event.get("outcome", ""),
+                     "checkout_jobs_waiting": event.get("waiting", 0),
+                     "receipt_before_charge": event["job"] == "receipt" and not event["charged"]})
+    return pd.DataFrame(rows)
+
+
 __all__ = [
-    "NAMESPACE", "PRIORITIES", "CourseSimpleWorker", "CourseWorker", "JobRun", "JobTimeout",
-    "WorkerProcess", "backoff_with_jitter", "charge_order", "charge_order_once", "declined",
-    "delays_between", "flaky", "io_task", "log_failure", "log_success", "process_task", "record",
-    "registry_counts", "send_email", "wait_for", "whoami",
+    "NAMESPACE", "PRIORITIES", "READY_MARGIN_S", "SCENARIOS", "CardDeclined", "CourseSimpleWorker", "CourseWorker",
+    "GatewayTimeout", "IdempotencyKeyReused", "JobRun", "JobTimeout", "Shop", "WorkerProcess",
+    "backlog_trial", "backoff_with_jitter", "bulk_task", "charge_card", "charge_order",
+    "charge_order_once", "declined", "delays_between", "delivery_trial", "flaky", "io_task",
+    "lab_orders", "latency_trial", "log_failure", "log_success", "process_task", "record",
+    "registry_counts", "send_email", "send_receipt", "wait_for", "whoami",
 ]

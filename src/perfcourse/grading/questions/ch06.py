@@ -6,18 +6,29 @@ prefix of the grader (``grader06:<random>:``) or private RQ queues (``grader06-<
 cannot hard-code: refunds made on a hidden sequence of deliveries and on duplicates delivered
 concurrently (a client that pauses after every read, so a check-then-act race always shows),
 delays replayed draw by draw from hidden seeds, and the queue each hidden task landed in.
-Reference answers are private to this module.
+
+The lab's questions (06.q7-06.q9) grade one checkout handler three ways, each on a real RQ worker
+of the grader's own shop (:meth:`perfcourse.chapters.background_jobs.JobRun.shop`, namespace
+``grader06``): what had happened when the handler returned and which process did the work; the
+charges per hidden order under gateway timeouts, lost answers, double clicks and redelivered
+jobs; the order one worker ran a hidden backlog and the checkout jobs in, and whether a receipt
+left before its charge. Reference answers are private to this module.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
+from contextlib import contextmanager
 
 from rq import Queue
+from rq.job import JobStatus
 
-from perfcourse.chapters.background_jobs import process_task
+from perfcourse.chapters.background_jobs import JobRun, process_task
+from perfcourse.errors import BackendUnavailable
+from perfcourse.services import redis_client
 
 from ..bank import Question
 from ..checkers import (
@@ -25,6 +36,7 @@ from ..checkers import (
     Choice,
     Incorrect,
     MultiChoice,
+    NoAnswer,
     call_learner,
     need_function,
     short_repr,
@@ -415,6 +427,403 @@ class _RouteCheck(Checker):
                 "    return queues[name].enqueue(func, task)")
 
 
+# --------------------------------------------------------------------------------------------
+# The lab (06.q7-06.q9): one checkout handler, graded three ways on a real worker
+#
+# Each check builds a shop of its own (queues grader06-<run>-high/default/low, keys
+# grader06:<run>:shop:), calls the learner's checkout(order, shop) for hidden orders, runs one
+# real RQ worker on high, default, low (with a scheduler, for retries with an interval) until
+# the queues settle, reads what the jobs recorded, and deletes it all.
+
+_LAB_SETTLE_S = 12.0
+
+
+@contextmanager
+def _lab_shop(**settings):
+    try:
+        client = redis_client()
+    except BackendUnavailable as exc:
+        raise Incorrect(f"This check needs Redis and cannot reach it. {exc}") from None
+    run = JobRun(client, namespace="grader06")
+    try:
+        shop = run.shop("shop", **settings)
+        yield shop
+    finally:
+        try:
+            _quiet(client, run)
+            run.cleanup()
+        finally:
+            client.close()
+
+
+def _quiet(client, run, still_s: float = 0.15, limit_s: float = 2.0) -> None:
+    """Wait (a little) until nothing writes under the run's keys any more: a thread the learner's
+    checkout started may still be charging or mailing, and must not write after the clean-up."""
+    keys = [run.key(f"shop:{name}") for name in ("events", "outbox", "ledger", "gateway:calls")]
+    deadline = time.monotonic() + limit_s
+    last, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        sizes = [client.llen(key) for key in keys]
+        if sizes != last:
+            last, since = sizes, time.monotonic()
+        elif time.monotonic() - since >= still_s:
+            return
+        time.sleep(0.03)
+
+
+def _hidden_orders(rng: random.Random, count: int) -> list[dict]:
+    ids = rng.sample(range(20_000, 99_999), count)
+    return [{"id": order_id, "amount_cents": rng.randint(500, 90_000),
+             "email": f"customer{rng.randint(1000, 9999)}@shop.test"} for order_id in ids]
+
+
+def _call_checkout(answer, order, shop, when="", threads=None):
+    def calling(*args):
+        if threads is not None:  # the thread the learner's code runs in (call_learner may use one)
+            threads.add(threading.get_ident())
+        return answer(*args)
+
+    calls = shop.gateway_calls()
+    try:
+        return call_learner(calling, dict(order), shop)
+    except NoAnswer:
+        raise
+    except Incorrect as exc:
+        if shop.gateway_calls() > calls:  # the gateway failed inside the request
+            raise Incorrect(_inline_hint("charge (the payment gateway was called)", order)
+                            + " (06.q7)") from None
+        if "pickle" in str(exc):
+            exc = Incorrect(f"{exc} A job's arguments are pickled into Redis: pass shop.key, ids, "
+                            "numbers and strings, not the shop or other live objects.")
+        raise Incorrect(f"{when}{exc}" if when else str(exc)) from None
+
+
+def _short(job_name: str) -> str:
+    return job_name.rsplit(".", 1)[-1]
+
+
+def _origins(shop) -> dict[str, set[str]]:
+    """Queue (high, default, low) each kind of job went to, by function name."""
+    by_name = {queue.name: name for name, queue in shop.queues.items()}
+    found: dict[str, set[str]] = {}
+    for job in shop.jobs():
+        found.setdefault(_short(job.func_name), set()).add(by_name.get(job.origin, job.origin))
+    return found
+
+
+def _need_jobs_enqueued(shop, order, besides: str = "") -> None:
+    if not [job for job in shop.jobs() if _short(job.func_name) != besides]:
+        raise Incorrect(
+            f"checkout({short_repr(order, 80)}, shop) put no job on the queues of the shop it was "
+            "given: enqueue on shop.queues[\"high\"] (or \"default\", \"low\"), the shop passed as "
+            "the second argument, not a queue of your own.")
+
+
+def _inline_hint(what: str, order) -> str:
+    return (f"checkout returned after the {what} of order {order['id']} had already happened: the "
+            "customer waited for it. Enqueue the job instead of calling it: "
+            "shop.queues[...].enqueue(jobs.charge_card, shop.key, ...) passes the function and its "
+            "arguments to a worker; jobs.charge_card(shop.key, ...) runs it in the request (and so "
+            "does enqueue(jobs.charge_card(...)), which enqueues its result).")
+
+
+def _last_failure(shop, func: str, order_id=None) -> str:
+    for job in shop.jobs():
+        if _short(job.func_name) != func or job.get_status(refresh=True) != JobStatus.FAILED:
+            continue
+        if order_id is not None and order_id not in (list(job.args) + list(job.kwargs.values())):
+            continue
+        result = job.latest_result()
+        if result is not None and result.exc_string:
+            return result.exc_string.strip().splitlines()[-1]
+    return ""
+
+
+_THREAD_HINT = (
+    "The {what} of order {order} ran in the web process (the one that called checkout), in another "
+    "thread: a thread of the request's process is not a background job (it dies with the process "
+    "on a deploy, is lost when it fails, and competes with requests). Enqueue it on the shop's "
+    "queues for a worker.")
+
+
+def _check_run_in_workers(shop, events) -> None:
+    here = [e for e in events if e["pid"] == os.getpid()]
+    if here:
+        raise Incorrect(_THREAD_HINT.format(what=here[0]["job"], order=here[0]["order"]))
+
+
+def _settle(shop, done=None) -> bool:
+    """Let the shop's worker run until the queues settle (or ``done()``), giving up early when all
+    that is left are retries scheduled past the deadline; whether nothing is left scheduled."""
+    deadline = time.time() + _LAB_SETTLE_S
+
+    def finished():
+        if done is not None and done():
+            return True
+        due = shop.next_due()
+        return (due is not None and time.time() + due > deadline
+                and not any(q.count or q.started_job_registry.count for q in shop.queues.values()))
+
+    shop.settle(_LAB_SETTLE_S, finished)
+    return shop.next_due() is None or (done is not None and done())
+
+
+def _settle_hint(shop) -> str:
+    scheduled = sum(q.scheduled_job_registry.count for q in shop.queues.values())
+    if scheduled:
+        return (f" {scheduled} job(s) were still scheduled for a retry later than the grader waits "
+                f"({_LAB_SETTLE_S:g} s): keep the retry intervals short in this lab (1 or 2 s; the "
+                "gateway recovers at once).")
+    return ""
+
+
+class _OffloadCheck(Checker):
+    """06.q7: the handler does no slow work inline, and the work still happens, in a worker."""
+
+    def grade(self, answer):
+        need_function(answer, 'check("06.q7", checkout)')
+        orders = _hidden_orders(random.Random(6007), 5)
+        with _lab_shop(gateway_s=0.01, mail_s=0.01) as shop:
+            for order in orders:
+                calls, mails, threads = shop.gateway_calls(), len(shop.outbox()), set()
+                response = _call_checkout(answer, order, shop, threads=threads)
+                callers = shop.gateway_callers(calls)
+                if any(pid == os.getpid() and thread not in threads for pid, thread in callers):
+                    raise Incorrect(_THREAD_HINT.format(what="charge", order=order["id"]))
+                if callers:
+                    raise Incorrect(_inline_hint("charge (the payment gateway was called)", order))
+                if len(shop.outbox()) > mails:
+                    raise Incorrect(_inline_hint("receipt mail", order))
+                if not isinstance(response, dict) or response.get("order_id") != order["id"]:
+                    raise Incorrect(
+                        f"checkout returned {short_repr(response, 60)} for order {order['id']}: return "
+                        f"the response, a dict {{\"order_id\": {order['id']}, \"status\": \"processing\"}}.")
+                if response.get("status") != "processing":
+                    raise Incorrect(
+                        f"checkout answered status {short_repr(response.get('status'), 30)}: when it "
+                        "returns, the charge has not run yet, so the page cannot say \"paid\"; answer "
+                        "\"processing\" (the receipt tells the customer when it is paid).")
+            _need_jobs_enqueued(shop, orders[0])
+            worker = shop.start_worker()
+            try:
+                settled = _settle(shop)
+            finally:
+                worker.stop()
+            time.sleep(0.05)  # a thread the handler started gets the time to write down its work
+            events = shop.events()
+            _check_run_in_workers(shop, events)
+            charges = {order_id: amount for order_id, amount, _ in shop.ledger()}
+            mailed = shop.outbox()
+            for order in orders:
+                if order["id"] not in charges:
+                    failure = _last_failure(shop, "charge_card")
+                    raise Incorrect(
+                        f"After the worker ran, order {order['id']} was never charged: enqueue "
+                        "jobs.charge_card(shop.key, order[\"id\"], order[\"amount_cents\"], ...) for each "
+                        "checkout." + (f" A charge job failed: {failure}." if failure else "")
+                        + ("" if settled else _settle_hint(shop)))
+                if charges[order["id"]] != order["amount_cents"]:
+                    raise Incorrect(f"Order {order['id']} was charged {charges[order['id']]} cents "
+                                    f"instead of its amount_cents, {order['amount_cents']}.")
+                receipt = f"receipt for order {order['id']} to {order['email']}"
+                if receipt not in mailed:
+                    failure = _last_failure(shop, "send_receipt")
+                    raise Incorrect(
+                        f"After the worker ran, no receipt was mailed for order {order['id']} to "
+                        f"{order['email']}: enqueue jobs.send_receipt(shop.key, order[\"id\"], "
+                        "order[\"email\"]) too." + (f" A receipt job failed: {failure}." if failure else "")
+                        + ("" if settled else _settle_hint(shop)))
+
+    def model_answer(self):
+        return _LAB_MODEL_ANSWER
+
+
+_LAB_MODEL_ANSWER = (
+    "def checkout(order, shop):\n"
+    "    charge = shop.queues[\"high\"].enqueue(\n"
+    "        jobs.charge_card, shop.key, order[\"id\"], order[\"amount_cents\"],\n"
+    "        idempotency_key=f\"charge-order-{order['id']}\",  # the same for every delivery\n"
+    "        retry=Retry(max=3, interval=1))\n"
+    "    shop.queues[\"high\"].enqueue(jobs.send_receipt, shop.key, order[\"id\"], order[\"email\"],\n"
+    "                                depends_on=charge)  # only once the charge went through\n"
+    "    return {\"order_id\": order[\"id\"], \"status\": \"processing\"}")
+
+#: What goes wrong per hidden order in 06.q8, and what the gateway does on its calls.
+_DELIVERY_PLANS = {"plain": [], "timeout": ["timeout"], "timeout twice": ["timeout", "timeout"],
+                   "answer lost": ["lost"], "timeout, then answer lost": ["timeout", "lost"],
+                   "double click": [], "redelivered": []}
+#: The order in which mistakes are reported: missing charges first (retries), then doubles.
+_DELIVERY_ORDER = ("timeout", "timeout twice", "timeout, then answer lost", "plain", "answer lost",
+                   "double click", "redelivered")
+
+
+class _ExactlyOnceCheck(Checker):
+    """06.q8: every order charged exactly once, under gateway failures and duplicate deliveries."""
+
+    def grade(self, answer):
+        need_function(answer, 'check("06.q8", checkout)')
+        rng = random.Random(6008)
+        scenarios = [s for s in _DELIVERY_PLANS for _ in range(1 if s in ("plain", "timeout, then answer lost") else 2)]
+        orders = _hidden_orders(rng, len(scenarios))
+        rng.shuffle(scenarios)
+        scenario = {order["id"]: s for order, s in zip(orders, scenarios)}
+        with _lab_shop() as shop:
+            for order in orders:
+                shop.plan(order["id"], _DELIVERY_PLANS[scenario[order["id"]]])
+            for order in orders:
+                _call_checkout(answer, order, shop)
+                if scenario[order["id"]] == "double click":
+                    _call_checkout(answer, order, shop, when=(
+                        f"checkout was called a second time for order {order['id']} (a double "
+                        "click; the page must answer it too): "))
+            if shop.gateway_calls():
+                raise Incorrect(_inline_hint("charge (the payment gateway was called)", orders[0])
+                                + " (06.q7)")
+            _need_jobs_enqueued(shop, orders[0])
+            worker = shop.start_worker()
+            try:
+                settled = _settle(shop)
+                if settled:
+                    shop.redeliver(o for o, s in scenario.items() if s == "redelivered")
+                    settled = _settle(shop)
+            finally:
+                worker.stop()
+            events = shop.events()
+            _check_run_in_workers(shop, events)
+            self._verdict(shop, orders, scenario, events, settled)
+
+    def _verdict(self, shop, orders, scenario, events, settled):
+        charges, amounts = shop.charges(), {o: a for o, a, _ in shop.ledger()}
+        calls = {}
+        reused = []
+        for event in events:
+            if event["job"] == "charge":
+                calls[event["order"]] = calls.get(event["order"], 0) + 1
+                if event["outcome"] == "key reused":
+                    reused.append(event["order"])
+        for kind in _DELIVERY_ORDER:
+            for order in (o for o in orders if scenario[o["id"]] == kind):
+                order_id, count = order["id"], charges[order["id"]]
+                if count == 0:
+                    if order_id in reused:
+                        raise Incorrect(
+                            f"Order {order_id} was never charged: the gateway refused its idempotency "
+                            "key, already used for another order. One key per order: build it from "
+                            "the order id, e.g. f\"charge-order-{order['id']}\".")
+                    failures = _DELIVERY_PLANS[kind].count("timeout")
+                    if failures:
+                        raise Incorrect(
+                            f"Order {order_id} was never charged: the gateway timed out {failures} "
+                            f"time(s) in a row before charging, and the charge job ran "
+                            f"{calls.get(order_id, 0)} time(s), then gave up. Let RQ retry it: "
+                            "enqueue(..., retry=Retry(max=3, interval=1)); the gateway times out at "
+                            "most twice in a row." + ("" if settled else _settle_hint(shop)))
+                    failure = _last_failure(shop, "charge_card", order_id)
+                    raise Incorrect(f"Order {order_id} was never charged."
+                                    + (f" Its charge job failed: {failure}." if failure else "")
+                                    + ("" if settled else _settle_hint(shop)))
+                if amounts[order_id] != order["amount_cents"]:
+                    raise Incorrect(f"Order {order_id} was charged {amounts[order_id]} cents instead of "
+                                    f"its amount_cents, {order['amount_cents']}.")
+                if count > 1:
+                    raise Incorrect(f"Order {order_id} was charged {count} times: " + _twice_hint(kind))
+
+    def model_answer(self):
+        return _LAB_MODEL_ANSWER
+
+
+def _twice_hint(kind: str) -> str:
+    if kind == "double click":
+        return ("checkout ran twice for it (a double click) and each charge looked new to the "
+                "gateway. Send the gateway an idempotency_key that is the same for every checkout "
+                "of one order: build it from the order id, not from uuid4(), the time or a job id.")
+    if kind == "redelivered":
+        return ("its charge job was delivered twice (as when a worker dies after the charge, "
+                "before it reports the job done) and the gateway could not tell. Pass an "
+                "idempotency_key with the job (enqueue(..., idempotency_key=...)) that names the "
+                "order, so the gateway answers the second run with the first charge.")
+    return ("the gateway charged it, then the answer was lost (a timeout), and the retry charged "
+            "again. Pass an idempotency_key that names the order: the gateway answers a retry with "
+            "the first charge instead of charging again.")
+
+
+class _PriorityCheck(Checker):
+    """06.q9: one worker on high, default, low with a backlog: no checkout job waits behind it,
+    and no receipt leaves before its charge went through."""
+
+    def grade(self, answer):
+        need_function(answer, 'check("06.q9", checkout)')
+        rng = random.Random(6009)
+        orders = _hidden_orders(rng, 5)
+        declined = orders[rng.randrange(1, 4)]["id"]
+        newsletters, exports = rng.randint(5, 7), rng.randint(3, 5)
+        with _lab_shop(bulk_s=0.03) as shop:
+            shop.enqueue_backlog(newsletters, exports)
+            shop.plan(declined, ["declined"] * 20)
+            for order in orders:
+                _call_checkout(answer, order, shop)
+            if shop.gateway_calls():
+                raise Incorrect(_inline_hint("charge (the payment gateway was called)", orders[0])
+                                + " (06.q7)")
+            _need_jobs_enqueued(shop, orders[0], besides="bulk_task")
+            due = {order["id"] for order in orders} - {declined}
+
+            def done():
+                events = shop.events()
+                return (sum(e["job"] == "bulk" for e in events) == newsletters + exports
+                        and due <= {e["order"] for e in events if e["job"] == "receipt"})
+
+            worker = shop.start_worker()
+            try:
+                settled = _settle(shop, done)
+            finally:
+                worker.stop()
+            events = shop.events()
+            _check_run_in_workers(shop, events)
+            origins = _origins(shop)
+            for event in events:
+                if event["job"] == "bulk" and event["waiting"]:
+                    raise Incorrect(
+                        f"The worker (on high, default, low) started {event['label']} of the nightly "
+                        f"backlog while {event['waiting']} checkout job(s) were waiting in the queues: "
+                        + _where_hint(origins))
+                if event["job"] == "receipt" and not event["charged"]:
+                    if event["order"] == declined:
+                        raise Incorrect(
+                            f"A receipt was mailed for order {event['order']}, whose card was declined "
+                            "(the charge never went through). Make the receipt wait for the charge: "
+                            "enqueue it with depends_on=<the charge job>; RQ queues it only once the "
+                            "charge has succeeded, and never if it fails for good.")
+                    raise Incorrect(
+                        f"The receipt of order {event['order']} was mailed before its charge went "
+                        "through. Make it wait for the charge: enqueue it with depends_on=<the "
+                        "charge job> (enqueue returns the job).")
+            charged = shop.charges()
+            mailed = {e["order"] for e in events if e["job"] == "receipt"}
+            for order in orders:
+                if order["id"] != declined and not charged[order["id"]]:
+                    raise Incorrect(f"Order {order['id']} was never charged (06.q7 and 06.q8 first)."
+                                    + ("" if settled else _settle_hint(shop)))
+                if order["id"] != declined and order["id"] not in mailed:
+                    failure = _last_failure(shop, "send_receipt")
+                    raise Incorrect(f"Order {order['id']} was charged but no receipt was mailed."
+                                    + (f" A receipt job failed: {failure}." if failure else "")
+                                    + ("" if settled else _settle_hint(shop)))
+
+    def model_answer(self):
+        return _LAB_MODEL_ANSWER
+
+
+def _where_hint(origins: dict[str, set[str]]) -> str:
+    late = [f"{'charges' if name == 'charge_card' else 'receipts'} on {', '.join(sorted(queues - {'high'}))}"
+            for name, queues in sorted(origins.items())
+            if name in ("charge_card", "send_receipt") and queues - {"high"}]
+    where = f" ({'; '.join(late)})" if late else ""
+    return (f"they sat behind the newsletters (default) or the exports (low){where}. A customer "
+            "waits for the charge and for the receipt; nobody waits for the backlog: put both on "
+            "high.")
+
+
 QUESTIONS = [
     Question(
         id="06.q1",
@@ -526,5 +935,48 @@ QUESTIONS = [
         explanation="Scheduling and execution are separate: one scheduler process enqueues at "
         "the cron time (Sidekiq-cron, whenever); workers run the job with the usual retries and "
         "monitoring.",
+    ),
+    Question(
+        id="06.q7",
+        title="Lab: the checkout answers before the slow work",
+        checker=_OffloadCheck(),
+        explanation="The response needs neither the charge nor the mail: enqueuing both is one "
+        "Redis round trip each, and a worker does the slow calls after the request has answered. "
+        "The handler passes the function and its arguments (enqueue(jobs.charge_card, ...)); "
+        "calling it, or a thread of the web process, keeps the work in the request's process. "
+        "The page can only say \"processing\": the receipt confirms the payment later.",
+        hints=("shop.queues[\"high\"].enqueue(jobs.charge_card, shop.key, order[\"id\"], "
+               "order[\"amount_cents\"]), the same for jobs.send_receipt(shop.key, order[\"id\"], "
+               "order[\"email\"]), then return {\"order_id\": order[\"id\"], \"status\": "
+               "\"processing\"}.",),
+        time_limit=15.0,
+    ),
+    Question(
+        id="06.q8",
+        title="Lab: each order charged exactly once",
+        checker=_ExactlyOnceCheck(),
+        explanation="Delivery is at least once, and a call that times out may have charged. "
+        "Retries (Retry(max=3, interval=1)) make sure a charge that failed before charging is "
+        "made; an idempotency key that names the order (f\"charge-order-{id}\"), the same for "
+        "every delivery, every retry and every double click, lets the gateway answer the "
+        "repeats with the first charge instead of charging again (Stripe's Idempotency-Key). A "
+        "key made of uuid4(), the time or the job id changes between deliveries and protects "
+        "nothing.",
+        hints=("Add retry=Retry(max=3, interval=1) and idempotency_key=f\"charge-order-{order['id']}\" "
+               "to the enqueue of jobs.charge_card.",),
+        time_limit=15.0,
+    ),
+    Question(
+        id="06.q9",
+        title="Lab: checkout jobs before the backlog, the receipt after its charge",
+        checker=_PriorityCheck(),
+        explanation="One worker listening to high, default, low takes the first non-empty queue "
+        "each time: whatever a customer waits for (the charge, the receipt) goes to high, so the "
+        "nightly backlog on default and low never delays it. depends_on=charge keeps the receipt "
+        "deferred until its charge has succeeded (and forever if the card is declined); RQ then "
+        "queues it on its own queue.",
+        hints=("Keep the job that enqueue returns for the charge, and enqueue the receipt on "
+               "shop.queues[\"high\"] with depends_on=that job.",),
+        time_limit=15.0,
     ),
 ]
