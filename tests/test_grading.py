@@ -377,6 +377,20 @@ def index_question(ask):
                             hint="Index the column of the WHERE clause."))
 
 
+def test_an_index_a_check_builds_on_the_models_does_not_outlive_the_check(index_question, capsys):
+    from perfcourse.models import User
+
+    before = set(User.__table__.indexes)
+
+    def on_the_models(engine):  # right answer; attaches ix_course_email to the models' users table
+        sa.Index("ix_course_email", User.__table__.c.email).create(engine)
+
+    check(index_question, on_the_models)
+    assert set(User.__table__.indexes) == before  # a later schema from the models will not have it
+    with pytest.raises(AssertionError):  # and nothing left over makes a wrong answer pass
+        check(index_question, "CREATE INDEX ix_active ON users (active)")
+
+
 def test_index_right_in_every_answer_form(index_question, capsys):
     check(index_question, "CREATE INDEX ix_users_email ON users (email)")
     users = sa.Table("users", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),

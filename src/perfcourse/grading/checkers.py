@@ -61,6 +61,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from perfcourse.explain import explain as explain_statement
+from perfcourse.models import Base
 from perfcourse.statements import count_queries
 
 __all__ = [
@@ -710,6 +711,24 @@ class QueryCheck(Checker):
 # 4. A schema change graded by the query plan
 
 
+@contextmanager
+def models_left_as_declared():
+    """Undo, when the block ends, every index the block attached to the course's models.
+
+    ``sa.Index("ix", Order.__table__.c.user_id)`` attaches itself to the ``orders`` table of the
+    models for good: every schema created from them afterwards (a scratch copy, a seeded
+    dataset, the next check) would hold the learner's index. A check runs learner code inside
+    this block, so what a right answer built never makes a later wrong answer pass.
+    """
+    before = {table: set(table.indexes) for table in Base.metadata.tables.values()}
+    try:
+        yield
+    finally:
+        for table, indexes in before.items():
+            for index in set(table.indexes) - indexes:
+                table.indexes.discard(index)
+
+
 @dataclass
 class ExplainCheck(Checker):
     """A schema change the learner writes, graded by the plan of ``statement``.
@@ -756,9 +775,10 @@ class ExplainCheck(Checker):
     def grade(self, answer):
         engine = self.engine()
         try:
-            changes = answer if isinstance(answer, (list, tuple)) else [answer]
-            for change in changes:
-                self._apply(engine, change)
+            with models_left_as_declared():
+                changes = answer if isinstance(answer, (list, tuple)) else [answer]
+                for change in changes:
+                    self._apply(engine, change)
             explain = self.explain or explain_statement
             statement = self.statement(engine) if callable(self.statement) else self.statement
             try:

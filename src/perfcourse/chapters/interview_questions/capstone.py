@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sqlite3
 import tempfile
 import threading
 import time
@@ -58,6 +59,7 @@ from rq import Queue
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from perfcourse import db, services
 from perfcourse.explain import explain
@@ -385,6 +387,10 @@ def cache_growth(factory: Callable[[int], Any], *, capacity: int = SEARCH_CACHE_
 # The shop
 
 
+def _in_memory(engine: Engine) -> bool:
+    return engine.url.get_backend_name() == "sqlite" and engine.url.database in (None, "", ":memory:")
+
+
 class SlowShop:
     """The slow shop on a private copy of the dataset behind ``source``.
 
@@ -404,6 +410,11 @@ class SlowShop:
         self.name = name
         self.unfixed: set[str] = set()
         self._owns_copy = engine is None
+        self._folder: tempfile.TemporaryDirectory | None = None
+        if engine is not None and _in_memory(engine):
+            # One connection shared by every thread: the server's threads would interleave their
+            # transactions on it ("cannot rollback - no transaction is active"). Serve a file copy.
+            engine = self._file_copy(engine)
         if engine is None:
             copy = scratch_copy(source, name)
             url = copy.url
@@ -431,6 +442,18 @@ class SlowShop:
         self._plans: dict[str, int] = {}
         self._write_lock = threading.Lock()
         sa.event.listen(self.engine, "before_cursor_execute", self._record_statement)
+
+    def _file_copy(self, memory: Engine) -> Engine:
+        self._folder = tempfile.TemporaryDirectory(prefix="perfcourse-shop-")
+        path = Path(self._folder.name) / "shop.sqlite"
+        raw = memory.raw_connection()
+        try:
+            target = sqlite3.connect(path)
+            raw.driver_connection.backup(target)
+            target.close()
+        finally:
+            raw.close()
+        return sa.create_engine(f"sqlite:///{path}", poolclass=NullPool, connect_args={"timeout": 30})
 
     def __repr__(self):
         fixed = [p for p in PARTS if p not in self.unfixed and getattr(self.fixes, p) not in (None, ...)]
@@ -596,6 +619,8 @@ class SlowShop:
         self.engine.dispose()
         if self._owns_copy:
             db.drop_namespace(db.backend_of(self.engine), self.name)
+        if self._folder is not None:
+            self._folder.cleanup()
         self.cache.close()
 
 

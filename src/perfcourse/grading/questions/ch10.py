@@ -38,6 +38,7 @@ from ..checkers import (
     Incorrect,
     MultiChoice,
     call_learner,
+    models_left_as_declared,
     need_function,
     only_create_index,
     short_repr,
@@ -314,21 +315,22 @@ class _RecentOrdersIndexCheck(Checker):
         changes = answer if isinstance(answer, (list, tuple)) else [answer]
         engine = memory_copy("tiny")
         try:
-            for change in changes:
-                if isinstance(change, str):
-                    parts = only_create_index(change)
+            with models_left_as_declared():  # an sa.Index on the models must not outlive the check
+                for change in changes:
+                    if isinstance(change, str):
+                        parts = only_create_index(change)
 
-                    def run(parts=parts):
-                        with engine.begin() as conn:
-                            for part in parts:
-                                conn.exec_driver_sql(part)
+                        def run(parts=parts):
+                            with engine.begin() as conn:
+                                for part in parts:
+                                    conn.exec_driver_sql(part)
 
-                    call_learner(run)
-                elif callable(change):
-                    call_learner(change, engine)
-                else:
-                    raise Incorrect("Answer with a CREATE INDEX statement (a string), not a "
-                                    f"{type_name(change)}.")
+                        call_learner(run)
+                    elif callable(change):
+                        call_learner(change, engine)
+                    else:
+                        raise Incorrect("Answer with a CREATE INDEX statement (a string), not a "
+                                        f"{type_name(change)}.")
             try:
                 plan = explain(engine, sa.text(_RECENT_SQL), _RECENT_PARAMS)
             except sa.exc.DBAPIError as exc:
