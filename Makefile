@@ -18,7 +18,7 @@ CONFIGURED_DATABASE_URL ?= postgresql://127.0.0.1:5432/test
 CONFIGURED_REDIS_URL    ?= redis://127.0.0.1:6379/0
 # `make hub`: the shared install the JupyterHub test's learners run (any account may execute it).
 HUB_PYTHON ?= /usr/bin/python3
-HUB_VENV   ?= $(CURDIR)/data/hub/venv
+HUB_VENV   ?= /tmp/perfcourse-hub/venv
 
 .DEFAULT_GOAL := help
 .PHONY: help setup lab lint test test-quick test-package e2e test-notebooks test-grading test-configured binder hub bench \
@@ -88,11 +88,13 @@ binder: $(STAMP) ## replay Binder: a fresh env from binder/, then chapters 00, 0
 	$(BIN)/python -m pytest tests/binder -q -s
 
 hub: $(STAMP) ## a class on one server: JupyterHub, three local learners run 00 and 02 at once (root; CI)
-	@# The shared install a workshop server has: a venv any account may run (the system Python,
-	@# not one under /root), with the course's pins plus JupyterHub.
+	@# The shared install a workshop server has: a venv every account may run, outside this
+	@# checkout (which may sit in a folder other accounts cannot enter), made with the system
+	@# Python (not one under /root), holding the course's pins, JupyterHub and the package itself.
+	mkdir -p -m 755 $(dir $(HUB_VENV))
 	test -x $(HUB_VENV)/bin/python || $(HUB_PYTHON) -m venv $(HUB_VENV)
 	$(HUB_VENV)/bin/python -m pip install --quiet -r requirements.lock -r requirements-hub.lock
-	$(HUB_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	$(HUB_VENV)/bin/python -m pip install --quiet --no-deps --force-reinstall .
 	test -x data/hub/node_modules/.bin/configurable-http-proxy || \
 		npm install --silent --no-fund --no-audit --prefix data/hub configurable-http-proxy@5.3.0
 	HUB_VENV=$(HUB_VENV) $(BIN)/python -m pytest tests/hub -q -s

@@ -1,9 +1,10 @@
 """A class on one server: JupyterHub with three local learners running chapters 00 and 02 at once.
 
 What a workshop on a shared machine looks like: one JupyterHub (the ``jupyterhub`` package and
-its ``configurable-http-proxy``), local accounts, one shared read-only install of the course (this
-checkout's ``.venv``), and per learner a copy of the notebooks and a data directory of their own
-(``PERFCOURSE_DATA``), where their embedded PostgreSQL and Redis live. The test:
+its ``configurable-http-proxy``), local accounts, one shared read-only install of the course (a
+virtual environment outside the checkout, built by ``make hub``), and per learner a copy of the
+notebooks and a data directory of their own (``PERFCOURSE_DATA``), where their embedded
+PostgreSQL and Redis live. The test:
 
 - creates three local users with default home permissions, starts the hub as root, starts each
   learner's Jupyter server through the hub's REST API;
@@ -48,7 +49,7 @@ from perfcourse.units import format_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The shared install every learner runs (``make hub`` builds it with the system Python).
-BIN = Path(os.environ.get("HUB_VENV", ROOT / "data" / "hub" / "venv")) / "bin"
+BIN = Path(os.environ.get("HUB_VENV", "/tmp/perfcourse-hub/venv")) / "bin"
 PROXY = ROOT / "data" / "hub" / "node_modules" / ".bin" / "configurable-http-proxy"
 LEARNERS = ["pc-learner1", "pc-learner2", "pc-learner3"]
 NOTEBOOKS = ["00-setup-and-dataset.ipynb", "02-query-optimization.ipynb"]
