@@ -2,9 +2,10 @@
 
 JupyterLab is started the way ``make lab`` starts it (plus ``expose_app_in_browser``, so the test
 can read the notebook model), on copies of chapter 00 and of a database chapter (master and
-learner version) under ``data/e2e/work/``, so nothing the browser saves touches the course. Each
-notebook is opened through the UI, its outputs cleared, and Run All executed; then the test
-reads what a learner sees. Screenshots go to ``data/e2e/``.
+learner version) and of the capstone lab (learner version) under ``data/e2e/work/``, so nothing
+the browser saves touches the course. Each notebook is opened through the UI, its outputs
+cleared, and Run All executed; then the test reads what a learner sees. Screenshots go to
+``data/e2e/``.
 
 Needs Debian's ``chromium`` (``/usr/bin/chromium``, or ``PERFCOURSE_CHROMIUM``) and the
 ``playwright`` package; nothing is downloaded. Skipped with a reason where either is missing.
@@ -29,6 +30,8 @@ WORK = ROOT / "data" / "e2e" / "work"
 SHOTS = ROOT / "data" / "e2e"
 #: Chapter 00 and one database chapter, each as master and as learner version.
 CHAPTERS = ["00-setup-and-dataset.ipynb", "02-query-optimization.ipynb"]
+#: And the capstone lab as a learner opens it: the course's last notebook, every part planted.
+LEARNER_VERSIONS = [("notebooks", name) for name in CHAPTERS] + [("labs", "10-interview-questions-lab.ipynb")]
 RUN_ALL_TIMEOUT_MS = 300_000
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
@@ -85,10 +88,9 @@ def lab():
     """JupyterLab serving the course root, as `make lab` runs it; yields (base URL, token)."""
     if WORK.exists():
         shutil.rmtree(WORK)
-    for folder in ("solutions", "notebooks"):
-        (WORK / folder).mkdir(parents=True)
-        for name in CHAPTERS:
-            shutil.copy(ROOT / folder / name, WORK / folder / name)
+    for folder, name in [("solutions", name) for name in CHAPTERS] + LEARNER_VERSIONS:
+        (WORK / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / folder / name, WORK / folder / name)
     port = _free_port()
     command = [
         str(Path(sys.executable).parent / "jupyter"), "lab", "--no-browser",
@@ -210,9 +212,9 @@ def test_a_master_runs_all_in_jupyterlab(browser, lab, name):
     page.close()
 
 
-@pytest.mark.parametrize("name", CHAPTERS)
-def test_a_learner_version_runs_all_to_its_last_cell(browser, lab, name):
-    page = run_all(browser, lab, "notebooks", name)
+@pytest.mark.parametrize(("folder", "name"), LEARNER_VERSIONS)
+def test_a_learner_version_runs_all_to_its_last_cell(browser, lab, folder, name):
+    page = run_all(browser, lab, folder, name)
     cells = page.evaluate(CODE_CELLS)
     assert all(c["count"] for c in cells), f"{name}: Run All stopped before the last cell"
     graded = [c for c in cells if re.search(r'check\("\d\d\.q\d+"', c["source"])]
