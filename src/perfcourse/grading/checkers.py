@@ -68,6 +68,8 @@ __all__ = [
     "NO_ANSWER",
     "NOT_WRITTEN",
     "Args",
+    "apply_schema_changes",
+    "explain_or_hint",
     "call_learner",
     "Checker",
     "Choice",
@@ -729,6 +731,48 @@ def models_left_as_declared():
                 table.indexes.discard(index)
 
 
+def apply_schema_changes(engine: Engine, answer) -> None:
+    """Apply a learner's schema change to ``engine``: a ``CREATE INDEX`` string, a SQLAlchemy
+    ``Index``, a function ``answer(engine)``, or a list of those. Anything else, and DDL that is
+    not ``CREATE INDEX``, is a hint. Indexes the learner's code attaches to the course's models
+    are detached afterwards (:func:`models_left_as_declared`)."""
+    with models_left_as_declared():
+        for change in answer if isinstance(answer, (list, tuple)) else [answer]:
+            if isinstance(change, str):
+                parts = only_create_index(change)
+
+                def run_ddl(parts=parts):
+                    with engine.begin() as conn:
+                        for part in parts:
+                            conn.exec_driver_sql(part)
+
+                call_learner(run_ddl)
+            elif isinstance(change, sa.Index):
+                # An Index built on the course's models is attached to their metadata, so a fresh
+                # schema made from that metadata may already have it.
+                call_learner(lambda change=change: change.create(engine, checkfirst=True))
+            elif callable(change):
+                call_learner(change, engine)
+            else:
+                raise Incorrect(
+                    "Answer with a CREATE INDEX statement (a string), a SQLAlchemy Index, or a "
+                    f"function that takes the engine (got a {type_name(change)})."
+                )
+
+
+def explain_or_hint(engine: Engine, statement, params: dict | None = None, *, explain: Callable | None = None):
+    """The plan of ``statement`` (:func:`perfcourse.explain.explain`, or ``explain``); a schema
+    the learner's change broke is a hint, not a grader error."""
+    explain = explain or explain_statement
+    try:
+        return explain(engine, statement, params) if params else explain(engine, statement)
+    except sa.exc.DBAPIError as exc:  # the learner's change broke the schema the query needs
+        raise Incorrect(
+            f"After your change the query no longer runs ({shorten(str(exc.orig), 100)}): add an "
+            "index, do not drop or alter tables."
+        ) from None
+
+
 @dataclass
 class ExplainCheck(Checker):
     """A schema change the learner writes, graded by the plan of ``statement``.
@@ -750,44 +794,12 @@ class ExplainCheck(Checker):
     explain: Callable | None = None
     hint: str = ""
 
-    def _apply(self, engine, change):
-        if isinstance(change, str):
-            parts = only_create_index(change)
-
-            def run_ddl():
-                with engine.begin() as conn:
-                    for part in parts:
-                        conn.exec_driver_sql(part)
-
-            call_learner(run_ddl)
-        elif isinstance(change, sa.Index):
-            # An Index built on the course's models is attached to their metadata, so a fresh
-            # schema made from that metadata may already have it.
-            call_learner(lambda: change.create(engine, checkfirst=True))
-        elif callable(change):
-            call_learner(change, engine)
-        else:
-            raise Incorrect(
-                "Answer with a CREATE INDEX statement (a string), a SQLAlchemy Index, or a "
-                f"function that takes the engine (got a {type_name(change)})."
-            )
-
     def grade(self, answer):
         engine = self.engine()
         try:
-            with models_left_as_declared():
-                changes = answer if isinstance(answer, (list, tuple)) else [answer]
-                for change in changes:
-                    self._apply(engine, change)
-            explain = self.explain or explain_statement
+            apply_schema_changes(engine, answer)
             statement = self.statement(engine) if callable(self.statement) else self.statement
-            try:
-                plan = explain(engine, statement, self.params) if self.params else explain(engine, statement)
-            except sa.exc.DBAPIError as exc:  # the learner's change broke the schema the query needs
-                raise Incorrect(
-                    "After your change the query no longer runs ("
-                    f"{shorten(str(exc.orig), 100)}): add an index, do not drop or alter tables."
-                ) from None
+            plan = explain_or_hint(engine, statement, self.params, explain=self.explain)
         finally:
             engine.dispose()
         extra = f" {self.hint}" if self.hint else ""

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.pool import StaticPool
 
 from perfcourse.chapters.query_optimization import explain_recorded, top_customers_report_slow
-from perfcourse.explain import Plan, explain
+from perfcourse.explain import Plan
 from perfcourse.models import Base, Category, Order, OrderItem, Product, User
 from perfcourse.statements import count_queries
 
@@ -39,6 +39,7 @@ from ..checkers import (
     NoAnswer,
     QueryCheck,
     call_learner,
+    explain_or_hint,
     shorten,
     type_name,
 )
@@ -77,16 +78,6 @@ def _empty_schema():
                               connect_args={"check_same_thread": False})
     _models_schema().create_all(engine)
     return engine
-
-
-def _explain_or_hint(engine, statement, params=None):
-    """:func:`explain`, with a schema the learner broke reported as a hint."""
-    try:
-        return explain(engine, statement, params) if params else explain(engine, statement)
-    except sa.exc.DBAPIError as exc:
-        raise Incorrect(
-            f"After your change the query no longer runs ({shorten(str(exc.orig), 90)}): add "
-            "an index, do not drop or alter tables.") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,7 +180,7 @@ class _BothConditionsCheck(Checker):
         seen = {}
 
         def explain_and_keep(engine, statement, params=None):
-            seen["plan"] = _explain_or_hint(engine, statement, params)
+            seen["plan"] = explain_or_hint(engine, statement, params)
             return seen["plan"]
 
         ExplainCheck(statement=_Q4_SQL, engine=_empty_schema, params=_Q4_PARAMS,
@@ -288,7 +279,7 @@ class _SargableCheck(Checker):
                         f"{len(expected)} ({missing} missing, {extra} too many): a month runs "
                         "from its first midnight (included) to the first midnight of the next "
                         "month (excluded); mind the last second of the month and December.")
-                plan = _explain_or_hint(engine, statement)
+                plan = explain_or_hint(engine, statement)
                 if _Q5_INDEX not in plan.indexes or plan.verdict not in (
                         "index search", "covering index search"):
                     raise Incorrect(

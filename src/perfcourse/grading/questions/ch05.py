@@ -419,12 +419,11 @@ class _Shop:
                                .order_by(Product.id)).first()
 
 
-def _listeners(answer, client, key_for) -> dict:
-    hooks = call_learner(answer, client, key_for)
+def _valid_hooks(hooks, what: str, example: str) -> dict:
+    """The learner's ``{event name: listener}`` dict, or a hint saying what is wrong with it."""
     if not isinstance(hooks, dict) or not hooks:
-        raise Incorrect("make_listing_invalidation must return a dict from event names to "
-                        "listener functions, e.g. {\"after_update\": note, \"after_commit\": "
-                        f"flush_keys}} (got a {type_name(hooks)}).")
+        raise Incorrect(f"{what} must return a dict from event names to listener functions, e.g. "
+                        f"{example} (got a {type_name(hooks)}).")
     for name, fn in hooks.items():
         if name not in _MAPPER_EVENTS | _SESSION_EVENTS:
             raise Incorrect(
@@ -434,6 +433,11 @@ def _listeners(answer, client, key_for) -> dict:
         if not callable(fn):
             raise Incorrect(f"The listener for {name!r} is a {type_name(fn)}, not a function.")
     return hooks
+
+
+def _listeners(answer, client, key_for) -> dict:
+    return _valid_hooks(call_learner(answer, client, key_for), "make_listing_invalidation",
+                        '{"after_update": note, "after_commit": flush_keys}')
 
 
 class _ListingInvalidationCheck(Checker):
@@ -1066,20 +1070,7 @@ class _PriceInvalidationCheck(Checker):
 
 
 def _page_listeners(make) -> dict:
-    hooks = call_learner(make)
-    if not isinstance(hooks, dict) or not hooks:
-        raise Incorrect("listeners() must return a dict from event names to listener "
-                        "functions, e.g. {\"after_update\": note, \"after_commit\": delete_pages}"
-                        f" (got a {type_name(hooks)}).")
-    for name, fn in hooks.items():
-        if name not in _MAPPER_EVENTS | _SESSION_EVENTS:
-            raise Incorrect(
-                f"{name!r} is not an event this exercise knows: use mapper events "
-                f"({', '.join(sorted(_MAPPER_EVENTS))}) or session events "
-                f"({', '.join(sorted(_SESSION_EVENTS))}).")
-        if not callable(fn):
-            raise Incorrect(f"The listener for {name!r} is a {type_name(fn)}, not a function.")
-    return hooks
+    return _valid_hooks(call_learner(make), "listeners()", '{"after_update": note, "after_commit": delete_pages}')
 
 
 class _HotKeyCheck(Checker):

@@ -26,7 +26,6 @@ import sqlalchemy as sa
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
-from perfcourse.explain import explain
 from perfcourse.models import Order, User
 from perfcourse.scratch import memory_copy
 from perfcourse.statements import count_queries
@@ -37,10 +36,10 @@ from ..checkers import (
     Choice,
     Incorrect,
     MultiChoice,
+    apply_schema_changes,
     call_learner,
-    models_left_as_declared,
+    explain_or_hint,
     need_function,
-    only_create_index,
     short_repr,
     type_name,
 )
@@ -312,30 +311,10 @@ class _RecentOrdersIndexCheck(Checker):
     def grade(self, answer):
         if answer is None or (isinstance(answer, str) and not answer.strip()):
             raise Incorrect("Answer with a CREATE INDEX statement (a string).")
-        changes = answer if isinstance(answer, (list, tuple)) else [answer]
         engine = memory_copy("tiny")
         try:
-            with models_left_as_declared():  # an sa.Index on the models must not outlive the check
-                for change in changes:
-                    if isinstance(change, str):
-                        parts = only_create_index(change)
-
-                        def run(parts=parts):
-                            with engine.begin() as conn:
-                                for part in parts:
-                                    conn.exec_driver_sql(part)
-
-                        call_learner(run)
-                    elif callable(change):
-                        call_learner(change, engine)
-                    else:
-                        raise Incorrect("Answer with a CREATE INDEX statement (a string), not a "
-                                        f"{type_name(change)}.")
-            try:
-                plan = explain(engine, sa.text(_RECENT_SQL), _RECENT_PARAMS)
-            except sa.exc.DBAPIError as exc:
-                raise Incorrect("After your change the query no longer runs: add an index, do not "
-                                f"drop or alter tables ({short_repr(str(exc.orig), 80)}).") from None
+            apply_schema_changes(engine, answer)
+            plan = explain_or_hint(engine, sa.text(_RECENT_SQL), _RECENT_PARAMS)
         finally:
             engine.dispose()
         text = "\n".join(plan.plan_text)
