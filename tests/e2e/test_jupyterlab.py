@@ -44,7 +44,9 @@ pytestmark = [
 ]
 
 # JavaScript run in the page, against JupyterLab's own application object.
-CURRENT = "window.jupyterapp.shell.currentWidget"
+# Guarded: while the page loads, JupyterLab's application object is not there yet, and a predicate
+# that throws makes Playwright's wait fail at once instead of polling again.
+CURRENT = "(window.jupyterapp && window.jupyterapp.shell.currentWidget)"
 KERNEL_IDLE = f"""() => {{
   const nb = {CURRENT};
   const kernel = nb && nb.sessionContext && nb.sessionContext.session && nb.sessionContext.session.kernel;
