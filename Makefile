@@ -59,8 +59,10 @@ test-quick: $(STAMP) ## maintainers' quick tier: fast package tests on SQLite an
 		--ignore=tests/grading --ignore=tests/binder --ignore=tests/hub --ignore=tests/e2e
 	$(BIN)/python -m pytest --nbval $(NBVAL) solutions/00-setup-and-dataset.ipynb -q
 
-test-package: $(STAMP) ## package tests (both backends, embedded and configured servers)
-	$(BIN)/python -m pytest tests -q --ignore=tests/e2e --ignore=tests/binder --ignore=tests/hub
+test-package: $(STAMP) ## package tests (both backends, embedded and configured servers), on 4 workers
+	@# 4 workers on 2 cores: most tests wait on servers, workers and sockets. A chapter's tests
+	@# stay on one worker, one after another (tests/conftest.py: pytest_xdist_make_scheduler).
+	$(BIN)/python -m pytest tests -q -n 4 --ignore=tests/e2e --ignore=tests/binder --ignore=tests/hub
 
 e2e: $(STAMP) ## JupyterLab in a real browser (Debian's chromium): Run All, figures, widgets, checks
 	$(BIN)/python -m pytest tests/e2e -q

@@ -13,6 +13,7 @@ afterwards, so tests never depend on what a server held before.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 from urllib.parse import urlparse
@@ -23,6 +24,45 @@ CONFIGURED_DATABASE_URL = os.environ.get(
     "PERFCOURSE_TEST_DATABASE_URL", "postgresql://127.0.0.1:5432/test"
 )
 CONFIGURED_REDIS_URL = os.environ.get("PERFCOURSE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+#: The package tests of each chapter's module (the graders' tests say their chapter themselves).
+CHAPTER_MODULES = {
+    "test_performance_fundamentals": "01", "test_query_optimization": "02",
+    "test_database_scaling": "03", "test_memory_and_cpu": "04", "test_caching": "05",
+    "test_background_jobs": "06", "test_infrastructure_scaling": "07",
+    "test_monitoring_and_profiling": "08", "test_common_performance_issues": "09",
+    "test_interview_questions": "10", "test_capstone": "10",
+}
+
+
+def chapter_of(nodeid: str) -> str | None:
+    """The chapter a test exercises: its module's, its grader file's, or its question id's."""
+    module = nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+    if module in CHAPTER_MODULES:
+        return CHAPTER_MODULES[module]
+    found = re.match(r"test_ch(\d\d)", module) or re.search(r"\[(\d\d)\.q\d", nodeid)
+    return found.group(1) if found else None
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (``make test`` runs ``-n 4``), a chapter's tests run on one worker, one
+    after another, as they would alone; chapters, and the tests of no chapter, run side by side.
+
+    Within a chapter they share what a chapter has one of: the real replica pair (03), whose
+    lease and lag a grading of 03.q8 changes; the graders' fixed job ids on Redis (06); the
+    capstone shop's cache (10); and the tests that prove a chapter's graders leave no keys
+    behind, which would see another worker's graders at work. (xdist's own ``loadgroup`` mode
+    does this by marks, but it renames items in a way pytest 9 no longer honours.)
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByChapter(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            chapter = chapter_of(nodeid)
+            return f"chapter {chapter}" if chapter else nodeid
+
+    return ByChapter(config, log)
 
 
 def _listening(url: str) -> bool:

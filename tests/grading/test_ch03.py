@@ -392,6 +392,36 @@ def test_q8_right_answers_pass(replica_pair, answer):
     assert replicas.running_replica_pair().apply_delay_ms == replicas.DEFAULT_APPLY_DELAY_MS
 
 
+def test_q8_a_second_grading_waits_for_the_first(monkeypatch):
+    """Two gradings of 03.q8 at once (lesson and lab, or a kernel and `perfcourse grade`) would
+    set the replica's lag under each other: the second waits for the first's lock."""
+    import threading
+
+    from perfcourse.locks import file_lock
+
+    reached = threading.Event()
+
+    def first_step_of_grading():
+        reached.set()
+        raise RuntimeError("stopped here by the test")
+
+    monkeypatch.setattr(replicas, "running_replica_pair", first_step_of_grading)
+    outcome = []
+
+    def grade():
+        try:
+            question("03.q8").checker.grade(LsnByEvents)
+        except RuntimeError as exc:
+            outcome.append(str(exc))
+
+    with file_lock(replicas.replication_dir() / ".grader-03q8.lock"):
+        grading = threading.Thread(target=grade, daemon=True)
+        grading.start()
+        assert not reached.wait(0.5), "03.q8 graded while another grading held the lock"
+    grading.join(timeout=30)
+    assert reached.is_set() and outcome == ["stopped here by the test"]
+
+
 @pytest.mark.parametrize("answer, hints", [
     (lambda p, r, cookie: scaling.RoutingSession(p, r), ("right after commit()", "cookie")),
     (LsnOutsideTheTransaction, ("inside the transaction",)),

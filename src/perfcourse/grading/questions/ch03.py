@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
 from perfcourse import replicas
+from perfcourse.locks import file_lock
 from perfcourse.chapters import database_scaling as scaling
 from perfcourse.models import ORDER_STATUSES, Base, Order, User
 from perfcourse.statements import count_queries
@@ -594,6 +595,13 @@ class _ReadYourWritesCheck(Checker):
         if not callable(answer):
             raise Incorrect("Pass your session class itself: check(\"03.q8\", "
                             f"ReadYourWritesSession) (got a {type_name(answer)}).")
+        # One grading of 03.q8 at a time on this data folder (the lesson and the lab graded at
+        # once, or `perfcourse grade` beside a kernel): each sets the replica's lag and owns the
+        # grader's schema, so a second one waits here instead of changing the first one's lag.
+        with file_lock(replicas.replication_dir() / ".grader-03q8.lock"):
+            self._grade(answer)
+
+    def _grade(self, answer):
         before = replicas.running_replica_pair()
         pair = replicas.start_replica_pair(0)
         primary, replica = scaling.profile_engines(pair, self.schema)
