@@ -37,8 +37,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
 from perfcourse import replicas
-from perfcourse.locks import file_lock
 from perfcourse.chapters import database_scaling as scaling
+from perfcourse.locks import file_lock
 from perfcourse.models import ORDER_STATUSES, Base, Order, User
 from perfcourse.statements import count_queries
 
