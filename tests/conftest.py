@@ -45,22 +45,25 @@ def chapter_of(nodeid: str) -> str | None:
     return found.group(1) if found else None
 
 
-def pytest_xdist_make_scheduler(config, log):
-    """Under pytest-xdist (``make test`` runs ``-n 4``), a chapter's tests run on one worker, one
-    after another, as they would alone; chapters, and the tests of no chapter, run side by side.
+#: Chapters whose tests share something a chapter has one of, so they run one after another:
+#: the real replica pair (03), whose lease and lag a grading of 03.q8 changes; the tests that
+#: prove the graders leave no keys behind (05, 06), which would see another worker's graders at
+#: work; the graders' fixed job ids on Redis (06); the capstone shop under load (10).
+SHARED_CHAPTERS = {"03", "05", "06", "10"}
 
-    Within a chapter they share what a chapter has one of: the real replica pair (03), whose
-    lease and lag a grading of 03.q8 changes; the graders' fixed job ids on Redis (06); the
-    capstone shop's cache (10); and the tests that prove a chapter's graders leave no keys
-    behind, which would see another worker's graders at work. (xdist's own ``loadgroup`` mode
-    does this by marks, but it renames items in a way pytest 9 no longer honours.)
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (``make test`` runs ``-n 4``), the tests of each chapter of
+    :data:`SHARED_CHAPTERS` run on one worker, one after another, as they would alone; every
+    other test goes to whichever worker is free. (xdist's own ``--dist loadgroup`` does this by
+    marks, but it renames items in a way pytest 9 no longer honours.)
     """
     from xdist.scheduler import LoadScopeScheduling
 
     class ByChapter(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             chapter = chapter_of(nodeid)
-            return f"chapter {chapter}" if chapter else nodeid
+            return f"chapter {chapter}" if chapter in SHARED_CHAPTERS else nodeid
 
     return ByChapter(config, log)
 
