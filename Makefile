@@ -59,7 +59,7 @@ test: setup ## set up, then lint and the whole suite (about 11 minutes on 2 core
 	$(MAKE) --no-print-directory e2e
 	@echo "make test: all suites passed"
 
-test-quick: $(STAMP) ## maintainers' quick tier: fast package tests on SQLite and chapter 00's master (~3 min)
+test-quick: $(STAMP) ## maintainers' quick tier: fast package tests on SQLite and chapter 00's master (~1.5 min)
 	$(BIN)/python -m pytest tests -q -m "not slow" -k "not postgres and not configured and not embedded" \
 		--ignore=tests/grading --ignore=tests/binder --ignore=tests/hub --ignore=tests/e2e
 	$(BIN)/python -m pytest --nbval $(NBVAL) solutions/00-setup-and-dataset.ipynb -q

@@ -54,6 +54,21 @@ def test_make_alone_lists_the_targets():
         assert f"make {target} " in result.stdout
 
 
+def test_the_notebook_lanes_run_every_notebook_once():
+    """`make test-notebooks` runs the notebooks in lanes of chapters: a chapter left out of every
+    lane would go untested, one in two lanes would run beside itself."""
+    dry = subprocess.run(["make", "-n", "-C", str(ROOT), "test-notebooks", f"STAMP={ROOT / 'pyproject.toml'}"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    nbval = [line for line in dry if " --nbval " in line]
+    grade = [line for line in dry if "--expect-untouched" in line]
+    assert len(nbval) == len(grade) >= 2, dry
+    ran = {"solutions": re.findall(r"solutions/(\S+\.ipynb)", " ".join(nbval))}
+    for folder in ("notebooks", "labs"):
+        ran[folder] = re.findall(rf"{folder}/(\S+\.ipynb)", " ".join(grade))
+    for folder, names in ran.items():
+        assert sorted(names) == sorted(p.name for p in (ROOT / folder).glob("*.ipynb")), folder
+
+
 def test_lab_listens_on_loopback_with_token_by_default():
     result = subprocess.run(
         ["make", "-n", "-C", str(ROOT), "lab", f"STAMP={ROOT / 'pyproject.toml'}"],
