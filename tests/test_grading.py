@@ -547,3 +547,12 @@ def test_loading_the_bank_keeps_the_questions_function():
     load_bank()
     importlib.import_module("perfcourse.grading.questions")
     assert callable(grading.questions) and grading.questions("00")
+
+
+def test_a_lab_check_without_its_lab_object_says_what_to_run():
+    from perfcourse.grading.checkers import Incorrect, made_in_this_kernel
+
+    lab = object()
+    assert made_in_this_kernel(lab, "lab app", "run the setup cell.") is lab
+    with pytest.raises(Incorrect, match=r"^No lab app in this kernel: run the setup cell\.$"):
+        made_in_this_kernel(None, "lab app", "run the setup cell.")

@@ -348,6 +348,14 @@ def only_create_index(ddl: str) -> list[str]:
     return parts
 
 
+def made_in_this_kernel(found: Any, what: str, how: str) -> Any:
+    """``found``, the lab object a lab's cells made last in this kernel (a chapter's
+    ``current_lab()``), or a hint to make it first: "No {what} in this kernel: {how}"."""
+    if found is None:
+        raise Incorrect(f"No {what} in this kernel: {how}")
+    return found
+
+
 def type_name(value: Any) -> str:
     return "None" if value is None else type(value).__name__
 

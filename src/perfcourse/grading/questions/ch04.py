@@ -59,6 +59,7 @@ from ..checkers import (
     NoAnswer,
     QueryCheck,
     call_learner,
+    made_in_this_kernel,
     need_function,
     short_repr,
     shorten,
@@ -1112,10 +1113,8 @@ class _HotFunctionCheck(Checker):
         if not isinstance(answer, str) or not answer.strip():
             raise Incorrect("Answer with the function's name as a string, as the profile shows it, "
                             f'e.g. "load_job_data" (got {short_repr(answer, 30)}).')
-        job = current_job()
-        if job is None:
-            raise Incorrect("No nightly job in this kernel: run the lab's cells that make it "
-                            "(NightlyJob(...)) and profile job.run() first.")
+        job = made_in_this_kernel(current_job(), "nightly job", "run the lab's cells that make it "
+                                  "(NightlyJob(...)) and profile job.run() first.")
         name = _function_name(answer)
         if name == job._hot:
             return

@@ -30,6 +30,7 @@ from ..checkers import (
     Incorrect,
     MultiChoice,
     call_learner,
+    made_in_this_kernel,
     need_function,
     short_repr,
     type_name,
@@ -377,10 +378,7 @@ class _ReadinessCheck(Checker):
 
 
 def _lab():
-    lab = chapter.current_lab()
-    if lab is None:
-        raise Incorrect("No lab app in this kernel: run the lab's setup cells first (LabApp(...)).")
-    return lab
+    return made_in_this_kernel(chapter.current_lab(), "lab app", "run the lab's setup cells first (LabApp(...)).")
 
 
 def _route_of(text: str) -> str:

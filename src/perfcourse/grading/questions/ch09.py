@@ -37,6 +37,7 @@ from ..checkers import (
     Incorrect,
     MultiChoice,
     call_learner,
+    made_in_this_kernel,
     need_function,
     short_repr,
     type_name,
@@ -274,10 +275,8 @@ class _NPlusOneTestCheck(Checker):
 
 
 def _lab():
-    lab = chapter.current_lab()
-    if lab is None:
-        raise Incorrect("No lab service in this kernel: run the lab's setup cell first (LabService(...)).")
-    return lab
+    return made_in_this_kernel(chapter.current_lab(), "lab service",
+                               "run the lab's setup cell first (LabService(...)).")
 
 
 def _ref_user_orders(session, user_id):
