@@ -171,7 +171,8 @@ def any_engine(request, namespace, monkeypatch):
 
 @pytest.fixture
 def redis_client(redis_mode):
-    """A Redis client with a unique key prefix; every key under it is deleted afterwards.
+    """A Redis client with a unique key prefix; every key under it (and RQ's keys of a queue
+    named with it) is deleted afterwards.
 
     Use ``redis_client.prefix`` in the keys a test writes.
     """
@@ -180,8 +181,11 @@ def redis_client(redis_mode):
     client = make_client()
     client.prefix = unique_namespace("test") + ":"
     yield client
-    for key in client.scan_iter(match=client.prefix + "*", count=500):
-        client.delete(key)
+    # RQ keeps a queue's registries beside it (rq:finished:<queue>, ...): a queue named with
+    # the prefix leaves those too.
+    for pattern in (client.prefix + "*", "rq:*:" + client.prefix + "*"):
+        for key in client.scan_iter(match=pattern, count=500):
+            client.delete(key)
     client.close()
 
 
