@@ -718,6 +718,11 @@ class LabApp:
         app.add_url_rule("/", endpoint="index", view_func=lambda: "lab")
         return app
 
+    def grading_key(self) -> dict:
+        """The planted slow path, for the grader: ``{"route", "sql"}``. Calling it gives the
+        lab's answers away."""
+        return {"route": self._slow.route, "sql": self._slow.sql}
+
     def paths(self, requests: int, *, seed: int = 80) -> list[str]:
         """A seeded mix of ``requests`` paths, spread evenly over the four routes."""
         rng = random.Random(seed)
