@@ -53,7 +53,7 @@ lint: $(STAMP) ## style (ruff over the package, tests and notebooks) and the pac
 
 test: setup ## set up, then lint and the whole suite (about 11 minutes on 2 cores)
 	@# Lint beside the package tests (which keep to namespaces of their own), then the notebooks
-	@# in two lanes, then the browser test alone (its widget waits are the first to starve).
+	@# in three lanes, then the browser test alone (its widget waits are the first to starve).
 	$(MAKE) --no-print-directory -j2 --output-sync=target lint test-package
 	$(MAKE) --no-print-directory test-notebooks
 	$(MAKE) --no-print-directory e2e

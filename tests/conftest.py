@@ -52,6 +52,7 @@ def chapter_of(nodeid: str) -> str | None:
 SHARED_CHAPTERS = {"03", "05", "06", "10"}
 
 
+@pytest.hookimpl(optionalhook=True)  # without pytest-xdist (a conda set-up), tests run serially
 def pytest_xdist_make_scheduler(config, log):
     """Under pytest-xdist (``make test`` runs ``-n 4``), the tests of each chapter of
     :data:`SHARED_CHAPTERS` run on one worker, one after another, as they would alone; every
