@@ -257,7 +257,7 @@ def test_redis_cache_namespaced(redis_mode):
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_lab_issues_are_found_by_the_detectors(tiny, seed):
     lab = cpi.LabService(tiny, seed=seed, copy=False, current=False)
-    key = lab.grading_key()
+    key = lab._grading_key()
     paths = lab.paths(60)
     flagged = set()
     with slow_query_log(lab.engine, 0.0) as log:

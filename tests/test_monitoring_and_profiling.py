@@ -187,7 +187,7 @@ def test_lab_app_hides_its_slow_path_and_serves_every_route(tiny):
         lab = mp.LabApp(tiny, seed=seed)
         assert mp.current_lab() is lab
         assert str(seed) not in repr(lab)
-        seen.add(lab.grading_key()["route"])
+        seen.add(lab._grading_key()["route"])
         client = lab.app.test_client()
         for path in lab.paths(8):
             assert client.get(path).status_code == 200

@@ -306,30 +306,30 @@ def lab():
 
 
 def test_lab_endpoint_right_in_any_form(lab):
-    route = lab.grading_key()["route"]
+    route = lab._grading_key()["route"]
     passes("08.q6", route)
     passes("08.q6", route.replace("<id>", "42"))
     passes("08.q6", route.replace("<id>", ":id") + "/")
 
 
 def test_lab_endpoint_wrong(lab):
-    other = next(r for r in lab.routes if r != lab.grading_key()["route"])
+    other = next(r for r in lab.routes if r != lab._grading_key()["route"])
     fails("08.q6", other, "p95")
     fails("08.q6", "/nowhere", "none of the lab's routes")
     fails("08.q6", 3, "string")
 
 
 def test_lab_fingerprint_right_in_any_form(lab):
-    sql = lab.grading_key()["sql"]
+    sql = lab._grading_key()["sql"]
     passes("08.q7", sql)
     passes("08.q7", re.sub(r":\w+", "?", sql).upper())
     passes("08.q7", re.sub(r":\w+", "42", sql).replace(" + 0", " + ?"))
 
 
 def test_lab_fingerprint_wrong(lab):
-    fast = mp.LAB_HEAD_SQL[lab.grading_key()["route"]]
+    fast = mp.LAB_HEAD_SQL[lab._grading_key()["route"]]
     fails("08.q7", fast, "by total and p95 time")
-    other = next(p.sql for p in mp.LAB_SLOW_PATHS if p.route != lab.grading_key()["route"])
+    other = next(p.sql for p in mp.LAB_SLOW_PATHS if p.route != lab._grading_key()["route"])
     fails("08.q7", other, "does not run in this lab app")
     fails("08.q7", "SELECT 1", "not the slowest fingerprint")
     fails("08.q7", "", "fingerprint as a string")

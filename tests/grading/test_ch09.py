@@ -305,25 +305,25 @@ RULES = {
 
 
 def test_lab_fixes_pass(lab):
-    key = lab.grading_key()
+    key = lab._grading_key()
     passes("09.q6", FIXED[key["n_plus_one"]])
     passes("09.q7", INDEXES[key["missing_index"]])
     passes("09.q8", RULES[key["stale_write"]])
 
 
 def test_lab_service_lazy_loader_is_refused_as_still_n_plus_one(lab):
-    route = lab.grading_key()["n_plus_one"]
+    route = lab._grading_key()["n_plus_one"]
     fails("09.q6", lab.loaders[route], "still an N+1")
 
 
 def test_lab_wrong_page_fixed(lab):
-    route = lab.grading_key()["n_plus_one"]
+    route = lab._grading_key()["n_plus_one"]
     other = next(r for r in FIXED if r != route)
     fails("09.q6", FIXED[other], "what the N+1 page returns")
 
 
 def test_lab_wrong_index(lab):
-    lookup = lab.grading_key()["missing_index"]
+    lookup = lab._grading_key()["missing_index"]
     other = next(sql for route, sql in INDEXES.items() if route != lookup
                  and sql.split(" ON ")[1].split()[0] != INDEXES[lookup].split(" ON ")[1].split()[0])
     fails("09.q7", other, "full scan")
@@ -331,7 +331,7 @@ def test_lab_wrong_index(lab):
 
 
 def test_lab_wrong_invalidation(lab):
-    write = lab.grading_key()["stale_write"]
+    write = lab._grading_key()["stale_write"]
     other = next(w for w in RULES if w != write)
     fails("09.q8", RULES[other], "stale")
     fails("09.q8", lambda event: None, "stale")

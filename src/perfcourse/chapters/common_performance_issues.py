@@ -763,8 +763,9 @@ class LabService:
         self._after_write(event, [f"product:{pid}:card" for pid in product_ids])
 
     # -- grading and clean-up -----------------------------------------------------------------
-    def grading_key(self) -> dict:
-        """The planted issues, for the grader. Calling it gives the lab's answers away."""
+    def _grading_key(self) -> dict:
+        """The planted issues, for the grader. Calling it gives the lab's answers away; the
+        underscore keeps it out of a learner's tab completion."""
         return {"n_plus_one": self._plant.n_plus_one, "missing_index": self._plant.missing_index,
                 "missing_index_sql": LAB_LOOKUPS[self._plant.missing_index][0],
                 "stale_write": self._plant.stale_write}

@@ -718,9 +718,9 @@ class LabApp:
         app.add_url_rule("/", endpoint="index", view_func=lambda: "lab")
         return app
 
-    def grading_key(self) -> dict:
+    def _grading_key(self) -> dict:
         """The planted slow path, for the grader: ``{"route", "sql"}``. Calling it gives the
-        lab's answers away."""
+        lab's answers away; the underscore keeps it out of a learner's tab completion."""
         return {"route": self._slow.route, "sql": self._slow.sql}
 
     def paths(self, requests: int, *, seed: int = 80) -> list[str]:

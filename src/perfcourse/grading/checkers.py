@@ -70,6 +70,7 @@ __all__ = [
     "Args",
     "apply_schema_changes",
     "explain_or_hint",
+    "made_in_this_kernel",
     "call_learner",
     "Checker",
     "Choice",

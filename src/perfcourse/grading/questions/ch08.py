@@ -396,7 +396,7 @@ class _SlowEndpointCheck(Checker):
         if route not in lab.routes:
             raise Incorrect(f"{short_repr(answer, 40)} is none of the lab's routes "
                             f"({', '.join(lab.routes)}).")
-        if route != lab.grading_key()["route"]:
+        if route != lab._grading_key()["route"]:
             raise Incorrect(f"{route} is not where the time goes: compare p95 (not the mean) per "
                             "route in the histogram, and the durations of the request spans.")
 
@@ -418,7 +418,7 @@ class _SlowFingerprintCheck(Checker):
         if not isinstance(answer, str) or not answer.strip():
             raise Incorrect("Answer with the fingerprint as a string: the SQL with its literals and "
                             f"parameters replaced by ? (got {short_repr(answer, 30)}).")
-        planted = _lab().grading_key()
+        planted = _lab()._grading_key()
         mine = _normal_sql(answer)
         right = _normal_sql(planted["sql"])
         if mine == right:

@@ -10,7 +10,7 @@ The practicals run the learner's code on hidden inputs, never on wall time:
   total. The test must fail exactly the N+1 pages.
 * 09.q6-q8, the lab: the loader that replaces the N+1 page, the missing index, and the cache keys
   the forgetful write must delete, graded against the issues planted in the kernel's
-  :class:`LabService` (``grading_key()``), on the grader's own copy of the data.
+  :class:`LabService` (``_grading_key()``), on the grader's own copy of the data.
 
 Reference answers live here, private.
 """
@@ -326,7 +326,7 @@ def _lab_keys(engine, route: str) -> list[int]:
 class _LabLoaderCheck(Checker):
     def grade(self, answer):
         need_function(answer, 'check("09.q6", load_page)')
-        route = _lab().grading_key()["n_plus_one"]
+        route = _lab()._grading_key()["n_plus_one"]
         reference = _LAB_REFERENCES[route]
         engine = memory_copy("tiny")
         try:
@@ -372,7 +372,7 @@ _LOOKUP_PARAMS = {
 
 class _LabIndexCheck(Checker):
     def grade(self, answer):
-        key = _lab().grading_key()
+        key = _lab()._grading_key()
         check = ExplainCheck(statement=key["missing_index_sql"], engine=lambda: memory_copy("tiny"),
                              params=_LOOKUP_PARAMS[key["missing_index"]],
                              hint="Index the columns of the WHERE clause of the statement the missing-index "
@@ -386,7 +386,7 @@ class _LabIndexCheck(Checker):
 class _LabInvalidationCheck(Checker):
     def grade(self, answer):
         need_function(answer, 'check("09.q8", keys_to_delete)')
-        key = _lab().grading_key()
+        key = _lab()._grading_key()
         engine = memory_copy("tiny")
         try:
             service = chapter.LabService(engine, copy=False, current=False, cache=chapter.DictCache(),
